@@ -1,0 +1,519 @@
+"""Reading and writing checkpoints: family save/load, HF and Ruyi2 import, member export.
+
+Everything is safetensors. Large checkpoints are planned from file headers and written shard
+by shard, each tensor read lazily from its source file, so nothing is held twice. Every
+write goes to a temporary directory beside the target and is renamed into place at the end:
+a failure leaves no half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from familial.config import ConfigError, FamilyConfig, read_json
+from familial.model import FamilyModel, RotaryEmbedding
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json")
+DEFAULT_SHARD_BYTES = 5 * 2**30
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is missing, malformed, or does not match its configuration."""
+
+
+# Reading tensors lazily.
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: a safetensors file and the key inside it."""
+
+    file: Path
+    key: str
+
+
+class SafetensorsReader:
+    """Lazy access to a checkpoint directory's tensors (single file or sharded with an index)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.refs: dict[str, TensorRef] = {}
+        index = self.directory / INDEX_NAME
+        single = self.directory / WEIGHTS_NAME
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (self.directory / name).exists():
+                    raise CheckpointError(f"{index}: shard '{name}' is listed but missing from "
+                                          f"{self.directory}")
+            for name in files:
+                self._scan(self.directory / name)
+            missing = sorted(set(weight_map) - set(self.refs))
+            if missing:
+                raise CheckpointError(f"{index}: tensors {missing[:5]} are listed but not in their shards")
+        elif single.exists():
+            self._scan(single)
+        else:
+            raise CheckpointError(f"{self.directory}: no {WEIGHTS_NAME} or {INDEX_NAME} found")
+        self._handles: dict[Path, object] = {}
+        self._stack = contextlib.ExitStack()
+
+    def _scan(self, path: Path) -> None:
+        try:
+            with safe_open(path, framework="pt") as handle:
+                for key in handle.keys():
+                    self.refs[key] = TensorRef(path, key)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+
+    def keys(self) -> list[str]:
+        return list(self.refs)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.refs
+
+    def shape_and_dtype(self, key: str) -> tuple[list[int], str]:
+        ref = self.refs[key]
+        handle = self._open(ref.file)
+        sliced = handle.get_slice(key)
+        return list(sliced.get_shape()), sliced.get_dtype()
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.refs:
+            raise CheckpointError(f"{self.directory}: tensor '{key}' is missing")
+        ref = self.refs[key]
+        try:
+            return self._open(ref.file).get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{ref.file}: cannot read tensor '{key}' ({error})") from None
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+        return self._handles[path]
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# Writing.
+
+TensorPlan = dict[str, Callable[[], torch.Tensor]]
+"""Output key -> a function producing that tensor when its shard is written."""
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `target` only if the block succeeds."""
+    target = Path(target)
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise CheckpointError(f"{target}: already exists and is not empty (choose another "
+                              f"output directory, or pass overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        for path in staging.iterdir():
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if target.exists():
+            trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, trash)
+            os.replace(staging, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_tensors(plan: TensorPlan, sizes: dict[str, int], directory: Path,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write tensors as one model.safetensors or HF-style shards plus an index."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key in plan:
+        if shards[-1] and used + sizes[key] > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += sizes[key]
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        tensors, seen = {}, set()
+        for key in keys:
+            tensor = plan[key]().contiguous()
+            # A source tensor copied to several places (branch initialisation) must be
+            # stored as separate tensors, not as views of one buffer.
+            if tensor.untyped_storage().data_ptr() in seen:
+                tensor = tensor.clone()
+            seen.add(tensor.untyped_storage().data_ptr())
+            tensors[key] = tensor
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {key: name for name, keys in zip(names, shards) for key in keys}}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_tokenizer_files(source: Path, directory: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, directory / name)
+            copied.append(name)
+    return copied
+
+
+# The family checkpoint.
+
+def family_parameter_names(config: FamilyConfig) -> dict[str, list[int]]:
+    """Every tensor name a family checkpoint holds, with its shape (built on the meta device)."""
+    with torch.device("meta"):
+        model = FamilyModel(FamilyConfig.from_dict(config.to_dict()))
+    return {name: list(t.shape) for name, t in model.state_dict().items()
+            if not (config.tie_word_embeddings and name == "lm_head.weight")}
+
+
+def save_family(model: FamilyModel, directory: str | Path, tokenizer_source: str | Path | None = None,
+                overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write family.json and the weights (tied LM head stored once, as in HF)."""
+    state = {name: t.detach() for name, t in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and name == "lm_head.weight")}
+    plan = {name: (lambda t=t: t.cpu()) for name, t in state.items()}
+    sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
+    config = model.config
+    dtype = next(iter(state.values())).dtype
+    config.torch_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, config.torch_dtype)
+    with atomic_directory(directory, overwrite) as staging:
+        write_tensors(plan, sizes, staging, max_shard_bytes)
+        config.save(staging)
+        if tokenizer_source is not None:
+            copy_tokenizer_files(Path(tokenizer_source), staging)
+    return Path(directory)
+
+
+def load_family(directory: str | Path, dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> FamilyModel:
+    """Load a family checkpoint, checking every tensor's presence and shape against family.json."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    config = FamilyConfig.load(directory)
+    expected = family_parameter_names(config)
+    with SafetensorsReader(directory) as reader:
+        missing = [name for name in expected if name not in reader]
+        if missing:
+            raise CheckpointError(f"{directory}: tensors missing for family.json's configuration: "
+                                  f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        unexpected = sorted(set(reader.keys()) - set(expected))
+        if unexpected:
+            raise CheckpointError(f"{directory}: tensors not in family.json's configuration: "
+                                  f"{', '.join(unexpected[:5])}")
+        for name, shape in expected.items():
+            found, _ = reader.shape_and_dtype(name)
+            if found != shape:
+                raise CheckpointError(f"{reader.refs[name].file}: tensor '{name}' has shape {found}, "
+                                      f"expected {shape} from family.json")
+        with torch.device("meta"):
+            model = FamilyModel(config)
+        state = {}
+        for name in expected:
+            tensor = reader.get(name)
+            state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # Buffers are not in the checkpoint: build the rotary table for real on the target device.
+    model.model.rotary_emb = RotaryEmbedding(config).to(device)
+    return model
+
+
+# Import from Hugging Face Qwen3 and from the published Ruyi2 layout.
+
+def hf_config_to_fields(hf: dict, where: str) -> dict:
+    """The Qwen3 dimension fields of a FamilyConfig, read from an HF config.json."""
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads")
+    for name in required:
+        if name not in hf:
+            raise ConfigError(f"{where}: missing field '{name}'")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    if rope and rope.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    fields = {name: hf[name] for name in required}
+    fields.update(
+        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=scaling,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)),
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    dtype = hf.get("torch_dtype") or hf.get("dtype")
+    if dtype in DTYPES:
+        fields["torch_dtype"] = dtype
+    return fields
+
+
+def import_checkpoint(source: str | Path, output: str | Path, exits: list[int] | None = None,
+                      branch_layers: int = 1, shared_head: bool = False,
+                      member_names: dict[str, int] | None = None, overwrite: bool = False,
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> FamilyConfig:
+    """Turn a dense HF Qwen3 checkpoint, or a Ruyi2 release, into a family checkpoint.
+
+    Dense: each branch of exit e copies trunk layers e.., its norm and head copy the final
+    norm and head, so member e starts as the dense model truncated to e + branch_layers layers.
+    Ruyi2 (model_type `ruyi_qwen3`): exits and branches come from the checkpoint itself.
+    """
+    source = Path(source)
+    config_path = source / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{source}: no config.json (expected a Hugging Face checkpoint directory)")
+    hf = read_json(config_path)
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{config_path}: expected a JSON object")
+    model_type = hf.get("model_type")
+    fields = hf_config_to_fields(hf, str(config_path))
+    if model_type == "ruyi_qwen3":
+        fields.update(exits=list(hf.get("early_exit_points") or []), branch_layers=1,
+                      shared_head=bool(hf.get("shared_heads", False)))
+        if exits is not None and exits != fields["exits"]:
+            raise ConfigError(f"{config_path}: early_exit_points = {fields['exits']} but exits "
+                              f"{exits} were requested; a Ruyi2 checkpoint keeps its own exits")
+    elif model_type == "qwen3":
+        if not exits:
+            raise ConfigError("import of a dense Qwen3 checkpoint needs exits (for example --exits 1,3,5)")
+        fields.update(exits=list(exits), branch_layers=branch_layers, shared_head=shared_head)
+    else:
+        raise ConfigError(f"{config_path}: field 'model_type' = {model_type!r}: expected 'qwen3' "
+                          f"(dense) or 'ruyi_qwen3' (Ruyi2 release)")
+    fields["member_names"] = dict(member_names or {})
+    config = FamilyConfig.from_dict(fields, where=f"{config_path} with the requested exits")
+    for e in config.exits[:-1]:
+        if model_type == "qwen3" and e + config.branch_depth(e) > config.num_hidden_layers:
+            raise ConfigError(f"exit {e} with a {config.branch_depth(e)}-layer branch needs trunk "
+                              f"layers up to {e + config.branch_depth(e) - 1}, but the model has "
+                              f"{config.num_hidden_layers}")
+    expected = family_parameter_names(config)
+    with SafetensorsReader(source) as reader:
+        mapping = (_ruyi2_sources(config) if model_type == "ruyi_qwen3"
+                   else _dense_sources(config))
+        plan, sizes = {}, {}
+        for name, shape in expected.items():
+            source_key = mapping(name)
+            if source_key not in reader:
+                raise CheckpointError(f"{source}: tensor '{source_key}' (needed for '{name}') is missing")
+            found, dtype = reader.shape_and_dtype(source_key)
+            if found != shape:
+                raise CheckpointError(f"{reader.refs[source_key].file}: tensor '{source_key}' has shape "
+                                      f"{found}, expected {shape} from {config_path}")
+            plan[name] = lambda key=source_key: reader.get(key)
+            sizes[name] = _numel(shape) * _dtype_bytes(dtype)
+        with atomic_directory(output, overwrite) as staging:
+            write_tensors(plan, sizes, staging, max_shard_bytes)
+            config.save(staging)
+            copy_tokenizer_files(source, staging)
+    return config
+
+
+def _dense_sources(config: FamilyConfig) -> Callable[[str], str]:
+    def source(name: str) -> str:
+        if not name.startswith("branches."):
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                return "model.embed_tokens.weight"
+            return name
+        _, exit_layer, rest = name.split(".", 2)
+        e = int(exit_layer)
+        if rest.startswith("layers."):
+            _, index, tail = rest.split(".", 2)
+            return f"model.layers.{e + int(index)}.{tail}"
+        if rest == "norm.weight":
+            return "model.norm.weight"
+        return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    return source
+
+
+def _ruyi2_sources(config: FamilyConfig) -> Callable[[str], str]:
+    position = {e: k for k, e in enumerate(config.exits)}
+    last = len(config.exits) - 1
+
+    def source(name: str) -> str:
+        if name == "model.norm.weight":
+            return f"model.norms.{last}.weight"
+        if name == "lm_head.weight":
+            return "lm_head.weight" if config.shared_head else f"lm_head.{last}.weight"
+        if not name.startswith("branches."):
+            return name
+        _, exit_layer, rest = name.split(".", 2)
+        k = position[int(exit_layer)]
+        if rest.startswith("layers.0."):
+            return f"model.eelayers.{k}.{rest[len('layers.0.'):]}"
+        if rest == "norm.weight":
+            return f"model.norms.{k}.weight"
+        return f"lm_head.{k}.weight"
+    return source
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1, "I16": 2}.get(dtype, 4)
+
+
+# Export of members as dense Qwen3 checkpoints.
+
+def member_key_map(config: FamilyConfig, exit_layer: int) -> dict[str, str]:
+    """Dense Qwen3 tensor name -> family tensor name for one member.
+
+    Derived from the model itself (on the meta device): a member view holds the family's own
+    modules, so the same parameter object has a name in each.
+    """
+    with torch.device("meta"):
+        family = FamilyModel(FamilyConfig.from_dict(config.to_dict()))
+    family_names = {}
+    for name, param in family.named_parameters(remove_duplicate=False):
+        family_names.setdefault(id(param), name)
+    member = family.member(exit_layer)
+    return {name: family_names[id(param)]
+            for name, param in member.named_parameters(remove_duplicate=False)}
+
+
+def hf_member_config(config: FamilyConfig, exit_layer: int, tied: bool) -> dict:
+    """config.json of member `exit_layer` as a stock Qwen3 model."""
+    layers = config.member_layers(exit_layer)
+    hf = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "tie_word_embeddings": tied,
+        "attention_bias": config.attention_bias,
+        "attention_dropout": 0.0,
+        "initializer_range": config.initializer_range,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": layers,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "torch_dtype": config.torch_dtype,
+        "familial": {"exit": exit_layer, "member": config.member_name(exit_layer),
+                     "family_exits": config.exits},
+    }
+    return hf
+
+
+def export_member(family_dir: str | Path, output: str | Path, member: int | str,
+                  overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write one member as a dense HF Qwen3 checkpoint that stock transformers loads.
+
+    Low-rank (compressed) matrices are merged back to dense; a tied family's branch members
+    are written untied since their heads are their own.
+    """
+    family_dir = Path(family_dir)
+    config = FamilyConfig.load(family_dir)
+    exit_layer = config.resolve_member(member)
+    key_map = member_key_map(config, exit_layer)
+    tied = config.tie_word_embeddings and key_map["lm_head.weight"] == "model.embed_tokens.weight"
+    with SafetensorsReader(family_dir) as reader:
+        plan, sizes = {}, {}
+        for dense_name, family_name in key_map.items():
+            if tied and dense_name == "lm_head.weight":
+                continue
+            if family_name == "lm_head.weight" and config.tie_word_embeddings:
+                family_name = "model.embed_tokens.weight"
+            merged = _low_rank_parent(config, family_name)
+            if merged is not None:
+                if not family_name.endswith(".down.weight"):
+                    continue
+                dense_name = dense_name[: -len(".down.weight")] + ".weight"
+                plan[dense_name] = lambda m=merged: (reader.get(f"{m}.up.weight").double()
+                                                     @ reader.get(f"{m}.down.weight").double()).to(
+                    reader.get(f"{m}.down.weight").dtype)
+                up, _ = reader.shape_and_dtype(f"{merged}.up.weight")
+                down, dtype = reader.shape_and_dtype(family_name)
+                sizes[dense_name] = up[0] * down[1] * _dtype_bytes(dtype)
+                continue
+            if family_name not in reader:
+                raise CheckpointError(f"{family_dir}: tensor '{family_name}' is missing")
+            shape, dtype = reader.shape_and_dtype(family_name)
+            plan[dense_name] = lambda key=family_name: reader.get(key)
+            sizes[dense_name] = _numel(shape) * _dtype_bytes(dtype)
+        with atomic_directory(output, overwrite) as staging:
+            write_tensors(plan, sizes, staging, max_shard_bytes)
+            hf = hf_member_config(config, exit_layer, tied)
+            (staging / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+            copy_tokenizer_files(family_dir, staging)
+    return Path(output)
+
+
+def _low_rank_parent(config: FamilyConfig, family_name: str) -> str | None:
+    for suffix in (".down.weight", ".up.weight"):
+        if family_name.endswith(suffix) and family_name[: -len(suffix)] in config.low_rank:
+            return family_name[: -len(suffix)]
+    return None
+
+
+def export_all(family_dir: str | Path, output: str | Path, overwrite: bool = False) -> list[Path]:
+    """Every member under output/<member name>/."""
+    config = FamilyConfig.load(family_dir)
+    return [export_member(family_dir, Path(output) / config.member_name(e), e, overwrite)
+            for e in config.exits]

@@ -1,0 +1,65 @@
+"""`familial ...`: a thin dispatcher; each subcommand lives in the module that does the work.
+
+A command module provides `add_arguments(parser)` and `run(args) -> int`. Modules are
+imported only when their command runs, so `familial info` does not pay for the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from familial.config import ConfigError
+
+COMMANDS = {
+    "import": ("familial.commands.family", "import a dense HF Qwen3 or Ruyi2 checkpoint as a family"),
+    "export": ("familial.commands.family", "export members as dense HF Qwen3 checkpoints"),
+    "info": ("familial.commands.family", "show a family: exits, members, parameters, memory"),
+    "data": ("familial.data.cli", "prepare packed token shards from text, JSONL or chat data"),
+    "train": ("familial.train.cli", "train every member at once from a TOML config"),
+    "plot": ("familial.train.cli", "plot per-exit training curves of a run directory"),
+    "demo": ("familial.demo", "train, evaluate and export a small family on the bundled corpus"),
+    "expand": ("familial.posttrain.cli", "append zero-initialised blocks to a member's branch"),
+    "compress": ("familial.posttrain.cli", "SVD-LLM v2 decomposition of a member's matrices"),
+    "grpo": ("familial.posttrain.cli", "GRPO reinforcement learning of one member"),
+    "generate": ("familial.infer.cli", "generate text with a member, auto exit or speculation"),
+    "calibrate": ("familial.infer.cli", "pick early-exit thresholds for a target agreement"),
+    "serve": ("familial.serve.cli", "OpenAI-compatible server for every member of a family"),
+    "eval": ("familial.eval.cli", "per-member loss, perplexity and task accuracy"),
+    "report": ("familial.eval.cli", "Markdown report with the family's quality/cost charts"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="familial", description="Train once, deploy many: familial LLMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command '{argv[0]}'")
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"familial {name}", description=COMMANDS[name][1])
+    module.add_arguments(name, parser)
+    args = parser.parse_args(argv[1:])
+    args.command = name
+    try:
+        return int(module.run(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"familial {name}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""`familial import | export | info`: moving families in and out of the HF world."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from familial import checkpoint_io
+from familial.config import ConfigError, FamilyConfig
+from familial.summary import format_summary, summarize
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got '{text}'") from None
+
+
+def _aliases(text: str) -> dict[str, int]:
+    out = {}
+    for part in text.split(","):
+        name, _, exit_layer = part.partition("=")
+        if not exit_layer.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"expected name=exit pairs like device=2,cloud=39, got '{part}'")
+        out[name.strip()] = int(exit_layer)
+    return out
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    if command == "import":
+        parser.add_argument("source", help="dense HF Qwen3 directory, or a Ruyi2 release directory")
+        parser.add_argument("output", help="family checkpoint directory to write")
+        parser.add_argument("--exits", type=_int_list,
+                            help="0-based exit layers, the last being the last layer (e.g. 1,3,5)")
+        parser.add_argument("--branch-layers", type=int, default=1, help="decoder layers per branch")
+        parser.add_argument("--shared-head", action="store_true", help="one LM head for all exits")
+        parser.add_argument("--names", type=_aliases, default={},
+                            help="member aliases, e.g. device=2,edge=21,cloud=39")
+        parser.add_argument("--overwrite", action="store_true")
+    elif command == "export":
+        parser.add_argument("family", help="family checkpoint directory")
+        parser.add_argument("output", help="output directory (with --all: one subdirectory per member)")
+        which = parser.add_mutually_exclusive_group(required=True)
+        which.add_argument("--member", help="exit layer index or alias")
+        which.add_argument("--all", action="store_true", help="export every member")
+        parser.add_argument("--overwrite", action="store_true")
+    else:
+        parser.add_argument("family", help="family checkpoint directory")
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "import":
+        config = checkpoint_io.import_checkpoint(
+            args.source, args.output, exits=args.exits, branch_layers=args.branch_layers,
+            shared_head=args.shared_head, member_names=args.names, overwrite=args.overwrite)
+        print(f"wrote family with exits {config.exits} to {args.output}")
+        print(format_summary(summarize(config)))
+    elif args.command == "export":
+        if args.all:
+            for path in checkpoint_io.export_all(args.family, args.output, args.overwrite):
+                print(f"wrote {path}")
+        else:
+            path = checkpoint_io.export_member(args.family, args.output, args.member, args.overwrite)
+            print(f"wrote {path}")
+    else:
+        config = FamilyConfig.load(args.family)
+        summary = summarize(config)
+        if args.json:
+            print(json.dumps(summary.to_dict(), indent=2))
+        else:
+            print(f"family {args.family}: exits {config.exits}, "
+                  f"{config.num_hidden_layers} trunk layers, hidden {config.hidden_size}")
+            print(format_summary(summary))
+    return 0
+
+
+__all__ = ["add_arguments", "run", "ConfigError"]

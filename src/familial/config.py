@@ -1,0 +1,293 @@
+"""Typed configuration: the family's architecture, and a validating loader for any dataclass.
+
+`FamilyConfig` holds the Qwen3 dimensions plus the family fields (exits, branches, heads).
+It is saved as `family.json` beside the weights. `from_dict` turns nested dicts (from JSON,
+TOML or YAML) into typed dataclasses, naming the exact field and value that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FAMILY_CONFIG_NAME = "family.json"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, or inconsistent."""
+
+
+@dataclass
+class FamilyConfig:
+    # Qwen3 decoder dimensions (names as in transformers' Qwen3Config, so import/export copy them).
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    # exits: 0-based trunk layer indices, sorted; the last one is always the last layer.
+    exits: list[int]
+    # per-head dimension; Qwen3 sets it explicitly (128), so it need not be hidden/heads.
+    head_dim: int | None = None
+    rope_theta: float = 1_000_000.0
+    # None for plain RoPE, or {"rope_type": "linear" | "yarn", "factor": ..., ...} as in HF.
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    # decoder layers in each exit's branch: one int for all, or one per non-final exit
+    # (block expansion deepens a single member's branch).
+    branch_layers: int | list[int] = 1
+    # one LM head used by every exit instead of a head per exit.
+    shared_head: bool = False
+    # aliases for members, e.g. {"device": 2, "edge": 21, "cloud": 39}.
+    member_names: dict[str, int] = field(default_factory=dict)
+    # modules stored as two thin matrices after SVD compression: module name -> rank.
+    low_rank: dict[str, int] = field(default_factory=dict)
+    # token ids copied from/to the HF config; the runtime uses eos to stop generation.
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    # calibrated early-exit thresholds and similar runtime settings, kept with the weights.
+    runtime: dict[str, Any] = field(default_factory=dict)
+    # dtype the weights are stored in.
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            heads = self.num_attention_heads
+            if isinstance(heads, int) and heads > 0 and self.hidden_size % heads:
+                raise ConfigError(f"family config: field 'num_attention_heads' = {heads}: must "
+                                  f"divide hidden_size ({self.hidden_size}) when head_dim is not set")
+            self.head_dim = self.hidden_size // heads if isinstance(heads, int) and heads > 0 else 0
+        self.validate()
+
+    def validate(self, where: str = "family config") -> None:
+        def bad(name: str, message: str) -> ConfigError:
+            return ConfigError(f"{where}: field '{name}' = {getattr(self, name)!r}: {message}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise bad(name, "expected a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise bad("num_key_value_heads",
+                      f"must divide num_attention_heads ({self.num_attention_heads})")
+        if self.head_dim % 2:
+            raise bad("head_dim", "must be even for rotary embeddings")
+        if not self.rms_norm_eps > 0:
+            raise bad("rms_norm_eps", "expected a positive number")
+        if not self.rope_theta > 0:
+            raise bad("rope_theta", "expected a positive number")
+        if self.torch_dtype not in ("float32", "bfloat16", "float16"):
+            raise bad("torch_dtype", "expected float32, bfloat16 or float16")
+        exits = self.exits
+        if not isinstance(exits, list) or not exits or not all(
+                isinstance(e, int) and not isinstance(e, bool) for e in exits):
+            raise bad("exits", "expected a non-empty list of layer indices")
+        if len(set(exits)) != len(exits):
+            raise bad("exits", "has duplicate exits")
+        if exits != sorted(exits):
+            raise bad("exits", "must be sorted in increasing order")
+        for e in exits:
+            if not 0 <= e < self.num_hidden_layers:
+                raise bad("exits", f"exit {e} is outside the trunk's layers 0..{self.num_hidden_layers - 1}")
+        if exits[-1] != self.num_hidden_layers - 1:
+            raise bad("exits", f"the last exit must be the last layer ({self.num_hidden_layers - 1})")
+        if isinstance(self.branch_layers, list):
+            if len(self.branch_layers) != len(exits) - 1:
+                raise bad("branch_layers", f"expected one count per non-final exit ({len(exits) - 1})")
+        depths = self.branch_layers if isinstance(self.branch_layers, list) else [self.branch_layers]
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in depths):
+            raise bad("branch_layers", "expected integers >= 1")
+        for alias, e in self.member_names.items():
+            if e not in exits:
+                raise bad("member_names", f"alias '{alias}' points to {e}, which is not an exit {exits}")
+            if alias.isdigit() or alias == "auto":
+                raise bad("member_names", f"alias '{alias}' is reserved")
+        for name, rank in self.low_rank.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise bad("low_rank", f"rank of '{name}' must be a positive integer")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("default", "linear", "yarn"):
+                raise bad("rope_scaling", "supported rope_type values are default, linear and yarn")
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    def branch_depth(self, exit_layer: int) -> int:
+        """Number of layers a member runs after the trunk (its branch, or the last trunk layer)."""
+        index = self.exits.index(exit_layer)
+        if index == len(self.exits) - 1:
+            return 1
+        if isinstance(self.branch_layers, list):
+            return self.branch_layers[index]
+        return self.branch_layers
+
+    def member_layers(self, exit_layer: int) -> int:
+        """Decoder layers in the dense model equivalent to this member."""
+        if exit_layer == self.exits[-1]:
+            return self.num_hidden_layers
+        return exit_layer + self.branch_depth(exit_layer)
+
+    def resolve_member(self, member: int | str) -> int:
+        """Map an exit index, its string form, 'exit-E' or an alias to the exit layer index."""
+        key = member
+        if isinstance(key, str):
+            text = key.strip()
+            if text in self.member_names:
+                return self.member_names[text]
+            if text.startswith("exit-"):
+                text = text[len("exit-"):]
+            if text.lstrip("-").isdigit():
+                key = int(text)
+        if isinstance(key, int) and not isinstance(key, bool):
+            if key == -1:
+                return self.exits[-1]
+            if key in self.exits:
+                return key
+        known = ", ".join([str(e) for e in self.exits] + list(self.member_names))
+        raise ConfigError(f"unknown member {member!r}: this family's members are {known}")
+
+    def member_name(self, exit_layer: int) -> str:
+        for alias, e in self.member_names.items():
+            if e == exit_layer:
+                return alias
+        return f"exit-{exit_layer}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / FAMILY_CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "FamilyConfig":
+        path = Path(directory)
+        if path.is_dir():
+            path = path / FAMILY_CONFIG_NAME
+        if not path.exists():
+            raise ConfigError(f"{path}: not found (a family checkpoint holds {FAMILY_CONFIG_NAME})")
+        return cls.from_dict(read_json(path), where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "family config") -> "FamilyConfig":
+        return from_dict(cls, data, where)
+
+
+def read_json(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: malformed JSON at line {error.lineno} column {error.colno}: "
+                          f"{error.msg}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+
+
+def from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a nested dict, checking every field's type.
+
+    Unknown keys and wrong types raise ConfigError naming `where` and the dotted field path.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table/object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields: "
+                          f"{', '.join(sorted(fields))}")
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required field '{name}'")
+            continue
+        values[name] = _coerce(hints[name], data[name], f"{where}: field '{name}'")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{where} = {value!r}: expected {_describe(hint)}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where.replace(": field '", ".").rstrip("'"))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        item = args[0] if args else Any
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r}: expected a table/object")
+        key_type, item_type = args if args else (Any, Any)
+        out = {}
+        for k, v in value.items():
+            if key_type is int and isinstance(k, str) and k.lstrip("-").isdigit():
+                k = int(k)
+            out[k] = _coerce(item_type, v, f"{where}[{k!r}]")
+        return out
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} = {value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} = {value!r}: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{where} = {value!r}: expected a finite number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} = {value!r}: expected a string")
+    if typing.get_origin(hint) is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where} = {value!r}: expected one of {', '.join(map(repr, args))}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    names = []
+    for option in typing.get_args(hint):
+        if option is type(None):
+            names.append("null")
+        else:
+            names.append(getattr(option, "__name__", str(option)))
+    return " or ".join(names)

@@ -1,0 +1,382 @@
+"""The familial Qwen3 model: one trunk, several exits, each exit a deployable member.
+
+Reads top to bottom: RMSNorm -> rotary -> attention -> MLP -> decoder layer -> exit branch
+-> family -> member view. Parameter names follow transformers' Qwen3 (`model.layers.3.
+self_attn.q_proj.weight`, `lm_head.weight`), so the full member's names are exactly a dense
+Qwen3 checkpoint's and a member view's `state_dict()` is a stock checkpoint. Branches live
+under `branches.<exit>`. No distributed code here: parallelism is applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from familial.config import FamilyConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like Qwen3, then scale in the input dtype.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class LowRankLinear(nn.Module):
+    """A linear layer stored as two thin matrices (W ~ up @ down), as SVD compression leaves it."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.up.weight @ self.down.weight
+
+
+def rotary_inverse_frequencies(config: FamilyConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scale for the configured RoPE variant."""
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "yarn":
+        factor = scaling["factor"]
+        original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+        beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        return inv_freq, attention_factor
+    return inv_freq, 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: FamilyConfig) -> None:
+        super().__init__()
+        inv_freq, self.scale = rotary_inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (B, T) -> cos, sin (B, T, head_dim), computed in float32.
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, heads, T, D); cos/sin (B, T, D) broadcast over heads.
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class KVStore(Protocol):
+    """Where attention keeps keys/values between calls (the runtime's cache implements it)."""
+
+    def update(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, kv_heads, T_new, D) keys/values for `layer`; return all of them so far."""
+
+
+class KVCache:
+    """The simplest KVStore: keys and values concatenated per layer name."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, torch.Tensor] = {}
+        self.values: dict[str, torch.Tensor] = {}
+
+    def update(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            key = torch.cat((self.keys[layer], key), dim=2)
+            value = torch.cat((self.values[layer], value), dim=2)
+        self.keys[layer], self.values[layer] = key, value
+        return key, value
+
+    def length(self, layer: str) -> int:
+        return self.keys[layer].shape[2] if layer in self.keys else 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: FamilyConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        # Qwen3 normalises each query/key head before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, cache: KVStore | None, cache_name: str) -> torch.Tensor:
+        batch, length, _ = x.shape
+        # (B, T, heads*D) -> (B, heads, T, D); the local head count follows the weights so a
+        # tensor-parallel shard of this module runs unchanged.
+        q = self.q_norm(self.q_proj(x).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(cache_name, k, v)
+        kv_length = k.shape[2]
+        is_causal = mask is None and length == kv_length and length > 1
+        if mask is None and 1 < length < kv_length:
+            # New tokens after a cached prefix (speculative verification): causal with an offset.
+            mask = causal_mask(length, kv_length, x.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: FamilyConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: FamilyConfig, cache_name: str) -> None:
+        super().__init__()
+        # The family-wide name keys this layer's KV cache, so members share trunk KV.
+        self.cache_name = cache_name
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None, cache: KVStore | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache, self.cache_name)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ExitBranch(nn.Module):
+    """An early exit's own layers, final norm and (unless shared) LM head."""
+
+    def __init__(self, config: FamilyConfig, exit_layer: int) -> None:
+        super().__init__()
+        depth = config.branch_depth(exit_layer)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, f"branches.{exit_layer}.layers.{i}") for i in range(depth))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.shared_head else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False)
+
+
+class Trunk(nn.Module):
+    """The decoder stack shared by every member (named `model` as in transformers)."""
+
+    def __init__(self, config: FamilyConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Keyed by layer number so names stay stable when a pipeline stage keeps only some.
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(config, f"layers.{i}") for i in range(config.num_hidden_layers)})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+def causal_mask(query_length: int, kv_length: int, device: torch.device) -> torch.Tensor:
+    """Boolean (T_q, T_kv) mask for queries that are the last T_q of T_kv positions."""
+    rows = torch.arange(query_length, device=device)[:, None] + (kv_length - query_length)
+    return torch.arange(kv_length, device=device)[None, :] <= rows
+
+
+def attention_mask_4d(padding_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """(B, T_kv) 1/0 padding mask -> boolean (B, 1, T_q, T_kv) causal + padding mask.
+
+    A query that may see nothing (a pad position before the first real token) is allowed its
+    own position, so attention stays finite; its output is padding and never read.
+    """
+    kv_length = padding_mask.shape[1]
+    causal = causal_mask(query_length, kv_length, padding_mask.device)
+    keep = causal[None] & padding_mask.bool()[:, None, :]
+    own = torch.zeros_like(causal)
+    own[torch.arange(query_length), torch.arange(query_length) + kv_length - query_length] = True
+    empty = ~keep.any(-1, keepdim=True)
+    return (keep | (empty & own))[:, None]
+
+
+class FamilyModel(nn.Module):
+    """A trunk of L layers with exits e_1 < ... < e_K = L-1 (see SPEC section 1).
+
+    Member k runs trunk layers 0..e_k-1, then its branch (the last member: layer e_K), its
+    norm and its head. `forward` runs the trunk once and returns every requested exit.
+    """
+
+    def __init__(self, config: FamilyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Trunk(config)
+        self.branches = nn.ModuleDict(
+            {str(e): ExitBranch(config, e) for e in config.exits[:-1]})
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        for name, rank in config.low_rank.items():
+            self.factorize(name, rank)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def factorize(self, name: str, rank: int) -> LowRankLinear:
+        """Replace linear `name` by a rank-`rank` LowRankLinear (weights set by the caller)."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.get_submodule(parent_name) if parent_name else self
+        old = getattr(parent, child)
+        low_rank = LowRankLinear(old.in_features, old.out_features, rank)
+        setattr(parent, child, low_rank)
+        self.config.low_rank[name] = rank
+        return low_rank
+
+    # Which modules each exit uses.
+
+    def branch_layers(self, exit_layer: int) -> list[DecoderLayer]:
+        if exit_layer == self.config.exits[-1]:
+            return [self.model.layers[str(exit_layer)]]
+        return list(self.branches[str(exit_layer)].layers)
+
+    def exit_norm(self, exit_layer: int) -> RMSNorm:
+        if exit_layer == self.config.exits[-1]:
+            return self.model.norm
+        return self.branches[str(exit_layer)].norm
+
+    def exit_head(self, exit_layer: int) -> nn.Module:
+        if exit_layer == self.config.exits[-1] or self.config.shared_head:
+            return self.lm_head
+        return self.branches[str(exit_layer)].lm_head
+
+    def member(self, member: int | str) -> "FamilyMember":
+        return FamilyMember(self, self.config.resolve_member(member))
+
+    # Forward.
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.rotary_emb(position_ids, dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, exits: list[int | str] | None = None,
+                return_hidden: bool = False, cache: KVStore | None = None) -> dict[int, torch.Tensor]:
+        """input_ids (B, T) -> {exit: logits (B, T, vocab)} for every requested exit.
+
+        With `return_hidden`, each value is instead the exit's normed hidden state (B, T, H),
+        so a loss can apply the head chunk by chunk. `attention_mask` is a (B, T_kv) padding
+        mask or a boolean (B, 1, T, T_kv) mask; with a cache, T_kv covers past and new tokens.
+        """
+        wanted = sorted({self.config.resolve_member(e) for e in (exits or self.config.exits)})
+        hidden = self.model.embed_tokens(input_ids)
+        batch, length = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        rotary = self.rotary(position_ids, hidden.dtype)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 2:
+            mask = attention_mask_4d(mask, length)
+        last = self.config.exits[-1]
+        trunk_end = last + 1 if last in wanted else wanted[-1]
+        outputs: dict[int, torch.Tensor] = {}
+        for i in range(trunk_end + 1):
+            if i in wanted and i != last:
+                branch = hidden
+                for layer in self.branch_layers(i):
+                    branch = layer(branch, rotary, mask, cache)
+                outputs[i] = self._finish(i, branch, return_hidden)
+            if i < self.config.num_hidden_layers and i < trunk_end:
+                hidden = self.model.layers[str(i)](hidden, rotary, mask, cache)
+        if last in wanted:
+            outputs[last] = self._finish(last, hidden, return_hidden)
+        return outputs
+
+    def _finish(self, exit_layer: int, hidden: torch.Tensor, return_hidden: bool) -> torch.Tensor:
+        hidden = self.exit_norm(exit_layer)(hidden)
+        return hidden if return_hidden else self.exit_head(exit_layer)(hidden)
+
+
+class FamilyMember(nn.Module):
+    """One member as a dense Qwen3 model made of the family's own modules (no copies).
+
+    Its `state_dict()` has exactly the keys of a stock Qwen3 checkpoint with
+    `config.member_layers(exit)` layers, which is what export writes.
+    """
+
+    def __init__(self, family: FamilyModel, exit_layer: int) -> None:
+        super().__init__()
+        self.exit_layer = exit_layer
+        self.family_config = family.config
+        trunk = family.model
+        layers = [trunk.layers[str(i)] for i in range(exit_layer)] + family.branch_layers(exit_layer)
+        self.model = nn.Module()
+        self.model.embed_tokens = trunk.embed_tokens
+        self.model.layers = nn.ModuleList(layers)
+        self.model.norm = family.exit_norm(exit_layer)
+        self.lm_head = family.exit_head(exit_layer)
+        self._rotary = trunk.rotary_emb
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVStore | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVStore | None = None) -> torch.Tensor:
+        batch, length = input_ids.shape
+        hidden = self.model.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        rotary = self._rotary(position_ids, hidden.dtype)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 2:
+            mask = attention_mask_4d(mask, length)
+        for layer in self.model.layers:
+            hidden = layer(hidden, rotary, mask, cache)
+        return self.model.norm(hidden)
