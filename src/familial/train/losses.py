@@ -32,8 +32,8 @@ class _ChunkedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, teacher_hidden, teacher_weight):
-        ce_sum = hidden.new_zeros((), dtype=torch.float32)
-        kd_sum = hidden.new_zeros((), dtype=torch.float32)
+        ce_sum = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
+        kd_sum = torch.zeros_like(ce_sum)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             log_q = _log_probs(hidden[rows], weight)
@@ -50,7 +50,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         hidden, weight, targets, teacher_hidden, teacher_weight = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = torch.zeros_like(weight, dtype=_loss_dtype(weight.dtype)) if need_weight else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             q = _log_probs(hidden[rows], weight).exp()
@@ -64,20 +64,27 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[rows] = grad_logits @ weight.to(hidden.dtype)
             if need_weight:
-                grad_weight += (grad_logits.T @ hidden[rows]).float()
+                grad_weight += grad_logits.T @ hidden[rows]
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Softmax and sums in at least float32 (as HF does for bf16 logits).
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _log_probs(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # (chunk, H) @ (H, V) in the activations' dtype, softmax in float32 as HF does.
-    return torch.log_softmax((hidden @ weight.to(hidden.dtype).T).float(), dim=-1)
+    # (chunk, H) @ (H, V) in the activations' dtype.
+    logits = hidden @ weight.to(hidden.dtype).T
+    return torch.log_softmax(logits.to(_loss_dtype(logits.dtype)), dim=-1)
 
 
 def _module_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                  teacher: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    log_q = torch.log_softmax(head(hidden).float(), dim=-1)
+    logits = head(hidden)
+    log_q = torch.log_softmax(logits.to(_loss_dtype(logits.dtype)), dim=-1)
     ce = -log_q.gather(1, targets[:, None]).sum()
     if teacher is None:
         return ce, ce.new_zeros(())
@@ -86,7 +93,7 @@ def _module_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
 
 @dataclass
 class ExitLoss:
-    ce_sum: torch.Tensor     # sum of token cross-entropies (scalar, float32)
+    ce_sum: torch.Tensor     # sum of token cross-entropies (scalar, at least float32)
     kd_sum: torch.Tensor     # sum of token KL(teacher || this exit); zero without a teacher
     count: int               # target tokens the sums cover
 
@@ -116,14 +123,15 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                                           teacher_rows, teacher_weight)
         return ExitLoss(ce, kd, int(keep.numel()))
     # Any other head (e.g. a low-rank one): the same chunking through activation checkpointing.
-    ce = rows.new_zeros((), dtype=torch.float32)
-    kd = rows.new_zeros((), dtype=torch.float32)
+    ce = rows.new_zeros((), dtype=_loss_dtype(rows.dtype))
+    kd = torch.zeros_like(ce)
     for start in range(0, rows.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
         teacher = None
         if teacher_rows is not None:
             with torch.no_grad():
-                teacher = torch.log_softmax(teacher_head(teacher_rows[part]).float(), dim=-1)
+                logits = teacher_head(teacher_rows[part])
+                teacher = torch.log_softmax(logits.to(_loss_dtype(logits.dtype)), dim=-1)
         chunk_ce, chunk_kd = checkpoint(_module_loss, head, rows[part], targets[part], teacher,
                                         use_reentrant=False)
         ce, kd = ce + chunk_ce, kd + chunk_kd

@@ -1,0 +1,187 @@
+"""Chat data: render conversations with a chat template and mask all but assistant turns.
+
+The default rendering is ChatML as Qwen uses it (without Qwen3's `<think>` scaffolding):
+
+    <|im_start|>{role}\n{content}<|im_end|>\n
+
+A checkpoint's own template (the `chat_template` of its tokenizer_config.json, or a .jinja
+file) is rendered with jinja2 the way transformers does. The loss mask is 1 exactly on each
+assistant turn's content and the `<|im_end|>` that closes it: the model learns to answer and
+to stop, never to predict the user. Masks are exact by construction: the rendered text is
+cut at the borders of assistant spans and each piece is tokenised on its own, so no token
+straddles a border. The prompt piece ends in `<|im_start|>assistant\n`, which is also how a
+generation prompt is tokenised at inference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from familial.data.shards import Document
+from familial.data.tokenize import read_jsonl
+
+END_OF_TURN = "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+Span = tuple[int, int]
+
+
+def load_chat_template(path: str | Path) -> tuple[str, dict[str, str]]:
+    """(template, special tokens) from a .jinja file or a tokenizer_config.json.
+
+    The special tokens (`bos_token`, `eos_token`, ...) are the variables a checkpoint's
+    template may refer to; a bare .jinja file comes with none.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no chat template file")
+    if path.suffix != ".json":
+        return path.read_text(encoding="utf-8"), {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        template = config.get("chat_template")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"{path}: not a JSON object with a 'chat_template' ({error})") from None
+    if isinstance(template, list):
+        named = {item.get("name"): item.get("template")
+                 for item in template if isinstance(item, dict)}
+        template = named.get("default")
+    if not isinstance(template, str):
+        raise ValueError(f"{path}: 'chat_template' is missing or not a string (or a list "
+                         f"with a template named 'default')")
+    special = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[key] = value
+    return template, special
+
+
+def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    for index, message in enumerate(messages):
+        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)):
+            raise ValueError(f"{where}: message {index} must be an object with string 'role' "
+                             f"and 'content', got {json.dumps(message)[:80]}")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(f"{where}: no assistant message, so nothing to train on")
+    return messages
+
+
+def read_chat_jsonl(path: Path) -> Iterator[tuple[int, list[dict[str, str]]]]:
+    """(line number, messages) for every conversation of a chat JSONL file."""
+    for number, record in read_jsonl(path):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        yield number, validate_messages(messages, f"{path}:{number}")
+
+
+def render_chatml(messages: Sequence[dict[str, str]]) -> tuple[str, list[Span]]:
+    """ChatML text and the character spans of assistant content plus its `<|im_end|>`."""
+    parts: list[str] = []
+    spans: list[Span] = []
+    length = 0
+    for message in messages:
+        header = f"<|im_start|>{message['role']}\n"
+        body = message["content"] + END_OF_TURN
+        if message["role"] == "assistant":
+            spans.append((length + len(header), length + len(header) + len(body)))
+        parts.extend([header, body, "\n"])
+        length += len(header) + len(body) + 1
+    return "".join(parts), spans
+
+
+def render_template(messages: Sequence[dict[str, str]], template: str,
+                    end_of_turn: str = END_OF_TURN, special_tokens: dict[str, str] | None = None,
+                    where: str = "conversation") -> tuple[str, list[Span]]:
+    """Render with a jinja chat template; find assistant spans in the rendered text.
+
+    Each message's content is located in order, as written or, failing that, stripped of
+    surrounding whitespace as many templates do; an assistant span runs from its content
+    through the `end_of_turn` that follows it.
+    """
+    text = _jinja(template).render(messages=list(messages), add_generation_prompt=False,
+                                   **(special_tokens or {}))
+    spans: list[Span] = []
+    cursor = 0
+    for index, message in enumerate(messages):
+        content = message["content"]
+        if not content.strip():
+            if message["role"] == "assistant":
+                raise ValueError(f"{where}: assistant message {index} is empty")
+            continue
+        start = text.find(content, cursor)
+        if start < 0:
+            content = content.strip()
+            start = text.find(content, cursor)
+        if start < 0:
+            raise ValueError(f"{where}: the chat template's output does not contain message "
+                             f"{index}'s content; cannot locate the assistant turns")
+        cursor = start + len(content)
+        if message["role"] == "assistant":
+            close = cursor + len(text[cursor:]) - len(text[cursor:].lstrip())
+            if not text.startswith(end_of_turn, close):
+                raise ValueError(f"{where}: the chat template puts no {end_of_turn!r} after "
+                                 f"assistant message {index}; pass the template's end-of-turn "
+                                 f"token")
+            cursor = close + len(end_of_turn)
+            spans.append((start, cursor))
+    return text, spans
+
+
+def _jinja(template: str):
+    try:
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ImportError("rendering a checkpoint's chat template needs jinja2 "
+                          "(pip install jinja2, or omit the template to use ChatML)") from None
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat template: {message}")
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[loopcontrols])
+    environment.filters["tojson"] = lambda value, indent=None: json.dumps(
+        value, indent=indent, ensure_ascii=False)
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(template)
+
+
+def encode_spans(tokenizer: Tokenizer, text: str, spans: Sequence[Span]) -> Document:
+    """Token ids of `text` with mask 1 on the tokens of `spans`, each piece encoded alone."""
+    ids: list[int] = []
+    mask: list[int] = []
+    cursor = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        for piece, value in ((text[cursor:start], 0), (text[start:end], 1)):
+            if piece:
+                piece_ids = tokenizer.encode(piece, add_special_tokens=False).ids
+                ids.extend(piece_ids)
+                mask.extend([value] * len(piece_ids))
+        cursor = end
+    return Document(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8))
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, str]],
+                template: str | None = None, end_of_turn: str = END_OF_TURN,
+                special_tokens: dict[str, str] | None = None,
+                where: str = "conversation") -> Document:
+    """One conversation as token ids plus its assistant-only loss mask."""
+    if template is None:
+        text, spans = render_chatml(messages)
+    else:
+        text, spans = render_template(messages, template, end_of_turn, special_tokens, where)
+    return encode_spans(tokenizer, text, spans)

@@ -1,0 +1,329 @@
+"""Token shards on disk: one flat memory-mapped token stream plus a document index.
+
+A shard directory holds
+
+    manifest.json    {"format": "familial-tokens-v1", "tokenizer", "vocab_size", "dtype",
+                      "num_tokens", "num_documents", "has_loss_mask", "eos_token_id", "sources"}
+    tokens.bin       token ids, uint16 when the vocabulary fits (< 65536) else uint32
+    documents.npy    int64 start offset of every document, plus the end (num_documents + 1)
+    loss_mask.bin    optional, uint8 per token: 1 where the token is a training target
+
+`ShardWriter` (and `write_shards` on top of it) streams documents to disk (only the document
+offsets stay in memory, 8 bytes per document) into a temporary directory renamed into place
+at the end, so a crash never leaves a half-written shard directory. `TokenShards` validates
+everything cheap on open and names the file at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "familial-tokens-v1"
+MANIFEST = "manifest.json"
+TOKENS = "tokens.bin"
+DOCUMENTS = "documents.npy"
+LOSS_MASK = "loss_mask.bin"
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+_CHECK_CHUNK = 1 << 24
+
+
+class ShardError(ValueError):
+    """A shard directory is missing, malformed or inconsistent, or documents are invalid."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document's token ids and, for chat data, its loss mask (1 = training target)."""
+
+    ids: Sequence[int] | np.ndarray
+    loss_mask: Sequence[int] | np.ndarray | None = None
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    return "uint16" if vocab_size < 65536 else "uint32"
+
+
+class ShardWriter:
+    """Streams documents into a new shard directory; `commit()` renames it into place.
+
+    `discard()` (call it when anything fails) removes everything written so far. Documents
+    without a loss mask count as all targets, so plain text and chat data can share one
+    directory; the mask file exists only when some document carries a mask.
+    """
+
+    def __init__(self, path: str | Path, vocab_size: int, tokenizer: str | None = None,
+                 eos_token_id: int | None = None, sources: list[Any] | None = None,
+                 overwrite: bool = False) -> None:
+        self.target = Path(path)
+        if not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ShardError(f"{self.target}: vocab_size must be a positive integer, got "
+                             f"{vocab_size!r}")
+        if (self.target.exists() and not overwrite
+                and (not self.target.is_dir() or any(self.target.iterdir()))):
+            raise ShardError(f"{self.target}: already exists and is not empty (choose another "
+                             f"output directory, or pass overwrite)")
+        self.vocab_size, self.tokenizer, self.eos_token_id = vocab_size, tokenizer, eos_token_id
+        self.sources = list(sources or [])
+        self.dtype = np.dtype(_DTYPES[dtype_for_vocab(vocab_size)])
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-",
+                                             dir=self.target.parent))
+        self.offsets = array("q", [0])
+        self.masked_tokens = 0
+        self._tokens = open(self.staging / TOKENS, "wb")
+        self._mask = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    def add(self, item: Document | Sequence[int] | np.ndarray) -> None:
+        document = item if isinstance(item, Document) else Document(item)
+        index = self.num_documents
+        ids = np.asarray(document.ids, dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ShardError(f"document {index}: expected a non-empty 1-D sequence of token "
+                             f"ids, got shape {ids.shape}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ShardError(f"document {index}: token id {low if low < 0 else high} is "
+                             f"outside the vocabulary [0, {self.vocab_size})")
+        if document.loss_mask is not None and self._mask is None:
+            self._mask = open(self.staging / LOSS_MASK, "wb")
+            _write_ones(self._mask, self.num_tokens)
+        mask = _document_mask(document, ids.size, index)
+        self.masked_tokens += int(mask.sum())
+        if self._mask is not None:
+            self._mask.write(mask.tobytes())
+        self._tokens.write(ids.astype(self.dtype).tobytes())
+        self.offsets.append(self.num_tokens + ids.size)
+
+    def commit(self) -> "TokenShards":
+        self._close_files()
+        if self.num_documents == 0:
+            self.discard()
+            raise ShardError(f"{self.target}: no documents to write (the input is empty)")
+        np.save(self.staging / DOCUMENTS, np.frombuffer(self.offsets, dtype=np.int64))
+        manifest = {
+            "format": FORMAT, "tokenizer": self.tokenizer, "vocab_size": self.vocab_size,
+            "dtype": self.dtype.name, "num_tokens": self.num_tokens,
+            "num_documents": self.num_documents, "has_loss_mask": self._mask is not None,
+            "eos_token_id": self.eos_token_id, "sources": self.sources,
+        }
+        (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for file in self.staging.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        if self.target.exists():
+            trash = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, trash)
+            os.replace(self.staging, self.target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.staging, self.target)
+        return TokenShards(self.target)
+
+    def discard(self) -> None:
+        self._close_files()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _close_files(self) -> None:
+        for handle in (self._tokens, self._mask):
+            if handle is not None and not handle.closed:
+                handle.close()
+
+
+def write_shards(path: str | Path, documents: Iterable[Document | Sequence[int] | np.ndarray],
+                 vocab_size: int, tokenizer: str | None = None, eos_token_id: int | None = None,
+                 sources: list[Any] | None = None, overwrite: bool = False) -> "TokenShards":
+    """Write documents (id sequences or `Document`s) as a shard directory and open it."""
+    writer = ShardWriter(path, vocab_size, tokenizer, eos_token_id, sources, overwrite)
+    try:
+        for document in documents:
+            writer.add(document)
+    except BaseException:
+        writer.discard()
+        raise
+    return writer.commit()
+
+
+def _write_ones(handle, count: int) -> None:
+    chunk = np.ones(min(count, _CHECK_CHUNK), dtype=np.uint8).tobytes()
+    while count > 0:
+        handle.write(chunk[:count])
+        count -= len(chunk)
+
+
+def _document_mask(document: Document, length: int, index: int) -> np.ndarray:
+    if document.loss_mask is None:
+        return np.ones(length, dtype=np.uint8)
+    mask = np.asarray(document.loss_mask)
+    if mask.shape != (length,):
+        raise ShardError(f"document {index}: loss mask has shape {mask.shape}, expected "
+                         f"({length},) like its token ids")
+    if mask.size and (mask.min() < 0 or mask.max() > 1):
+        raise ShardError(f"document {index}: loss mask values must be 0 or 1")
+    return mask.astype(np.uint8)
+
+
+class TokenShards:
+    """A shard directory opened read-only: `.tokens` and `.loss_mask` are memory maps."""
+
+    def __init__(self, path: str | Path, check_token_ids: bool = False) -> None:
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path)
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self.eos_token_id: int | None = self.manifest["eos_token_id"]
+        dtype = np.dtype(_DTYPES[self.manifest["dtype"]])
+        num_tokens = self.manifest["num_tokens"]
+        self.tokens = _open_memmap(self.path / TOKENS, dtype, num_tokens)
+        self.loss_mask = (_open_memmap(self.path / LOSS_MASK, np.dtype(np.uint8), num_tokens)
+                          if self.manifest["has_loss_mask"] else None)
+        self.documents = _read_documents(self.path / DOCUMENTS, self.manifest)
+        if check_token_ids:
+            self.check_token_ids()
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.documents[-1] - self.documents[0])
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.documents) - 1
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def __repr__(self) -> str:
+        return (f"TokenShards({str(self.path)!r}, documents={self.num_documents}, "
+                f"tokens={self.num_tokens})")
+
+    def document(self, index: int) -> np.ndarray:
+        """The token ids of document `index` (a view into the memory map)."""
+        start, end = self.documents[index], self.documents[index + 1]
+        return self.tokens[start:end]
+
+    def document_mask(self, index: int) -> np.ndarray:
+        """The loss mask of document `index`; all ones when the shards carry no mask."""
+        start, end = self.documents[index], self.documents[index + 1]
+        if self.loss_mask is None:
+            return np.ones(end - start, dtype=np.uint8)
+        return self.loss_mask[start:end]
+
+    def check_token_ids(self) -> None:
+        """Scan the tokens in chunks and fail on any id outside the vocabulary."""
+        start, end = int(self.documents[0]), int(self.documents[-1])
+        for offset in range(start, end, _CHECK_CHUNK):
+            high = int(self.tokens[offset:min(offset + _CHECK_CHUNK, end)].max())
+            if high >= self.vocab_size:
+                raise ShardError(f"{self.path / TOKENS}: token id {high} near offset {offset} "
+                                 f"is >= vocab_size {self.vocab_size} from {MANIFEST}")
+
+    def select(self, start: int, stop: int) -> "TokenShards":
+        """A view of documents [start, stop): same memory maps, fewer documents."""
+        if not 0 <= start < stop <= self.num_documents:
+            raise ShardError(f"{self.path}: document range [{start}, {stop}) is empty or "
+                             f"outside [0, {self.num_documents})")
+        view = object.__new__(TokenShards)
+        view.__dict__.update(self.__dict__)
+        view.documents = self.documents[start:stop + 1]
+        return view
+
+    def split(self, held_out: float | int) -> tuple["TokenShards", "TokenShards"]:
+        """(train, held-out): the last documents are held out, a fraction or a count of them.
+
+        Holding out the tail rather than a random sample keeps both parts contiguous in the
+        memory map; shuffle at write time if the source order is not already mixed.
+        """
+        count = (int(held_out) if isinstance(held_out, int)
+                 else int(round(held_out * self.num_documents)))
+        if not 0 < count < self.num_documents:
+            raise ShardError(f"{self.path}: cannot hold out {held_out!r} of {self.num_documents} "
+                             f"documents (need at least one document on each side)")
+        cut = self.num_documents - count
+        return self.select(0, cut), self.select(cut, self.num_documents)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise ShardError(f"{path}: not a token shard directory (it does not exist or is a file)")
+    if not file.exists():
+        raise ShardError(f"{file}: missing; write shards with `familial data prepare`")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ShardError(f"{file}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{file}: expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{file}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    for key in ("vocab_size", "num_tokens", "num_documents"):
+        value = manifest.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ShardError(f"{file}: '{key}' must be a non-negative integer, got {value!r}")
+    if manifest["vocab_size"] == 0:
+        raise ShardError(f"{file}: 'vocab_size' must be positive")
+    if manifest.get("dtype") not in _DTYPES:
+        raise ShardError(f"{file}: 'dtype' is {manifest.get('dtype')!r}, expected one of "
+                         f"{sorted(_DTYPES)}")
+    if np.iinfo(_DTYPES[manifest["dtype"]]).max < manifest["vocab_size"] - 1:
+        raise ShardError(f"{file}: dtype {manifest['dtype']} cannot hold ids of vocab_size "
+                         f"{manifest['vocab_size']}")
+    if not isinstance(manifest.get("has_loss_mask"), bool):
+        raise ShardError(f"{file}: 'has_loss_mask' must be true or false")
+    eos = manifest.get("eos_token_id")
+    if eos is not None and (not isinstance(eos, int) or not 0 <= eos < manifest["vocab_size"]):
+        raise ShardError(f"{file}: 'eos_token_id' must be null or an id below vocab_size, "
+                         f"got {eos!r}")
+    if manifest["num_tokens"] == 0 or manifest["num_documents"] == 0:
+        raise ShardError(f"{file}: the shards are empty (no tokens or no documents)")
+    manifest.setdefault("tokenizer", None)
+    manifest.setdefault("sources", [])
+    return manifest
+
+
+def _open_memmap(file: Path, dtype: np.dtype, count: int) -> np.memmap:
+    if not file.exists():
+        raise ShardError(f"{file}: missing (the manifest lists {count} tokens)")
+    size = file.stat().st_size
+    if size != count * dtype.itemsize:
+        raise ShardError(f"{file}: {size} bytes, expected {count * dtype.itemsize} "
+                         f"({count} tokens x {dtype.itemsize} bytes, {dtype.name}); the file "
+                         f"is truncated or does not belong to this manifest")
+    return np.memmap(file, dtype=dtype, mode="r", shape=(count,))
+
+
+def _read_documents(file: Path, manifest: dict[str, Any]) -> np.ndarray:
+    if not file.exists():
+        raise ShardError(f"{file}: missing (the document index of the shards)")
+    try:
+        offsets = np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ShardError(f"{file}: not a readable .npy array ({error})") from None
+    expected = manifest["num_documents"] + 1
+    if offsets.dtype != np.int64 or offsets.shape != (expected,):
+        raise ShardError(f"{file}: expected int64 offsets of shape ({expected},), got "
+                         f"{offsets.dtype} {offsets.shape}")
+    if offsets[0] != 0 or offsets[-1] != manifest["num_tokens"]:
+        raise ShardError(f"{file}: offsets must run from 0 to num_tokens "
+                         f"{manifest['num_tokens']}, got {offsets[0]} .. {offsets[-1]}")
+    if np.any(np.diff(offsets) <= 0):
+        bad = int(np.argmax(np.diff(offsets) <= 0))
+        raise ShardError(f"{file}: offsets must increase strictly (document {bad} starts at "
+                         f"{offsets[bad]} and ends at {offsets[bad + 1]})")
+    return offsets

@@ -1,0 +1,116 @@
+"""Reading raw text and JSONL and turning it into token ids with a HF `tokenizers` file.
+
+A plain text file is one document (a source file, a book, an article): splitting on blank
+lines would cut code and prose at arbitrary paragraphs. For many documents per file, use
+JSONL with one `{"text": ...}` object per line. Every document gets the EOS token appended,
+so packed rows show the model where one document ends and the next begins.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+ENCODE_BATCH = 256
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A `tokenizers` tokenizer from tokenizer.json or a directory that holds one."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no tokenizer.json there (pass a HF tokenizers file "
+                                f"or a checkpoint directory that contains one)")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as error:
+        raise ValueError(f"{file}: not a readable HF tokenizers file ({error})") from None
+
+
+def token_id(tokenizer: Tokenizer, token: str, where: str = "tokenizer") -> int:
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        raise ValueError(f"{where}: has no token {token!r}")
+    return found
+
+
+def default_eos(tokenizer: Tokenizer) -> str | None:
+    """The document separator a pre-training corpus conventionally uses for this vocabulary."""
+    return next((token for token in EOS_CANDIDATES if tokenizer.token_to_id(token) is not None),
+                None)
+
+
+def vocab_size(tokenizer: Tokenizer) -> int:
+    return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def expand_inputs(inputs: Iterable[str | Path], pattern: str = "*.txt") -> list[Path]:
+    """Files as given, directories expanded to their files matching `pattern`, sorted."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob(pattern) if p.is_file())
+            if not found:
+                raise FileNotFoundError(f"{item}: directory has no files matching {pattern!r}")
+            files.extend(found)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or directory")
+    return files
+
+
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, object) for every non-blank line, with errors naming the line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+
+
+def read_jsonl_texts(path: Path, field: str = "text") -> Iterator[str]:
+    for number, record in read_jsonl(path):
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{number}: expected an object with a string '{field}' "
+                             f"field, got {json.dumps(record)[:80]}")
+        yield text
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Iterable[str], eos_token_id: int | None,
+                 batch_size: int = ENCODE_BATCH) -> Iterator[np.ndarray]:
+    """Token ids per text (EOS appended), encoded in batches so `tokenizers` can use threads."""
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == batch_size:
+            yield from _encode_batch(tokenizer, batch, eos_token_id)
+            batch = []
+    if batch:
+        yield from _encode_batch(tokenizer, batch, eos_token_id)
+
+
+def _encode_batch(tokenizer: Tokenizer, texts: list[str],
+                  eos_token_id: int | None) -> Iterator[np.ndarray]:
+    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
+        ids = encoding.ids + ([eos_token_id] if eos_token_id is not None else [])
+        if ids:
+            yield np.asarray(ids, dtype=np.int64)

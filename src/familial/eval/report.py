@@ -1,0 +1,262 @@
+"""`familial report`: a Markdown page and PNG charts of a family's quality against its cost.
+
+Inputs: the family (sizes and FLOPs come from family.json), optionally the JSON written by
+`familial eval --json` (loss, perplexity, agreement, latency, tasks), a training run directory
+(per-exit losses from its metrics.jsonl) and separately trained baselines, a JSON list of
+{"name": str, "loss": float, "parameters" (or "params"): int, "flops_per_token" (or
+"flops"): number}, each with at least one of the two costs, and a loss measured on the
+same held-out data. Writes report.md, pareto.png, and when their inputs are given
+training_curves.png and agreement.png, into a directory replaced atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from familial.checkpoint_io import atomic_directory  # noqa: E402
+from familial.config import ConfigError, FamilyConfig, read_json  # noqa: E402
+from familial.eval.cost import member_costs  # noqa: E402
+from familial.summary import format_count, summarize  # noqa: E402
+
+DEFAULT_CONTEXT = 1024
+
+
+def load_eval(path: str | Path, config: FamilyConfig) -> dict:
+    data = read_json(path)
+    members = data.get("members") if isinstance(data, dict) else None
+    if not isinstance(members, list) or not all(isinstance(m, dict) and "exit" in m for m in members):
+        raise ConfigError(f"{path}: field 'members' must be a list of objects with an 'exit' "
+                          f"(the JSON that `familial eval --json` writes)")
+    exits = sorted(m["exit"] for m in members)
+    if exits != sorted(config.exits):
+        raise ConfigError(f"{path}: members have exits {exits}, but the family's exits are "
+                          f"{config.exits} (an evaluation of another family?)")
+    return data
+
+
+def load_baselines(path: str | Path) -> list[dict]:
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a JSON list of baselines, got {type(data).__name__}")
+    out = []
+    for i, item in enumerate(data):
+        where = f"{path}: baseline {i}"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ConfigError(f"{where}: expected an object with a string 'name'")
+        loss = item.get("loss")
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            raise ConfigError(f"{where} ({item['name']}): field 'loss' = {loss!r}: expected a number")
+        costs = {}
+        for key, aliases in (("parameters", ("parameters", "params")),
+                             ("flops_per_token", ("flops_per_token", "flops"))):
+            value = next((item[a] for a in aliases if a in item), None)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ConfigError(f"{where} ({item['name']}): field '{key}' = {value!r}: "
+                                      f"expected a positive number")
+                costs[key] = value
+        if not costs:
+            raise ConfigError(f"{where} ({item['name']}): needs 'parameters' or 'flops_per_token'")
+        out.append({"name": item["name"], "loss": float(loss), **costs})
+    return out
+
+
+def member_rows(config: FamilyConfig, evaluation: dict | None) -> list[dict]:
+    """One dict per member: the static costs, overlaid with whatever the evaluation measured."""
+    context = DEFAULT_CONTEXT
+    measured = {}
+    if evaluation is not None:
+        measured = {m["exit"]: m for m in evaluation["members"]}
+        context = next((m["flops_context"] for m in evaluation["members"] if "flops_context" in m),
+                       context)
+    return [cost | measured.get(cost["exit"], {}) for cost in member_costs(config, context)]
+
+
+def _number(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(row: dict, key: str, digits: int) -> str:
+    if key not in row:
+        return "-"
+    low, high = row.get(f"{key}_ci", (None, None))
+    ci = f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None else ""
+    return f"{row[key]:.{digits}f}{ci}"
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    lines = ["| member | exit | layers | params | FLOPs/token | loss [95% CI] | perplexity [95% CI] "
+             "| agreement with full [95% CI] | prefill ms | decode ms/token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['exit']} | {r['layers']} | {format_count(r['parameters'])} "
+            f"| {format_count(r['flops_per_token'])} | {_interval(r, 'loss', 4)} "
+            f"| {_interval(r, 'perplexity', 3)} | {_interval(r, 'agreement', 4)} "
+            f"| {_number(r.get('prefill_ms'), 2)} | {_number(r.get('decode_ms_per_token'), 3)} |")
+    return lines
+
+
+def task_table(rows: list[dict]) -> list[str]:
+    columns = sorted({(task, metric) for r in rows for task, metrics in r.get("tasks", {}).items()
+                      for metric in metrics if metric != "n"})
+    if not columns:
+        return []
+    lines = ["| member | " + " | ".join(f"{t} {m}" for t, m in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for r in rows:
+        tasks = r.get("tasks", {})
+        cells = [_number(tasks.get(t, {}).get(m), 4) for t, m in columns]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both cost and loss, cheapest first."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(rows: list[dict], baselines: list[dict], file: Path) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, key, label in ((axes[0], "parameters", "parameters"),
+                             (axes[1], "flops_per_token", "FLOPs per token")):
+        family = sorted(((r[key], r["loss"], r["name"]) for r in rows), key=lambda p: p[0])
+        axis.plot([p[0] for p in family], [p[1] for p in family], "o-", label="family members")
+        for x, y, name in family:
+            axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        others = [(b[key], b["loss"], b["name"]) for b in baselines if key in b]
+        if others:
+            axis.plot([p[0] for p in others], [p[1] for p in others], "s", label="separately trained")
+            for x, y, name in others:
+                axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+        points = family + others
+        front = [points[i] for i in pareto_front([(p[0], p[1]) for p in points])]
+        axis.step([p[0] for p in front], [p[1] for p in front], "--", where="post", color="gray",
+                  alpha=0.7, label="Pareto front")
+        axis.set_xscale("log")
+        axis.margins(x=0.15, y=0.1)
+        axis.set_xlabel(label)
+        axis.set_ylabel("held-out loss (nats/token)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle("quality vs cost (lower-left is better)")
+    figure.tight_layout()
+    figure.savefig(file, dpi=110)
+    plt.close(figure)
+
+
+def plot_training(records: list[dict], names: list[str], file: Path) -> bool:
+    groups = [(prefix, title) for prefix, title in (("loss/", "training loss per exit"),
+                                                    ("lambda/", "loss weight per exit"))
+              if any(f"{prefix}{n}" in r for r in records for n in names)]
+    if not groups:
+        return False
+    figure, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for axis, (prefix, title) in zip(axes[0], groups):
+        for name in names:
+            points = [(r["step"], r[f"{prefix}{name}"]) for r in records
+                      if r.get(f"{prefix}{name}") is not None and "step" in r]
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], label=name)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(file, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_agreement(rows: list[dict], matrix: dict | None, file: Path) -> None:
+    panels = 2 if matrix else 1
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    axis = axes[0][0]
+    values = [r["agreement"] for r in rows]
+    errors = [[v - r.get("agreement_ci", (v, v))[0] for v, r in zip(values, rows)],
+              [r.get("agreement_ci", (v, v))[1] - v for v, r in zip(values, rows)]]
+    axis.bar([r["name"] for r in rows], values, yerr=errors, capsize=4)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("top-1 agreement with the full member")
+    axis.grid(alpha=0.3, axis="y")
+    if matrix:
+        axis = axes[0][1]
+        image = axis.imshow(matrix["rates"], vmin=0, vmax=1, cmap="viridis")
+        labels = matrix["names"]
+        axis.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+        axis.set_yticks(range(len(labels)), labels, fontsize=8)
+        for i, row in enumerate(matrix["rates"]):
+            for j, value in enumerate(row):
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                          color="black" if value > 0.5 else "white")
+        axis.set_title("pairwise top-1 agreement")
+        figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    figure.savefig(file, dpi=110)
+    plt.close(figure)
+
+
+def build_report(family_dir: str | Path, out_dir: str | Path, eval_json: str | Path | None = None,
+                 run_dir: str | Path | None = None, baselines_json: str | Path | None = None,
+                 overwrite: bool = False) -> Path:
+    config = FamilyConfig.load(family_dir)
+    evaluation = load_eval(eval_json, config) if eval_json else None
+    baselines = load_baselines(baselines_json) if baselines_json else []
+    records = _read_run(run_dir) if run_dir else []
+    rows = member_rows(config, evaluation)
+    summary = summarize(config)
+    lines = [f"# Family report: {Path(family_dir).name}", "",
+             f"Exits {config.exits} of {config.num_hidden_layers} trunk layers, hidden "
+             f"{config.hidden_size}. The family holds {format_count(summary.family_parameters)} "
+             f"parameters; its members stored separately would hold "
+             f"{format_count(summary.separate_parameters)}.", ""]
+    if evaluation is not None and "data" in evaluation:
+        data = evaluation["data"]
+        lines += [f"Held-out data: `{data.get('path')}`, {data.get('tokens')} target tokens in "
+                  f"{data.get('windows')} windows of {data.get('seq_len')} tokens; intervals are "
+                  f"percentile bootstrap over windows ({data.get('resamples')} resamples).", ""]
+    lines += ["## Members", ""] + markdown_table(rows)
+    lines += ["", f"FLOPs per token at context {rows[0]['flops_context']}: 2 x matmul parameters "
+              "(LM head included) + 4 x layers x context x heads x head_dim (familial.eval.cost).", ""]
+    tasks = task_table(rows)
+    if tasks:
+        lines += ["## Tasks", ""] + tasks + [""]
+    with atomic_directory(out_dir, overwrite) as staging:
+        if all("loss" in r for r in rows):
+            plot_pareto(rows, baselines, staging / "pareto.png")
+            lines += ["## Quality vs cost", "", "![quality vs cost](pareto.png)", ""]
+        else:
+            lines += ["## Quality vs cost", "", "No held-out loss: run `familial eval --data SHARDS "
+                      "--json EVAL` and pass `--eval EVAL`.", ""]
+        if records and plot_training(records, [r["name"] for r in rows], staging / "training_curves.png"):
+            lines += ["## Training", "", f"From `{run_dir}`.", "",
+                      "![per-exit training curves](training_curves.png)", ""]
+        if all("agreement" in r for r in rows):
+            matrix = evaluation.get("agreement_matrix")
+            plot_agreement(rows, matrix, staging / "agreement.png")
+            lines += ["## Agreement with the full member", "",
+                      "Share of held-out target tokens where the member's top-1 token is the full "
+                      "member's.", "", "![agreement](agreement.png)", ""]
+        (staging / "report.md").write_text("\n".join(lines))
+    return Path(out_dir) / "report.md"
+
+
+def _read_run(run_dir: str | Path) -> list[dict]:
+    from familial.train.metrics import METRICS_NAME, read_metrics
+
+    if not (Path(run_dir) / METRICS_NAME).is_file():
+        raise FileNotFoundError(f"{Path(run_dir) / METRICS_NAME}: not found (is {run_dir} a "
+                                f"training run directory?)")
+    return read_metrics(run_dir)

@@ -1,0 +1,117 @@
+"""`familial generate` (stream a member's answer) and `familial calibrate` (early-exit thresholds)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from familial.infer.sampling import SamplingParams
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids like '1 2 3' or '1,2,3', got '{text}'") from None
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("family", help="family checkpoint directory")
+    if command == "generate":
+        prompt = parser.add_mutually_exclusive_group(required=True)
+        prompt.add_argument("--prompt", help="prompt text (needs tokenizer.json in the family directory)")
+        prompt.add_argument("--prompt-ids", type=_ids, help="prompt as token ids, e.g. '1,2,3'")
+        parser.add_argument("--member", default="-1",
+                            help="exit index, exit-E, alias, -1 (full) or auto (adaptive exit)")
+        parser.add_argument("--budget", type=float,
+                            help="adaptive exit with a cap on average depth (fraction of layers)")
+        parser.add_argument("--max-new-tokens", type=int, default=64)
+        parser.add_argument("--greedy", action="store_true")
+        parser.add_argument("--temperature", type=float, default=1.0)
+        parser.add_argument("--top-k", type=int, default=0)
+        parser.add_argument("--top-p", type=float, default=1.0)
+        parser.add_argument("--repetition-penalty", type=float, default=1.0)
+        parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        parser.add_argument("--seed", type=int)
+        parser.add_argument("--speculative", nargs="?", const="true",
+                            help="self-speculative decoding: no value = the smallest member drafts; "
+                                 "a member (or 'a,b') drafts; 'cascade' = every smaller member")
+        parser.add_argument("--show-exits", action="store_true", help="print the exit after each token")
+        parser.add_argument("--threads", type=int,
+                            help="torch intra-op threads (default: 1 for small families, else torch's)")
+    else:
+        parser.add_argument("--data", required=True,
+                            help="held-out tokens: token shards directory, .npy, or text of ids")
+        parser.add_argument("--target", type=float, default=0.9,
+                            help="required agreement with the full member's top-1 among accepted tokens")
+        parser.add_argument("--metric", choices=["top1", "margin"], default="top1")
+        parser.add_argument("--seq-len", type=int, default=128)
+        parser.add_argument("--max-tokens", type=int, default=16384)
+        parser.add_argument("--dry-run", action="store_true", help="print thresholds without writing")
+
+
+def run(args: argparse.Namespace) -> int:
+    return _generate(args) if args.command == "generate" else _calibrate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from familial.infer.engine import Engine, suggested_threads
+
+    engine = Engine.from_checkpoint(args.family, max_batch_size=1)
+    threads = args.threads or suggested_threads(engine.config)
+    if threads:
+        torch.set_num_threads(threads)
+    if args.prompt is not None:
+        if engine.tokenizer is None:
+            raise ValueError(f"{args.family}: no tokenizer.json, so --prompt cannot be tokenised; "
+                             f"pass --prompt-ids instead")
+        prompt = engine.tokenizer.encode(args.prompt).ids
+    else:
+        prompt = args.prompt_ids
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            stop=args.stop, seed=args.seed, greedy=args.greedy)
+    speculative = {None: None, "true": True}.get(args.speculative, args.speculative)
+    handle = engine.submit(prompt, member=args.member, params=params, speculative=speculative,
+                           budget=args.budget)
+    engine.start()
+    started = time.perf_counter()
+    exits = []
+    try:
+        for event in handle:
+            if event.token_id is not None:
+                exits.append(event.exit)
+                text = event.text if engine.tokenizer is not None else f"{event.token_id} "
+                if args.show_exits:
+                    text += f"[{event.exit}]"
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            if event.finished:
+                if event.error:
+                    print(f"\nfamilial generate: error: {event.error}", file=sys.stderr)
+                    return 1
+                elapsed = time.perf_counter() - started
+                mean_depth = sum(engine.config.member_layers(e) for e in exits) / max(1, len(exits))
+                print(f"\n[{len(exits)} tokens, {len(exits) / elapsed:.1f} tokens/s, finish: "
+                      f"{event.finish_reason}, mean depth {mean_depth:.1f} layers]", file=sys.stderr)
+    finally:
+        engine.stop()
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from familial.checkpoint_io import load_family
+    from familial.infer.calibrate import calibrate, load_token_ids, write_early_exit
+
+    model = load_family(args.family)
+    settings = calibrate(model, load_token_ids(args.data), target=args.target, metric=args.metric,
+                         seq_len=args.seq_len, max_tokens=args.max_tokens)
+    for exit_layer, threshold in settings["thresholds"].items():
+        print(f"exit {exit_layer}: threshold {threshold:.4f} ({settings['metric']}), "
+              f"covers {settings['coverage'][exit_layer]:.1%} of tokens")
+    if not args.dry_run:
+        print(f"wrote runtime.early_exit to {write_early_exit(args.family, settings)}")
+    return 0

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving of a family: `create_app(engine, tokenizer)` and the playground page."""

@@ -1,0 +1,425 @@
+"""The OpenAI-compatible HTTP API over one family `Engine`, and the playground page.
+
+Every request becomes one `Engine.submit`; the engine's scheduler batches them (continuous
+batching), so this module only translates: OpenAI fields -> `SamplingParams`, model name ->
+member, `TokenEvent`s -> JSON or server-sent events. Handles are read in a thread pool sized to
+the engine's batch plus queue so a waiting request never blocks the event loop, and a request
+whose client goes away is cancelled so its batch slot goes to the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi import HTTPException as FastAPIHTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from familial.infer.engine import QueueFull
+from familial.infer.sampling import SamplingParams
+from familial.serve import protocol as p
+from familial.serve.chat_template import ChatTemplate, ChatTemplateError
+
+# How often a waiting request checks whether its client is still there.
+POLL_SECONDS = 0.25
+MAX_BODY_BYTES = 8 * 2**20
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               503: "server_error"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": p.ErrorResponse, "description": "malformed request, or prompt too long"},
+    404: {"model": p.ErrorResponse, "description": "unknown model"},
+    413: {"model": p.ErrorResponse, "description": "request body too large"},
+    429: {"model": p.ErrorResponse, "description": "request queue full; retry later"},
+    500: {"model": p.ErrorResponse, "description": "the engine failed on this request"},
+    503: {"model": p.ErrorResponse, "description": "the engine is shutting down"},
+}
+
+
+class APIError(FastAPIHTTPException):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, headers)
+        self.param, self.code = param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+# What a field accepts, for errors in fields that take one of several shapes (pydantic would
+# report each shape's failure separately).
+SHAPES = {"prompt": "a non-empty string or a non-empty list of token ids (integers >= 0)",
+          "stop": f"a non-empty string or a list of at most {p.MAX_STOP} non-empty strings",
+          "content": "a string or a list of {type: text, text} parts",
+          "speculative": "true, false, 'cascade', or drafting members such as 'exit-1'"}
+TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    messages: dict[str, str] = {}
+    param = None
+    for item in error.errors():
+        if item.get("type") == "json_invalid":
+            where = item.get("ctx", {}).get("error", "")
+            return f"the request body is not valid JSON: {where} at character {item['loc'][-1]}", None
+        loc = [x for x in item.get("loc", ()) if x != "body"]
+        # Union branches appear in the location as type tags such as 'list[int]'.
+        tags = [x for x in loc if isinstance(x, str) and (not x.isidentifier() or x in TYPE_NAMES)]
+        path = [str(x) for x in loc if x not in tags]
+        where = ".".join(path) or "body"
+        param = param or (path[0] if path else None)
+        field = next((x for x in reversed(path) if not x.isdigit()), "")
+        if tags and field in SHAPES:
+            where = ".".join(path[:len(path) - path[::-1].index(field)])
+            messages[where] = f"expected {SHAPES[field]}"
+        elif item.get("type") == "extra_forbidden":
+            messages[where] = "unsupported parameter"
+        else:
+            messages.setdefault(where, item.get("msg", "invalid value"))
+    text = "; ".join(f"{where}: {message}" for where, message in list(messages.items())[:4])
+    return text or "malformed request", param
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with an OpenAI-style 413, before parsing them."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            response = JSONResponse(error_body(413, f"request body over {self.limit} bytes"), 413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise APIError(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+@dataclass
+class Member:
+    id: str
+    exit: int | None
+    layers: int | None
+    aliases: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One accepted request: what the engine runs and what the response reports."""
+
+    handle: Any
+    model: str
+    id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    exits: list[int] = field(default_factory=list)
+
+    def usage(self) -> p.Usage:
+        prompt, completion = self.handle.prompt_tokens, self.handle.completion_tokens
+        return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class Server:
+    def __init__(self, engine, tokenizer, chat_template: ChatTemplate) -> None:
+        self.engine, self.tokenizer, self.chat_template = engine, tokenizer, chat_template
+        self.vocab_size = engine.config.vocab_size
+        self.context = engine.max_seq_len
+        self.members: list[Member] = []
+        self.names: dict[str, Member] = {}
+        for info in engine.members():
+            member = Member(info["id"], info.get("exit"), info.get("layers"), list(info.get("aliases", [])))
+            self.members.append(member)
+            for name in [member.id, *member.aliases]:
+                self.names[name] = member
+        self.pool = ThreadPoolExecutor(engine.max_batch_size + engine.max_queue + 4,
+                                       thread_name_prefix="familial-serve")
+
+    def member(self, name: str) -> Member:
+        if name not in self.names:
+            raise APIError(404, f"model '{name}' does not exist; this server has "
+                                f"{', '.join(m.id for m in self.members)}", "model", "model_not_found")
+        return self.names[name]
+
+    async def encode(self, text: str, special_tokens: bool, param: str) -> list[int]:
+        loop = asyncio.get_running_loop()
+        try:
+            encoding = await loop.run_in_executor(
+                self.pool, lambda: self.tokenizer.encode(text, add_special_tokens=special_tokens))
+        except (TypeError, ValueError) as error:
+            # e.g. lone surrogates ("\ud800"), which JSON allows and the tokenizer cannot read.
+            raise APIError(400, f"{param}: the tokenizer cannot read this text ({error})", param) from None
+        return list(encoding.ids)
+
+    def submit(self, body: p.CompletionRequest | p.ChatCompletionRequest, prompt_ids: list[int],
+               max_tokens: int | None, prefix: str) -> Job:
+        member = self.member(body.model)
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty after tokenization", "prompt")
+        bad = next((t for t in prompt_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
+                           "prompt")
+        room = self.context - len(prompt_ids)
+        if max_tokens is None:
+            max_tokens = room
+        if room < 1 or max_tokens > room:
+            raise APIError(400, f"this model's maximum context length is {self.context} tokens; the prompt "
+                                f"has {len(prompt_ids)} and max_tokens asks for {max_tokens}",
+                           "max_tokens" if room >= 1 else "prompt", "context_length_exceeded")
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
+                                top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+                                stop=body.stop_list(), seed=body.seed)
+        try:
+            handle = self.engine.submit(prompt_ids, member=member.id, params=params,
+                                        speculative=body.speculative, budget=body.budget)
+        except QueueFull:
+            raise APIError(429, "the request queue is full; retry later", None, "queue_full",
+                           {"Retry-After": "1"}) from None
+        except ValueError as error:
+            raise APIError(400, str(error)) from None
+        return Job(handle, member.id, f"{prefix}-{uuid.uuid4().hex}")
+
+    async def events(self, job: Job, request: Request) -> AsyncIterator[Any]:
+        """The job's TokenEvents; cancels it if the client leaves or the caller stops reading."""
+        loop = asyncio.get_running_loop()
+        finished = False
+        checked = time.monotonic()
+        try:
+            while not finished:
+                if time.monotonic() - checked > POLL_SECONDS:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return
+                try:
+                    event = await loop.run_in_executor(self.pool, job.handle.get, POLL_SECONDS)
+                except queue.Empty:
+                    continue
+                finished = event.finished
+                if event.token_id is not None:
+                    job.exits.append(event.exit)
+                if finished and event.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {event.error}", None, "engine_error")
+                if finished and event.finish_reason == "cancelled":
+                    raise APIError(503, "the request was cancelled by the server", None, "cancelled")
+                yield event
+        finally:
+            if not finished:
+                job.handle.cancel()
+
+    def models(self) -> p.ModelList:
+        created = int(time.time())
+        return p.ModelList(data=[p.ModelCard(id=m.id, created=created, familial=p.MemberInfo(
+            exit=m.exit, layers=m.layers, aliases=m.aliases)) for m in self.members])
+
+    def health(self) -> p.Health:
+        engine = self.engine
+        # The engine publishes no counters; its queue and slot table are read under its own lock.
+        with engine._wake:
+            queued, running = len(engine._waiting), len(engine._active)
+        alive = engine._thread is not None and engine._thread.is_alive()
+        return p.Health(ok=alive, queue_depth=queued, running=running,
+                        max_batch_size=engine.max_batch_size, max_queue=engine.max_queue)
+
+
+def _sse(payload: Any) -> str:
+    data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+async def _stream(server: Server, job: Job, request: Request, chat: bool, usage: bool) -> AsyncIterator[str]:
+    head = dict(id=job.id, created=job.created, model=job.model)
+    if chat:
+        yield _sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
+            index=0, delta=p.ChatDelta(role="assistant", content=""), finish_reason=None)],
+            familial=p.FamilialInfo(member=job.model, exits=[])))
+    sent = 0
+    try:
+        async for event in server.events(job, request):
+            new_exits = job.exits[sent:]
+            if not event.text and not event.finished:
+                continue
+            sent = len(job.exits)
+            reason = event.finish_reason if event.finished else None
+            info = p.FamilialInfo(member=job.model, exits=new_exits)
+            if chat:
+                yield _sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
+                    index=0, delta=p.ChatDelta(content=event.text or None), finish_reason=reason)],
+                    familial=info))
+            else:
+                yield _sse(p.CompletionChunk(**head, choices=[p.CompletionChoice(
+                    index=0, text=event.text, finish_reason=reason)], familial=info))
+    except APIError as error:
+        yield _sse(error_body(error.status_code, error.detail, error.param, error.code))
+        yield "data: [DONE]\n\n"
+        return
+    if usage:
+        info = p.FamilialInfo(member=job.model, exits=[])
+        chunk = p.ChatCompletionChunk if chat else p.CompletionChunk
+        yield _sse(chunk(**head, choices=[], usage=job.usage(), familial=info))
+    yield "data: [DONE]\n\n"
+
+
+async def _collect(server: Server, job: Job, request: Request) -> tuple[str, str]:
+    text, reason = [], "length"
+    async for event in server.events(job, request):
+        text.append(event.text)
+        if event.finished:
+            reason = event.finish_reason
+    return "".join(text), reason
+
+
+class JobStream(StreamingResponse):
+    """Server-sent events of one job; whatever ends the response also ends the job.
+
+    A client can leave before the event generator first runs, when its own cleanup cannot;
+    cancelling here frees the batch slot then too (it does nothing to a finished job).
+    """
+
+    def __init__(self, job: Job, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.handle.cancel()
+
+
+GENERATION_RESPONSES = {**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {
+    "schema": {"type": "string", "description": "with stream=true: server-sent events, one chunk "
+                                                "object per `data:` line, ending with `data: [DONE]`"}}}}}
+
+
+def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None) -> FastAPI:
+    """FastAPI app serving `engine` (started and stopped by the caller) over HTTP."""
+    server = Server(engine, tokenizer, chat_template or ChatTemplate())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        server.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="familial", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible API serving every member of a model family "
+                              "from one copy of the weights.")
+    app.state.server = server
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(error.status_code, str(error.detail), getattr(error, "param", None),
+                                       getattr(error, "code", None)),
+                            status_code=error.status_code, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(error)
+        return JSONResponse(error_body(400, message, param), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        return JSONResponse(error_body(500, f"internal error: {type(error).__name__}: {error}"),
+                            status_code=500)
+
+    @app.get("/v1/models", response_model=p.ModelList)
+    async def list_models() -> p.ModelList:
+        return server.models()
+
+    @app.get("/health", response_model=p.Health,
+             responses={503: {"model": p.Health, "description": "the engine loop is not running"}})
+    async def health():
+        state = server.health()
+        return state if state.ok else JSONResponse(state.model_dump(), status_code=503)
+
+    @app.post("/v1/completions", response_model=p.CompletionResponse, responses=GENERATION_RESPONSES)
+    async def completions(body: p.CompletionRequest, request: Request):
+        server.member(body.model)
+        if isinstance(body.prompt, str):
+            ids = await server.encode(body.prompt, special_tokens=True, param="prompt")
+        else:
+            ids = body.prompt
+        job = server.submit(body, ids, body.max_tokens, "cmpl")
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return JobStream(job, _stream(server, job, request, chat=False, usage=usage))
+        text, reason = await _collect(server, job, request)
+        return p.CompletionResponse(id=job.id, created=job.created, model=job.model, usage=job.usage(),
+                                    choices=[p.CompletionChoice(index=0, text=text, finish_reason=reason)],
+                                    familial=p.FamilialInfo(member=job.model, exits=job.exits))
+
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse,
+              responses=GENERATION_RESPONSES)
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request):
+        server.member(body.model)
+        if body.max_tokens is not None and body.max_completion_tokens is not None \
+                and body.max_tokens != body.max_completion_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them",
+                           "max_completion_tokens")
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        try:
+            prompt = server.chat_template.render(messages, add_generation_prompt=True)
+        except ChatTemplateError as error:
+            raise APIError(400, str(error), "messages") from None
+        ids = await server.encode(prompt, special_tokens=False, param="messages")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        job = server.submit(body, ids, max_tokens, "chatcmpl")
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return JobStream(job, _stream(server, job, request, chat=True, usage=usage))
+        text, reason = await _collect(server, job, request)
+        return p.ChatCompletionResponse(
+            id=job.id, created=job.created, model=job.model, usage=job.usage(),
+            choices=[p.ChatChoice(index=0, message=p.AssistantMessage(content=text), finish_reason=reason)],
+            familial=p.FamilialInfo(member=job.model, exits=job.exits))
+
+    playground = resources.files("familial.serve").joinpath("static/playground.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/playground", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(playground)
+
+    _publish_errors_as_400(app)
+    return app
+
+
+def _publish_errors_as_400(app: FastAPI) -> None:
+    """Make /openapi.json say what clients get: 400 with an error body, never FastAPI's 422."""
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -1,0 +1,101 @@
+"""The checkpoint's chat template, rendered as transformers renders it.
+
+The template comes from `chat_template.jinja` or the `chat_template` field of
+`tokenizer_config.json` in the family directory; a family without one gets ChatML, the format
+Qwen3 uses. Rendering runs in jinja2's immutable sandbox with the same options and helpers as
+transformers' `apply_chat_template`, so stock templates (Qwen3's included) give the same text.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from familial.config import ConfigError, read_json
+
+CHATML = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The template refused the conversation (raise_exception) or failed to render it."""
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    # jinja2's own tojson escapes HTML characters, which would change the prompt text.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class ChatTemplate:
+    def __init__(self, source: str = CHATML, bos_token: str | None = None,
+                 eos_token: str | None = None, where: str = "chat template") -> None:
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                    extensions=[loopcontrols])
+        environment.filters["tojson"] = _tojson
+        environment.globals["raise_exception"] = _raise_exception
+        environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self.template = environment.from_string(source)
+        except jinja2.TemplateSyntaxError as error:
+            raise ConfigError(f"{where}: line {error.lineno}: {error.message}") from None
+        self.source, self.bos_token, self.eos_token = source, bos_token, eos_token
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> "ChatTemplate":
+        directory = Path(directory)
+        config_path = directory / "tokenizer_config.json"
+        config = read_json(config_path) if config_path.exists() else {}
+        if not isinstance(config, dict):
+            raise ConfigError(f"{config_path}: expected a JSON object")
+        tokens = {"bos_token": _token_text(config.get("bos_token")),
+                  "eos_token": _token_text(config.get("eos_token"))}
+        jinja_path = directory / "chat_template.jinja"
+        if jinja_path.exists():
+            return cls(jinja_path.read_text(), where=str(jinja_path), **tokens)
+        source = config.get("chat_template")
+        if source is None:
+            return cls(CHATML, **tokens)
+        where = f"{config_path}: field 'chat_template'"
+        if isinstance(source, list):
+            # Older transformers saved several named templates; "default" is the chat one.
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            if "default" not in named:
+                raise ConfigError(f"{where}: a list of templates needs one named 'default', "
+                                  f"found {sorted(map(str, named))}")
+            source = named["default"]
+        if not isinstance(source, str):
+            raise ConfigError(f"{where}: expected a Jinja template string, got {type(source).__name__}")
+        return cls(source, where=where, **tokens)
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Conversation [{"role", "content"}, ...] -> the prompt text the model continues."""
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except ChatTemplateError:
+            raise
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as error:
+            raise ChatTemplateError(f"chat template failed on this conversation: {error}") from None

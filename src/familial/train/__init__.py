@@ -1,0 +1,1 @@
+"""Training every member at once: the multi-exit objective, schedules, loop, checkpoints."""

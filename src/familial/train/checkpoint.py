@@ -1,0 +1,130 @@
+"""Training checkpoints: written aside then renamed, checksummed, pruned to the last N.
+
+    RUN_DIR/checkpoints/step-00000020/
+        family/          a family checkpoint (`familial export` works on it)
+        optimizer.pt     AdamW state and the torch RNG state
+        trainer.json     step, stage, data position, skipped-step count, python/numpy RNG
+        manifest.json    sha256 of every file above, checked on load
+
+A save killed half-way leaves only a hidden `.step-*.tmp-*` directory, which discovery
+ignores, so the previous checkpoint stays the latest loadable one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from familial.checkpoint_io import CheckpointError, atomic_directory, load_family, save_family
+from familial.model import FamilyModel
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": _to_lists(random.getstate()),
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def set_rng_state(state: dict[str, Any], torch_state: torch.Tensor) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch_state)
+
+
+def _to_lists(value: Any) -> Any:
+    return [_to_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _to_tuples(value: Any) -> Any:
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: FamilyModel,
+                    optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
+                    tokenizer: str | Path | None = None, keep: int = 2) -> Path:
+    """Write step-N atomically (with its manifest), then drop all but the newest `keep`."""
+    target = checkpoint_root(run_dir) / f"{PREFIX}{step:08d}"
+    with atomic_directory(target, overwrite=True) as staging:
+        save_family(model, staging / "family", tokenizer_source=tokenizer)
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                   staging / "optimizer.pt")
+        state = dict(trainer_state, step=step, rng=rng_state())
+        (staging / "trainer.json").write_text(json.dumps(state) + "\n")
+        _write_manifest(staging)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {str(p.relative_to(directory)): _sha256(p)
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (hidden staging directories excluded)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit() and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def find_checkpoint(resume: str | Path, run_dir: str | Path) -> Path:
+    """`latest` (or "" / "auto") -> the run's newest checkpoint; otherwise a checkpoint path."""
+    if str(resume) in ("", "latest", "auto"):
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"{checkpoint_root(run_dir)}: no checkpoint to resume from")
+        return found[-1]
+    path = Path(resume)
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"{path}: not a training checkpoint (no {MANIFEST})")
+    return path
+
+
+def verify(directory: Path) -> None:
+    """Check every file listed in the manifest against its sha256."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    for name, digest in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {MANIFEST} but missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: checksum mismatch (the checkpoint is corrupt)")
+
+
+def load_checkpoint(directory: str | Path) -> tuple[FamilyModel, dict[str, Any], dict[str, Any]]:
+    """-> (model, optimizer state dict, trainer state); RNG states are restored in place."""
+    directory = Path(directory)
+    verify(directory)
+    model = load_family(directory / "family")
+    saved = torch.load(directory / "optimizer.pt", weights_only=True)
+    state = json.loads((directory / "trainer.json").read_text())
+    set_rng_state(state.pop("rng"), saved["torch_rng"])
+    return model, saved["optimizer"], state

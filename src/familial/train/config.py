@@ -1,0 +1,331 @@
+"""The training config: typed dataclasses loaded from TOML with `--key.sub value` overrides.
+
+A config without `[[stages]]` is one stage made of the top-level `steps`, `data`, `lr`,
+`freeze` and `loss`; each `[[stages]]` entry may override any of those and inherits the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from familial.config import ConfigError, FamilyConfig, from_dict
+
+
+@dataclass
+class WeightSchedule:
+    # constant: `value`; linear/cosine: `start` -> `end` over [start_step, end_step];
+    # warm_decay: `start` held until start_step, then geometric decay to `end` at end_step.
+    # Steps count from the start of the stage.
+    kind: Literal["constant", "linear", "cosine", "warm_decay"] = "constant"
+    value: float = 1.0
+    start: float = 1.0
+    end: float = 1.0
+    start_step: int = 0
+    end_step: int = 0
+
+
+@dataclass
+class LossConfig:
+    # lambda_k per exit, keyed by exit index or alias; a number is a constant weight.
+    lambdas: dict[str, float | WeightSchedule] = field(default_factory=dict)
+    # weight of exits missing from `lambdas`.
+    default_lambda: float = 1.0
+    # self-distillation weight per shallower exit (KL from the deepest exit); none if absent.
+    distill: dict[str, float | WeightSchedule] = field(default_factory=dict)
+    # tokens per head chunk: bounds the (chunk, vocab) logits held at any time.
+    chunk_size: int = 1024
+
+
+@dataclass
+class LRConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 0
+    # cosine: warmup then cosine to min_lr; wsd: warmup, stable, decay; constant.
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    # wsd: share of the stage's steps spent decaying, and the decay's shape.
+    decay_fraction: float = 0.2
+    decay_shape: Literal["cosine", "linear"] = "linear"
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # max global gradient norm; 0 disables clipping.
+    grad_clip: float = 1.0
+
+
+@dataclass
+class SourceConfig:
+    # a token shards directory written by `familial data prepare`.
+    path: str
+    # sampling weight in the mixture (normalised over sources).
+    weight: float = 1.0
+    # stream: windows of the token stream (pre-training); documents: whole documents per
+    # row, padded (SFT); auto: documents when the shards carry a loss mask.
+    packing: Literal["auto", "stream", "documents"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig]
+    seq_len: int = 256
+    # sequences per micro-batch, and micro-batches per optimizer step.
+    batch_size: int = 8
+    grad_accum: int = 1
+
+
+@dataclass
+class StageConfig:
+    steps: int
+    name: str = ""
+    # None: inherit the top-level value.
+    data: DataConfig | None = None
+    lr: LRConfig | None = None
+    loss: LossConfig | None = None
+    # parameter-name patterns (fnmatch, or "re:" + regex) kept frozen in this stage.
+    freeze: list[str] | None = None
+
+
+@dataclass
+class InitConfig:
+    # exactly one of: an existing family checkpoint, a dense HF Qwen3 checkpoint to import
+    # with `exits`, or `model` (a FamilyConfig table) for random initialisation.
+    family: str | None = None
+    hf: str | None = None
+    exits: list[int] | None = None
+    branch_layers: int = 1
+    shared_head: bool = False
+    member_names: dict[str, int] = field(default_factory=dict)
+    model: FamilyConfig | None = None
+    # tokenizer files copied into every saved family checkpoint (so exports are usable).
+    tokenizer: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    # save every N optimizer steps (0: only at the end of each stage), keeping the last `keep`.
+    every: int = 0
+    keep: int = 2
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    # mesh sizes; the single-process loop accepts only 1s (parallel runs set these).
+    dp_shard: int = 1
+    dp_replicate: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: Literal["1F1B", "GPipe", "Interleaved1F1B"] = "1F1B"
+    microbatches: int | None = None
+    sequence_parallel: bool = False
+
+
+@dataclass
+class TrainConfig:
+    init: InitConfig
+    run_dir: str = "runs/train"
+    data: DataConfig | None = None
+    steps: int = 0
+    lr: LRConfig = field(default_factory=LRConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    freeze: list[str] = field(default_factory=list)
+    stages: list[StageConfig] = field(default_factory=list)
+    seed: int = 0
+    # float32 keeps master weights exact; bf16 autocast runs matmuls in bfloat16.
+    autocast: Literal["none", "bf16"] = "none"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: str = "cpu"
+    # consecutive non-finite steps (skipped) before the run aborts.
+    max_bad_steps: int = 5
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def resolved_stages(self) -> list[StageConfig]:
+        """Stages with every inherited field filled in."""
+        stages = self.stages or [StageConfig(steps=self.steps, name="main")]
+        out = []
+        for i, stage in enumerate(stages):
+            out.append(StageConfig(
+                steps=stage.steps, name=stage.name or f"stage-{i}",
+                data=stage.data or self.data, lr=stage.lr or self.lr,
+                loss=stage.loss or self.loss,
+                freeze=self.freeze if stage.freeze is None else stage.freeze))
+        return out
+
+    def validate(self) -> None:
+        def bad(name: str, value: Any, message: str) -> ConfigError:
+            return ConfigError(f"train config: field '{name}' = {value!r}: {message}")
+
+        sources = [n for n in ("family", "hf", "model") if getattr(self.init, n) is not None]
+        if len(sources) != 1:
+            raise bad("init", sources, "set exactly one of init.family, init.hf, init.model")
+        if self.init.hf is not None and not self.init.exits:
+            raise bad("init.exits", self.init.exits, "importing a dense checkpoint needs exits")
+        if self.stages and self.steps:
+            raise bad("steps", self.steps, "with [[stages]], give steps per stage instead")
+        for name, value in (("max_bad_steps", self.max_bad_steps),
+                            ("log.every", self.log.every), ("checkpoint.keep", self.checkpoint.keep)):
+            if value < 1:
+                raise bad(name, value, "expected a positive integer")
+        if self.checkpoint.every < 0:
+            raise bad("checkpoint.every", self.checkpoint.every, "expected 0 or more")
+        p = self.parallel
+        for name in ("dp_shard", "dp_replicate", "tp", "pp"):
+            if getattr(p, name) != 1:
+                raise bad(f"parallel.{name}", getattr(p, name),
+                          "the single-process trainer runs with 1 (launch a parallel run for more)")
+        if p.sequence_parallel:
+            raise bad("parallel.sequence_parallel", True, "needs tp > 1")
+        for i, stage in enumerate(self.resolved_stages()):
+            where = f"stages[{i}]" if self.stages else ""
+            prefix = f"{where}." if where else ""
+            if stage.steps < 1:
+                raise bad(f"{prefix}steps", stage.steps, "expected a positive number of steps")
+            if stage.data is None:
+                raise bad(f"{prefix}data", None, "no data: give a [data] table")
+            data = stage.data
+            if not data.sources:
+                raise bad(f"{prefix}data.sources", [], "expected at least one token shards directory")
+            for j, source in enumerate(data.sources):
+                if not source.weight > 0:
+                    raise bad(f"{prefix}data.sources[{j}].weight", source.weight, "expected > 0")
+            for name in ("seq_len", "batch_size", "grad_accum"):
+                if getattr(data, name) < 1:
+                    raise bad(f"{prefix}data.{name}", getattr(data, name), "expected a positive integer")
+            lr = stage.lr
+            if not 0 <= lr.min_lr <= lr.lr:
+                raise bad(f"{prefix}lr.min_lr", lr.min_lr, f"expected between 0 and lr ({lr.lr})")
+            if lr.warmup_steps < 0:
+                raise bad(f"{prefix}lr.warmup_steps", lr.warmup_steps, "expected 0 or more")
+            if not 0 < lr.decay_fraction <= 1:
+                raise bad(f"{prefix}lr.decay_fraction", lr.decay_fraction, "expected in (0, 1]")
+            if stage.loss.chunk_size < 1:
+                raise bad(f"{prefix}loss.chunk_size", stage.loss.chunk_size, "expected a positive integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none(dataclasses.asdict(self))
+
+
+def _drop_none(value: Any) -> Any:
+    # TOML has no null; an absent key means the default, which is what None stands for.
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a TOML file (or a dict), apply `--key.sub value` overrides, type-check, validate."""
+    where = "train config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    data = copy.deepcopy(data or {})
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    config = from_dict(TrainConfig, data, where)
+    config.validate()
+    return config
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    """['--lr.lr', '1e-3', '--seed=3'] -> [('lr.lr', '1e-3'), ('seed', '3')]."""
+    out, i = [], 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") or len(item) == 2:
+            raise ConfigError(f"override {item!r}: expected --key.sub VALUE")
+        key = item[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(items):
+            value, i = items[i + 1], i + 2
+        else:
+            raise ConfigError(f"override {item!r}: missing a value")
+        out.append((key.replace("-", "_"), value))
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, text: str) -> None:
+    parts = key.split(".")
+    hint: Any = TrainConfig
+    node: Any = data
+    for depth, part in enumerate(parts):
+        hint = _child_hint(hint, part, key)
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override --{key}: no list entry {part!r}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override --{key}: '{parts[depth - 1]}' is not a table")
+        if last:
+            node[part] = _parse_value(text, hint)
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def _child_hint(hint: Any, part: str, key: str) -> Any:
+    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    for option in options:
+        if dataclasses.is_dataclass(option):
+            hints = typing.get_type_hints(option)
+            if part not in hints:
+                raise ConfigError(f"override --{key}: unknown field {part!r}; known fields: "
+                                  f"{', '.join(sorted(hints))}")
+            return hints[part]
+        origin = typing.get_origin(option)
+        if origin in (list, dict):
+            return typing.get_args(option)[-1]
+    return Any
+
+
+def _parse_value(text: str, hint: Any) -> Any:
+    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if options == [str]:
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def save_resolved(config: TrainConfig, run_dir: Path) -> Path:
+    """The run's config with every default filled in, as JSON (the run dir keeps it)."""
+    path = run_dir / "config.resolved.json"
+    temp = path.with_suffix(".json.tmp")
+    temp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    temp.replace(path)
+    return path

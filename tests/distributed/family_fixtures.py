@@ -1,0 +1,59 @@
+"""The tiny family, data, optimizer and single-process reference shared by the distributed tests."""
+
+import torch
+
+from familial.config import FamilyConfig
+from familial.model import FamilyModel
+from familial.train.losses import IGNORE_INDEX, count_targets, family_loss_sums, weighted_loss
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, exits=[1, 3])
+
+
+def family_config(overrides: dict) -> FamilyConfig:
+    return FamilyConfig(**{**BASE, **overrides})
+
+
+def make_family(overrides: dict, seed: int = 0) -> FamilyModel:
+    torch.manual_seed(seed)
+    return FamilyModel(family_config(overrides))
+
+
+def batches(overrides: dict, steps: int, seed: int = 0, batch: int = 4, length: int = 16):
+    """Deterministic (input_ids, shifted labels) with some positions masked out."""
+    vocab = family_config(overrides).vocab_size
+    generator = torch.Generator().manual_seed(1000 + seed)
+    for _ in range(steps):
+        tokens = torch.randint(0, vocab, (batch, length + 1), generator=generator)
+        labels = tokens[:, 1:].clone()
+        labels[torch.rand(batch, length, generator=generator) < 0.15] = IGNORE_INDEX
+        yield tokens[:, :-1], labels
+
+
+def optimizer_factory(lr: float):
+    def factory(module: torch.nn.Module) -> torch.optim.Optimizer:
+        # foreach=False: the same per-parameter arithmetic for sharded and full tensors.
+        return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.01, foreach=False)
+    return factory
+
+
+def reference_run(overrides: dict, steps: int, weights: dict[int, float] | None = None, lr: float = 1e-3,
+                  seed: int = 0, model=None, optimizer=None, skip: int = 0):
+    """Per-step {exit: mean CE}, and the first step's gradients, of plain single-process training."""
+    torch.manual_seed(seed)
+    model = model or make_family(overrides, seed)
+    optimizer = optimizer or optimizer_factory(lr)(model)
+    weights = weights or {e: 1.0 for e in model.config.exits}
+    losses, grads = [], None
+    for step, (input_ids, labels) in enumerate(batches(overrides, steps, seed=seed)):
+        if step < skip:
+            continue
+        sums = family_loss_sums(model, input_ids, labels)
+        total_targets = count_targets(labels)
+        weighted_loss(sums, weights, {}, total_targets).backward()
+        if grads is None:
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append({e: float(s.ce_sum.detach()) / total_targets for e, s in sums.items()})
+    return losses, grads, model, optimizer

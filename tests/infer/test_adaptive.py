@@ -1,0 +1,85 @@
+"""Adaptive early exit per sequence, depth budgets, and calibrated thresholds in the checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from familial.checkpoint_io import load_family, save_family
+from familial.cli import main
+from familial.config import FamilyConfig
+from familial.infer import Engine, SamplingParams
+from familial.infer.adaptive import ExitPolicy
+from familial.infer.calibrate import NEVER, choose_threshold
+
+GREEDY = SamplingParams(max_new_tokens=12, greedy=True)
+
+
+def _thresholds(family, value):
+    family.config.runtime["early_exit"] = {"metric": "top1", "thresholds": {"1": value, "3": value}}
+
+
+def test_threshold_zero_exits_first_and_above_one_never_exits(family, greedy_reference):
+    prompts = [[1, 2, 3], [40, 41, 42, 43, 44]]
+    _thresholds(family, 0.0)
+    engine = Engine(family, max_batch_size=4)
+    # Adaptive rows share the batch with fixed-member rows.
+    fixed = engine.submit([7, 7], member=3, params=GREEDY)
+    for prompt, result in zip(prompts, engine.generate(prompts, member="auto", params=GREEDY)):
+        assert result.token_ids == greedy_reference(family, prompt, 1, 12)
+        assert set(result.exits) == {1}
+    assert [e.token_id for e in fixed] == greedy_reference(family, [7, 7], 3, 12)
+    _thresholds(family, 1.01)
+    for prompt, result in zip(prompts, Engine(family).generate(prompts, member="auto", params=GREEDY)):
+        assert result.token_ids == greedy_reference(family, prompt, 5, 12)
+        assert set(result.exits) == {5}
+
+
+def test_budget_caps_average_depth(family):
+    _thresholds(family, 1.01)
+    engine = Engine(family)
+    for budget in (0.4, 0.6):
+        result = engine.generate([[5, 6, 7]], params=SamplingParams(max_new_tokens=20, greedy=True),
+                                 budget=budget)[0]
+        depths = [family.config.member_layers(e) for e in result.exits]
+        assert sum(depths) / len(depths) <= budget * family.config.num_hidden_layers
+        assert len(set(result.exits)) > 1
+
+
+def test_choose_threshold_is_the_lowest_meeting_the_target():
+    scores = torch.tensor([0.6, 0.9, 0.7, 0.8])
+    agree = torch.tensor([True, True, False, True])
+    assert choose_threshold(scores, agree, 0.75) == (pytest.approx(0.6), 1.0)
+    assert choose_threshold(scores, agree, 0.9) == (pytest.approx(0.8), 0.5)
+    assert choose_threshold(scores, torch.zeros(4, dtype=torch.bool), 0.5) == (NEVER, 0.0)
+
+
+def test_calibrate_command_writes_thresholds_into_family_json(family, tmp_path):
+    from familial.data.shards import write_shards
+
+    save_family(family, tmp_path / "family")
+    rng = np.random.default_rng(0)
+    write_shards(tmp_path / "held_out", [rng.integers(0, 97, 300) for _ in range(4)], vocab_size=97)
+    assert main(["calibrate", str(tmp_path / "family"), "--data", str(tmp_path / "held_out"),
+                 "--target", "0.5", "--seq-len", "64"]) == 0
+    settings = json.loads((tmp_path / "family" / "family.json").read_text())["runtime"]["early_exit"]
+    assert settings["metric"] == "top1" and settings["target"] == 0.5 and settings["tokens"] == 1152
+    assert set(settings["thresholds"]) == {"1", "3"}
+    assert sorted(p.name for p in (tmp_path / "family").iterdir()) == ["family.json", "model.safetensors"]
+    policy = ExitPolicy.from_config(FamilyConfig.load(tmp_path / "family"))
+    assert policy.thresholds == {int(e): t for e, t in settings["thresholds"].items()}
+    engine = Engine(load_family(tmp_path / "family"))
+    assert engine.generate([[1, 2]], member="auto", params=GREEDY)[0].finish_reason == "length"
+
+
+def test_generate_command_streams_token_ids(family, tmp_path, capsys, greedy_reference):
+    save_family(family, tmp_path / "family")
+    assert main(["generate", str(tmp_path / "family"), "--prompt-ids", "1,2,3", "--member", "exit-3",
+                 "--greedy", "--max-new-tokens", "6", "--speculative", "1"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.split()]
+    assert printed == greedy_reference(family, [1, 2, 3], 3, 6)
+    assert main(["generate", str(tmp_path / "family"), "--prompt", "hello"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err

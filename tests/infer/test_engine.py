@@ -1,0 +1,131 @@
+"""The runtime against references: transformers, uncached forward, one-by-one decoding."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from familial.checkpoint_io import export_member, save_family
+from familial.infer import Engine, QueueFull, SamplingParams
+from familial.infer.cache import SlotCache
+from familial.infer.runner import Row, Runner
+
+GREEDY = SamplingParams(max_new_tokens=10, greedy=True)
+
+
+@pytest.mark.parametrize("member", [1, 5])
+def test_greedy_matches_transformers_generate_on_exported_member(family, tmp_path, member):
+    from transformers import AutoModelForCausalLM
+
+    save_family(family, tmp_path / "family")
+    export_member(tmp_path / "family", tmp_path / "dense", member)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    prompt = [3, 14, 15, 92, 65]
+    expected = dense.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    engine = Engine.from_checkpoint(tmp_path / "family", max_batch_size=2)
+    result = engine.generate([prompt], member=member, params=GREEDY)[0]
+    assert result.token_ids == expected
+    assert result.exits == [member] * 10 and result.finish_reason == "length"
+
+
+def test_cached_decoding_equals_uncached_forward(family):
+    """Prefill, then one token at a time through the slot cache, at every exit."""
+    cache = SlotCache(family.config, num_slots=3, max_len=32)
+    runner = Runner(family, cache)
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    full = family(ids)
+    for exit_layer in family.config.exits:
+        slot = 2
+        out = runner.forward([Row(slot, 0, exit_layer, all_logits=True)], tokens=ids[:, :7])[0]
+        torch.testing.assert_close(out.logits, full[exit_layer][0, :7], atol=1e-4, rtol=1e-4)
+        for t in range(7, 12):
+            out = runner.forward([Row(slot, t, exit_layer)], tokens=ids[:, t:t + 1])[0]
+            torch.testing.assert_close(out.logits[-1], full[exit_layer][0, t], atol=1e-4, rtol=1e-4)
+
+
+def test_batched_different_lengths_and_members_equals_one_by_one(family, greedy_reference):
+    # Five requests through three slots: sequences join and leave the running batch.
+    prompts = [[5, 6, 7], [8] * 9, [1, 2], [40, 41, 42, 43, 44, 45], [7]]
+    members = [1, 5, 3, 5, 1]
+    lengths = [10, 4, 7, 9, 6]
+    engine = Engine(family, max_batch_size=3, max_seq_len=64)
+    handles = [engine.submit(p, member=m, params=SamplingParams(max_new_tokens=n, greedy=True))
+               for p, m, n in zip(prompts, members, lengths)]
+    with engine._drive:
+        while not all(h.done for h in handles):
+            engine._step()
+    for handle, prompt, member, n in zip(handles, prompts, members, lengths):
+        events = list(handle)
+        assert [e.token_id for e in events] == greedy_reference(family, prompt, member, n)
+        assert {e.exit for e in events} == {member}
+        assert events[-1].finish_reason == "length" and handle.completion_tokens == n
+
+
+def test_sampling_with_seed_is_reproducible_whatever_the_batch(family):
+    engine = Engine(family, max_batch_size=4)
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9,
+                            repetition_penalty=1.2, seed=7)
+    alone = engine.generate([[1, 2, 3]], member=3, params=params)[0].token_ids
+    crowd = [engine.submit(p, member=m, params=SamplingParams(max_new_tokens=12, seed=s))
+             for p, m, s in (([9, 9], 1, 1), ([4, 5, 6, 7], 5, 2), ([2], 3, 3))]
+    again = engine.generate([[1, 2, 3]], member=3, params=params)[0].token_ids
+    assert all(h.done for h in crowd)
+    assert again == alone
+    other = engine.generate([[1, 2, 3]], member=3, params=SamplingParams(
+        max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=8))[0]
+    assert other.token_ids != alone
+
+
+def test_stop_strings_and_eos_end_generation(family):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    engine = Engine(family, tokenizer=tokenizer)
+    plain = engine.generate([[1, 2, 3]], member=5, params=GREEDY)[0]
+    words = plain.text.split()
+    assert plain.text == tokenizer.decode(plain.token_ids) and len(words) == 10
+    stop = f" {words[4]}"
+    cut = engine.generate([[1, 2, 3]], member=5, params=SamplingParams(
+        max_new_tokens=10, greedy=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == plain.text[:plain.text.find(stop)]
+    family.config.eos_token_id = plain.token_ids[5]
+    eos = Engine(family).generate([[1, 2, 3]], member=5, params=GREEDY)[0]
+    assert eos.token_ids == plain.token_ids[:plain.token_ids.index(plain.token_ids[5]) + 1]
+    assert eos.finish_reason == "stop"
+
+
+def test_cancel_frees_the_slot_and_a_full_queue_refuses(family):
+    engine = Engine(family, max_batch_size=1, max_queue=2, max_seq_len=600)
+    long = engine.submit([1, 2], params=SamplingParams(max_new_tokens=500, greedy=True))
+    engine.submit([3], params=SamplingParams(max_new_tokens=3, greedy=True))
+    with pytest.raises(QueueFull):
+        engine.submit([4], params=GREEDY)
+    engine.start()
+    try:
+        assert long.get(timeout=30).token_id is not None
+        long.cancel()
+        events = list(long)
+        assert events[-1].finish_reason == "cancelled" and len(events) < 500
+        waiting = engine.submit([5], params=SamplingParams(max_new_tokens=3, greedy=True))
+        assert [e.finish_reason for e in waiting][-1] == "length"
+    finally:
+        engine.stop()
+    with pytest.raises(queue.Empty):
+        long.get(timeout=0)
+
+
+def test_bad_requests_raise_clear_errors(family):
+    engine = Engine(family)
+    with pytest.raises(ValueError, match="97"):
+        engine.submit([1, 500])
+    with pytest.raises(ValueError, match="unknown member"):
+        engine.submit([1], member="exit-2")
+    with pytest.raises(ValueError, match="temperature"):
+        engine.submit([1], params=SamplingParams(temperature=-1))
+    with pytest.raises(ValueError, match="smallest"):
+        engine.submit([1], member=1, speculative=True)
+    assert [m["id"] for m in engine.members()] == ["exit-1", "exit-3", "exit-5", "auto"]

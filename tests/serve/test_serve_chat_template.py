@@ -1,0 +1,74 @@
+"""The checkpoint's chat template: where it is read from, how it renders, how it refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from familial.config import ConfigError
+from familial.data.chat import render_chatml
+from familial.infer.engine import Engine
+from familial.serve.chat_template import ChatTemplate, ChatTemplateError
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+# A template that only takes user turns, in the style of checkpoints that forbid system prompts.
+USER_ONLY = ("{% for m in messages %}{% if m.role == 'system' %}"
+             "{{ raise_exception('system messages are not supported') }}{% endif %}"
+             "{{ bos_token }}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}"
+             "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def test_default_is_chatml_as_in_training():
+    prompt = ChatTemplate().render(MESSAGES)
+    assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    # The server's prompt is exactly what the data pipeline puts before an assistant answer.
+    text, spans = render_chatml(MESSAGES + [{"role": "assistant", "content": "Hello"}])
+    assert text[:spans[0][0]] == prompt
+
+
+def test_template_and_special_tokens_come_from_tokenizer_config(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": USER_ONLY, "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    template = ChatTemplate.from_directory(tmp_path)
+    assert template.render([{"role": "user", "content": "Hi"}]) == "<s>[user] Hi</s>[assistant] "
+    with pytest.raises(ChatTemplateError, match="system messages are not supported"):
+        template.render(MESSAGES)
+
+
+def test_jinja_file_wins_and_named_lists_pick_default(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "tools"},
+        {"name": "default", "template": "{{ messages[0].content }}"}]}))
+    assert ChatTemplate.from_directory(tmp_path).render(MESSAGES) == "Be brief."
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[1].content }}!")
+    assert ChatTemplate.from_directory(tmp_path).render(MESSAGES) == "Hi!"
+
+
+def test_broken_templates_name_the_file(tmp_path):
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
+    with pytest.raises(ConfigError, match="tokenizer_config.json.*chat_template"):
+        ChatTemplate.from_directory(tmp_path)
+    config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": "x"}]}))
+    with pytest.raises(ConfigError, match="named 'default'"):
+        ChatTemplate.from_directory(tmp_path)
+
+
+def test_the_sandbox_keeps_templates_away_from_python():
+    template = ChatTemplate("{{ messages.__class__.__mro__ }}")
+    with pytest.raises(ChatTemplateError):
+        template.render(MESSAGES)
+
+
+def test_server_answers_a_refused_conversation_with_400(family_dir, serve, http):
+    engine = Engine.from_checkpoint(family_dir, max_batch_size=1, max_queue=2, max_seq_len=128)
+    with serve(engine, ChatTemplate(USER_ONLY)) as live:
+        body = {"model": "exit-1", "messages": MESSAGES, "max_tokens": 2}
+        status, reply = http.post(live.url, "/v1/chat/completions", body)
+        assert status == 400 and "system messages are not supported" in reply["error"]["message"]
+        status, reply = http.post(live.url, "/v1/chat/completions", {**body, "messages": MESSAGES[1:]})
+        assert status == 200
+        prompt = engine.tokenizer.encode("[user] Hi[assistant] ", add_special_tokens=False).ids
+        assert reply["usage"]["prompt_tokens"] == len(prompt)

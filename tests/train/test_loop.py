@@ -1,0 +1,168 @@
+"""The trainer: exact resume, atomic checkpoints, stages and freezing, non-finite steps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from familial.checkpoint_io import export_all, load_family
+from familial.train import checkpoint as ckpt
+from familial.train import loop
+from familial.train.config import load_config
+from familial.train.loop import NonFiniteError, Trainer, build_batches, train_step
+from familial.train.metrics import read_metrics
+
+
+def state_of(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_twenty_steps_equal_ten_plus_resume_plus_ten_bit_for_bit(tmp_path, shards, make_config):
+    straight = Trainer(load_config(data=make_config(tmp_path / "a", shards, steps=20)))
+    straight.run()
+
+    config = load_config(data=make_config(tmp_path / "b", shards, steps=20))
+    first = Trainer(config)
+    assert first.run(max_steps=10).step == 10
+    del first
+    torch.manual_seed(1234)  # whatever happens in between must not matter
+    resumed = Trainer(config, resume="latest")
+    assert resumed.state.step == 10
+    resumed.run()
+
+    a, b = state_of(straight), state_of(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    def logged(run):  # every logged number but the (timing-dependent) throughput
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run)]
+
+    assert logged(tmp_path / "a" / "run") == logged(tmp_path / "b" / "run")
+    assert len(logged(tmp_path / "b" / "run")) == 20
+    opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for index in opt_a:
+        for key in opt_a[index]:
+            assert torch.equal(opt_a[index][key], opt_b[index][key])
+
+
+def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path, shards, make_config, monkeypatch):
+    config = load_config(data=make_config(tmp_path, shards, steps=4,
+                                               checkpoint={"every": 2, "keep": 2}))
+    trainer = Trainer(config)
+    trainer.run(max_steps=2)
+    good = ckpt.list_checkpoints(config.run_dir)
+    assert [p.name for p in good] == ["step-00000002"]
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(max_steps=4)
+    monkeypatch.undo()
+    assert ckpt.list_checkpoints(config.run_dir) == good
+    # Nothing half-written is visible, and the survivor verifies and resumes.
+    assert sorted(p.name for p in ckpt.checkpoint_root(config.run_dir).iterdir()) == ["step-00000002"]
+    resumed = Trainer(config, resume="latest")
+    assert resumed.state.step == 2
+    assert resumed.run().step == 4
+
+
+def test_corrupt_checkpoint_is_refused_by_its_checksum(tmp_path, shards, make_config):
+    config = load_config(data=make_config(tmp_path, shards, steps=2))
+    Trainer(config).run()
+    latest = ckpt.list_checkpoints(config.run_dir)[-1]
+    trainer_json = latest / "trainer.json"
+    trainer_json.write_text(trainer_json.read_text().replace('"step": 2', '"step": 3'))
+    with pytest.raises(ValueError, match="trainer.json: checksum mismatch"):
+        Trainer(config, resume=str(latest))
+
+
+def test_checkpoint_family_is_exportable_and_run_dir_keeps_resolved_config(tmp_path, shards, make_config):
+    config = load_config(data=make_config(tmp_path, shards, steps=3))
+    trainer = Trainer(config)
+    trainer.run()
+    family = trainer.final_family()
+    members = export_all(family, tmp_path / "export")
+    assert [p.name for p in members] == ["exit-1", "exit-2", "exit-3"]
+    resolved = json.loads((tmp_path / "run" / "config.resolved.json").read_text())
+    assert resolved["loss"]["chunk_size"] == 13 and resolved["optim"]["grad_clip"] == 1.0
+    assert load_config(data=resolved) == config
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("loss/exit-1", "loss/exit-2", "loss/exit-3", "lambda/exit-1", "kd/exit-2",
+                "mu/exit-2", "lr", "grad_norm", "tokens_per_s"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    assert records[0]["lambda/exit-1"] == 0.5 and records[0]["lambda/exit-3"] == 1.0
+    assert records[0]["lr"] == pytest.approx(1.5e-3)  # warmup step 1 of 2
+
+
+def test_stages_run_in_sequence_and_frozen_trunk_does_not_move(tmp_path, shards, make_config):
+    data = make_config(tmp_path, shards, steps=0)
+    data.pop("steps")
+    data["stages"] = [{"name": "cpt", "steps": 3},
+                      {"name": "sft", "steps": 2, "freeze": ["model.*", "lm_head.weight"],
+                       "lr": {"lr": 1e-2, "kind": "constant"}}]
+    config = load_config(data=data)
+    trainer = Trainer(config)
+    trainer.run(max_steps=3)
+    before = state_of(trainer)
+    trainer.run()
+    after = state_of(trainer)
+    for name in before:
+        moved = not torch.equal(before[name], after[name])
+        assert moved == (name.startswith("branches.")), name
+    records = read_metrics(config.run_dir)
+    assert [r["stage"] for r in records] == ["cpt"] * 3 + ["sft"] * 2
+    assert [r["lr"] for r in records[3:]] == [1e-2, 1e-2]
+    assert [p.name for p in ckpt.list_checkpoints(config.run_dir)] == ["step-00000003", "step-00000005"]
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, shards, make_config, monkeypatch):
+    config = load_config(data=make_config(tmp_path, shards, steps=5, max_bad_steps=3))
+    trainer = Trainer(config)
+    before = state_of(trainer)
+
+    def poisoned(loss, family_config, step):
+        return {e: math.nan for e in family_config.exits}, {}
+
+    monkeypatch.setattr(loop, "exit_weights", poisoned)
+    with pytest.raises(NonFiniteError, match="3 consecutive"):
+        trainer.run()
+    for name, value in state_of(trainer).items():
+        assert torch.equal(value, before[name]), name
+    records = read_metrics(config.run_dir)
+    assert [r["skipped"] for r in records] == [True] * 3
+    assert records[0]["loss"] is None
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path, shards, make_config):
+    config = load_config(data=make_config(tmp_path, shards))
+    batches = build_batches(config.data, seed=0)
+    micro = [next(batches) for _ in range(2)]
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = loop.build_model(config.init, 0, tmp_path)
+        if checkpointing:
+            loop.apply_activation_checkpointing(model)
+        optimizer = loop.build_optimizer(model, config.optim, 1e-3)
+        result = train_step(model, optimizer, micro, {1: 0.5, 2: 1.0, 3: 1.0}, {1: 0.2}, 7)
+        results.append((result, {k: v.clone() for k, v in model.state_dict().items()}))
+    (plain, plain_state), (recomputed, recomputed_state) = results
+    assert plain.ce == pytest.approx(recomputed.ce, abs=1e-6)
+    assert plain.grad_norm == pytest.approx(recomputed.grad_norm, rel=1e-5)
+    for name in plain_state:
+        torch.testing.assert_close(plain_state[name], recomputed_state[name], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_trains_and_checkpoints_stay_float32(tmp_path, shards, make_config):
+    config = load_config(data=make_config(tmp_path, shards, steps=3, autocast="bf16"))
+    trainer = Trainer(config)
+    trainer.run()
+    records = read_metrics(config.run_dir)
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in records)
+    assert load_family(trainer.final_family()).lm_head.weight.dtype == torch.float32
