@@ -6,4 +6,8 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 # torch is pinned here, not in pyproject: a looser range would pull a multi-GB CUDA build.
 .venv/bin/pip install --quiet "torch==2.13.0" -e ".[test]"
+# The playground test drives headless Chromium from Debian; it skips (saying why) without it.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed"
+fi
 .venv/bin/python -m pytest -q "$@"

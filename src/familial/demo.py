@@ -41,9 +41,9 @@ class DemoPlan:
     sample_tokens: int
 
 
-FULL = DemoPlan(corpus_bytes=4_000_000, steps=300, batch_size=16, seq_len=128, hidden_size=128,
+FULL = DemoPlan(corpus_bytes=2_000_000, steps=150, batch_size=8, seq_len=128, hidden_size=128,
                 intermediate_size=384, eval_batches=24, sample_tokens=40)
-QUICK = DemoPlan(corpus_bytes=600_000, steps=40, batch_size=8, seq_len=64, hidden_size=96,
+QUICK = DemoPlan(corpus_bytes=400_000, steps=30, batch_size=8, seq_len=64, hidden_size=96,
                  intermediate_size=256, eval_batches=6, sample_tokens=16)
 PROMPTS = ["def ", "import os\n", "class "]
 
@@ -52,7 +52,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="output directory (default runs/demo)")
     parser.add_argument("--quick", action="store_true", help="a ~1 minute version (smaller model, fewer steps)")
     parser.add_argument("--steps", type=int, help="training steps (overrides the preset)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
 
     from familial.data.demo_corpus import TOKENIZER_PATH, prepare_demo_data
 
-    torch.set_num_threads(max(args.threads, 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
     if args.steps:
         plan = DemoPlan(**{**plan.__dict__, "steps": args.steps})

@@ -27,8 +27,9 @@ def test_flops_per_token_counts_every_matmul_and_attention_at_the_context():
         assert cost["layers"] == layers
         assert cost["matmul_parameters"] == layers * per_layer + 32 * 100   # + LM head
         assert cost["flops_per_token"] == 2 * cost["matmul_parameters"] + 4 * layers * 64 * 4 * 16
+    family = FamilyModel(c)
     assert [x["parameters"] for x in costs] == [
-        sum(p.numel() for p in FamilyModel(c).member(e).parameters()) for e in c.exits]
+        sum(p.numel() for p in family.member(e).parameters()) for e in c.exits]
 
 
 def test_a_low_rank_matrix_costs_its_two_thin_factors():

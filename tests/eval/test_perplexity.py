@@ -69,7 +69,9 @@ def test_perplexity_of_every_member_is_exp_of_its_own_mean_token_loss(family, sh
         low, high = m["perplexity_ci"]
         assert low <= m["perplexity"] <= high
         assert m["perplexity_ci"] == pytest.approx(np.exp(m["loss_ci"]).tolist())
-    assert summary[-1]["agreement"] == 1.0
+    assert summary[-1]["agreement"] == 1.0 and summary[-1]["loss_gap_to_full_ci"] == [0.0, 0.0]
+    gap = summary[0]["loss_gap_to_full_ci"]
+    assert gap[0] <= summary[0]["loss"] - summary[-1]["loss"] <= gap[1]
     assert held.pairwise.shape == (3, 3) and np.allclose(np.diag(held.pairwise), 1.0)
     assert held.pairwise[0, 2] == pytest.approx(summary[0]["agreement"])
     # The same seed gives the same interval; the interval is a property of the data, not luck.

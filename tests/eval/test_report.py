@@ -75,9 +75,10 @@ def test_report_renders_table_and_charts_from_the_eval_json(evaluated, alphabet_
         loss, low, high = (float(x) for x in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cells[5]).groups())
         assert loss == pytest.approx(m["loss"], abs=5e-5)
         assert (low, high) == pytest.approx(m["loss_ci"], abs=5e-5)
-        assert float(cells[6].split()[0]) == pytest.approx(m["perplexity"], abs=5e-4)
-        assert float(cells[7].split()[0]) == pytest.approx(m["agreement"], abs=5e-5)
-        assert float(cells[9]) == pytest.approx(m["decode_ms_per_token"], abs=5e-4)
+        assert float(cells[6].split()[0]) == pytest.approx(m["loss_gap_to_full"], abs=5e-5)
+        assert float(cells[7].split()[0]) == pytest.approx(m["perplexity"], abs=5e-4)
+        assert float(cells[8].split()[0]) == pytest.approx(m["agreement"], abs=5e-5)
+        assert float(cells[10]) == pytest.approx(m["decode_ms_per_token"], abs=5e-4)
     assert "next_letter acc" in markdown
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from familial.checkpoint_io import load_family
-from familial.eval.tasks import (TaskError, encode, encode_pair, evaluate_task, greedy_generate,
+from familial.eval.tasks import (TaskError, encode, encode_pair, evaluate_task, greedy_texts,
                                  load_tokenizer, read_task, score_continuations)
+from familial.infer.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +66,20 @@ def test_continuation_scores_equal_each_members_own_log_probabilities(loaded):
     assert cut[0] == pytest.approx(kept[0], abs=1e-5)
 
 
-def test_cached_greedy_generation_equals_recomputing_every_step(loaded):
+def test_greedy_generation_equals_recomputing_every_step_with_the_member(loaded):
     model, tokenizer = loaded
-    prompt = encode(tokenizer, "e f g")
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    prompts = [encode(tokenizer, "e f g"), encode(tokenizer, "s")]
     for e in (1, 3):
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(6):
-                ids.append(int(model.member(e)(torch.tensor([ids]))[0, -1].argmax()))
-        assert greedy_generate(model, e, prompt, 6) == ids[len(prompt):]
-    assert tokenizer.decode(greedy_generate(model, 3, prompt, 3)) == " h i j"
+        expected = []
+        for prompt in prompts:
+            ids = list(prompt)
+            with torch.no_grad():
+                for _ in range(6):
+                    ids.append(int(model.member(e)(torch.tensor([ids]))[0, -1].argmax()))
+            expected.append(tokenizer.decode(ids[len(prompt):]))
+        assert greedy_texts(engine, e, [(p, 6, []) for p in prompts]) == expected
+    assert greedy_texts(engine, 3, [(prompts[0], 3, []), (prompts[0], 9, [" k"])]) == [" h i j"] * 2
 
 
 def test_generation_exact_match_with_stop_strings(loaded, tmp_path):

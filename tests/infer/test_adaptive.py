@@ -13,7 +13,9 @@ from familial.cli import main
 from familial.config import FamilyConfig
 from familial.infer import Engine, SamplingParams
 from familial.infer.adaptive import ExitPolicy
+from familial.infer.cache import SlotCache
 from familial.infer.calibrate import NEVER, choose_threshold
+from familial.infer.runner import Row, Runner
 
 GREEDY = SamplingParams(max_new_tokens=12, greedy=True)
 
@@ -83,3 +85,23 @@ def test_generate_command_streams_token_ids(family, tmp_path, capsys, greedy_ref
     assert printed == greedy_reference(family, [1, 2, 3], 3, 6)
     assert main(["generate", str(tmp_path / "family"), "--prompt", "hello"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_copied_kv_is_exact_at_the_exit_layer_and_fills_deeper_layers(family):
+    """Tokens exiting at exit 1 write K/V for the layers they skip; layer 1's is exact."""
+    _thresholds(family, 0.0)
+    engine = Engine(family, max_batch_size=1, max_seq_len=64)
+    prompt = [1, 2, 3]
+    result = engine.generate([prompt], member="auto", params=SamplingParams(max_new_tokens=8, greedy=True))[0]
+    # The last generated token is never fed, so its KV is not in the cache.
+    ids = prompt + result.token_ids[:-1]
+    n, reference = len(ids), SlotCache(family.config, 1, 64)
+    Runner(family, reference).forward([Row(0, 0, 5, extra_branches=frozenset({1, 3}))],
+                                      tokens=torch.tensor([ids]))
+    for name in ("layers.0", "branches.1.layers.0", "layers.1"):
+        for ours, exact in ((engine.cache.keys, reference.keys), (engine.cache.values, reference.values)):
+            torch.testing.assert_close(ours[name][0, :, :n], exact[name][0, :, :n], atol=1e-4, rtol=1e-4)
+    for name in ("layers.3", "branches.3.layers.0", "layers.5"):
+        copied = engine.cache.keys[name][0, :, len(prompt):n]
+        assert copied.abs().sum() > 0
+        assert not torch.allclose(copied, reference.keys[name][0, :, len(prompt):n], atol=1e-3)

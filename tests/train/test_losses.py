@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from familial.config import FamilyConfig
 from familial.model import FamilyModel
-from familial.train.losses import (IGNORE_INDEX, count_targets, exit_loss_sum, family_loss_sums,
-                                   weighted_loss)
+from familial.train.losses import IGNORE_INDEX, count_targets, exit_loss_sum, family_loss_sums, total_objective
 
 VOCAB = 61
 
@@ -66,8 +65,8 @@ def test_multi_exit_loss_and_gradients_match_full_logits_reference(shared_head, 
     expected_grads = grads(model)
     model.zero_grad(set_to_none=True)
 
-    losses = family_loss_sums(model, ids, labels, chunk_size=chunk, distill={0, 2})
-    got = weighted_loss(losses, lambdas, distill, count_targets(labels))
+    losses = family_loss_sums(model, ids, labels, lambdas, distill, chunk_size=chunk)
+    got = total_objective(losses, count_targets(labels))
     got.backward()
 
     assert got.item() == pytest.approx(expected.item(), abs=1e-6)
@@ -75,6 +74,15 @@ def test_multi_exit_loss_and_gradients_match_full_logits_reference(shared_head, 
     assert got_grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_float32_loss_matches_reference_to_1e6():
+    model = tiny_family().float()
+    ids, labels = batch(pad=2, size=4, length=16)
+    lambdas = {0: 0.4, 2: 0.7, 3: 1.0}
+    expected = reference(model, ids, labels, lambdas)
+    got = total_objective(family_loss_sums(model, ids, labels, lambdas, chunk_size=9), count_targets(labels))
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_padding_positions_change_nothing():
@@ -111,13 +119,13 @@ def test_accumulating_four_micro_batches_equals_one_big_batch():
     lambdas = {0: 0.3, 2: 0.6, 3: 1.0}
 
     big = tiny_family()
-    weighted_loss(family_loss_sums(big, ids, labels), lambdas, {}, count_targets(labels)).backward()
+    total_objective(family_loss_sums(big, ids, labels, lambdas), count_targets(labels)).backward()
 
     small = tiny_family()
     total = count_targets(labels)
     for i in range(4):
         part = slice(2 * i, 2 * i + 2)
-        weighted_loss(family_loss_sums(small, ids[part], labels[part]), lambdas, {}, total).backward()
+        total_objective(family_loss_sums(small, ids[part], labels[part], lambdas), total).backward()
     for name, grad in grads(big).items():
         torch.testing.assert_close(grads(small)[name], grad, atol=1e-10, rtol=1e-9, msg=name)
 
@@ -132,8 +140,8 @@ def test_non_linear_head_takes_the_checkpointed_path_with_the_same_result():
     first, second = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     got = exit_loss_sum(first, low_rank, labels, 5)
     want = exit_loss_sum(second, dense, labels, 5)
-    got.ce_sum.backward()
-    want.ce_sum.backward()
+    got.objective.backward()
+    want.objective.backward()
     assert got.count == want.count == count_targets(labels)
     assert got.ce_sum.item() == pytest.approx(want.ce_sum.item(), abs=1e-8)
     torch.testing.assert_close(first.grad, second.grad)

@@ -36,7 +36,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64,
                         help="generation limit for items that set none")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="prefill length for latency")
+    parser.add_argument("--prompt-tokens", type=int,
+                        help="prefill length for latency (default: 128, or less to fit the positions)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="decoded tokens for latency")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per member (median)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -101,9 +102,10 @@ def evaluate(args: argparse.Namespace) -> dict:
             for e, metrics in scores.items():
                 members[e].setdefault("tasks", {})[task.name] = metrics
     if not args.no_latency:
+        prompt = args.prompt_tokens or min(128, config.max_position_embeddings - args.decode_tokens)
         for e, member in members.items():
-            member.update(measure_latency(model, e, args.prompt_tokens, args.decode_tokens, args.runs))
-        result["latency"] = {"prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
+            member.update(measure_latency(model, e, prompt, args.decode_tokens, args.runs))
+        result["latency"] = {"prompt_tokens": prompt, "decode_tokens": args.decode_tokens,
                              "runs": args.runs, "device": args.device, "dtype": args.dtype,
                              "threads": torch.get_num_threads()}
     result["members"] = [members[e] for e in config.exits]

@@ -12,7 +12,8 @@ model_args: `path` (family directory with tokenizer.json), `member` (exit index 
 default the full member), `batch_size`, `max_length` (default max_position_embeddings),
 `max_gen_toks` (default 256), `dtype` (default float32), `device` (default cpu).
 Log-likelihoods come from `familial.eval.tasks.score_continuations`, the scorer behind
-`familial eval --tasks`, so both report the same numbers; generation is greedy.
+`familial eval --tasks`, so both report the same numbers; generation is greedy on the
+runtime's engine (EOS also ends it).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
-from tqdm import tqdm
 
 from familial.checkpoint_io import DTYPES, load_family
-from familial.eval.tasks import (cut_at_stop, encode, eos_ids, greedy_generate, load_tokenizer,
-                                 prefix_token_id, score_continuations)
+from familial.eval.tasks import (encode, eos_ids, greedy_texts, load_tokenizer, prefix_token_id,
+                                 score_continuations)
+from familial.infer.engine import Engine
 
 # Registered by "module:Class" rather than with the decorator: under `python -m` this file
 # runs as __main__ and is imported again by name, which would register two classes.
@@ -41,8 +42,8 @@ class FamilialLM(TemplateLM):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"model_args dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-        # lm_eval's command line asks for cuda:0 unless told otherwise; like its HF model,
-        # fall back to the CPU when there is no GPU.
+        # lm_eval's command line asks for cuda:0 unless told otherwise: on a machine without
+        # a GPU that default means the CPU, not an error.
         device = device or "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"
@@ -55,6 +56,8 @@ class FamilialLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self._max_length = int(max_length or self.config.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
+        self._device = device
+        self.engine: Engine | None = None
 
     @property
     def eot_token_id(self) -> int:
@@ -108,26 +111,25 @@ class FamilialLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        outputs = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="familial generate"):
+        """Greedy continuations on the runtime's engine, each ending before its `until` strings."""
+        batch = []
+        for request in requests:
             context, options = request.args
             options = dict(options or {})
             if options.get("do_sample") or float(options.get("temperature", 0) or 0) > 0:
                 raise ValueError(f"task {request.task_name}: the familial adapter decodes greedily; "
                                  f"set do_sample: false / temperature: 0 in generation_kwargs")
-            until = options.get("until") or [self.tok_decode([self.eot_token_id])]
+            until = options.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             limit = int(options.get("max_gen_toks", self.max_gen_toks))
-
-            def stop_now(ids: list[int]) -> bool:
-                return any(s in self.tok_decode(ids) for s in until)
-
-            ids = greedy_generate(self.family, self.exit, self.tok_encode(context)
-                                  or [self.prefix_token_id], limit, eos_ids(self.config), stop_now)
-            text = cut_at_stop(self.tok_decode(ids), until)
+            batch.append((self.tok_encode(context) or [self.prefix_token_id], limit, until))
+        if self.engine is None:
+            self.engine = Engine(self.family, self.tokenizer, max_batch_size=self.batch_size,
+                                 device=self.device, max_seq_len=self.max_length)
+        texts = greedy_texts(self.engine, self.exit, batch)
+        for request, text in zip(requests, texts):
             self.cache_hook.add_partial("generate_until", request.args, text)
-            outputs.append(text)
-        return outputs
+        return texts
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ The loss is the mean token cross-entropy over all target tokens (nats), perplexi
 Intervals come from the percentile bootstrap over windows: windows are drawn with
 replacement (the same draws for every member, so intervals are comparable) and the ratio
 sum(loss) / sum(tokens) is recomputed; the perplexity interval is exp of the loss interval.
+The gap of each member's loss to the full member's gets a paired interval the same way.
 """
 
 from __future__ import annotations
@@ -42,9 +43,14 @@ class HeldOut:
         agreement = self.matches.sum(1) / tokens
         loss_ci = bootstrap_ratio(self.loss_sums, self.counts, resamples, seed, level)
         agreement_ci = bootstrap_ratio(self.matches, self.counts, resamples, seed, level)
+        # Paired: the same windows for both members, so the gap's interval is much tighter
+        # than the two loss intervals suggest.
+        gap_ci = bootstrap_ratio(self.loss_sums - self.loss_sums[-1], self.counts, resamples, seed, level)
         return [{
             "exit": e, "name": name, "tokens": tokens, "loss": float(loss[k]),
-            "loss_ci": [float(x) for x in loss_ci[k]], "perplexity": float(np.exp(loss[k])),
+            "loss_ci": [float(x) for x in loss_ci[k]],
+            "loss_gap_to_full": float(loss[k] - loss[-1]),
+            "loss_gap_to_full_ci": [float(x) for x in gap_ci[k]], "perplexity": float(np.exp(loss[k])),
             "perplexity_ci": [float(x) for x in np.exp(loss_ci[k])],
             "agreement": float(agreement[k]), "agreement_ci": [float(x) for x in agreement_ci[k]],
         } for k, (e, name) in enumerate(zip(self.exits, self.names))]

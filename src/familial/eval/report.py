@@ -91,13 +91,14 @@ def _interval(row: dict, key: str, digits: int) -> str:
 
 
 def markdown_table(rows: list[dict]) -> list[str]:
-    lines = ["| member | exit | layers | params | FLOPs/token | loss [95% CI] | perplexity [95% CI] "
-             "| agreement with full [95% CI] | prefill ms | decode ms/token |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| member | exit | layers | params | FLOPs/token | loss [95% CI] | loss - full [95% CI] "
+             "| perplexity [95% CI] | agreement with full [95% CI] | prefill ms | decode ms/token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['exit']} | {r['layers']} | {format_count(r['parameters'])} "
             f"| {format_count(r['flops_per_token'])} | {_interval(r, 'loss', 4)} "
+            f"| {_interval(r, 'loss_gap_to_full', 4)} "
             f"| {_interval(r, 'perplexity', 3)} | {_interval(r, 'agreement', 4)} "
             f"| {_number(r.get('prefill_ms'), 2)} | {_number(r.get('decode_ms_per_token'), 3)} |")
     return lines
@@ -132,8 +133,12 @@ def plot_pareto(rows: list[dict], baselines: list[dict], file: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, key, label in ((axes[0], "parameters", "parameters"),
                              (axes[1], "flops_per_token", "FLOPs per token")):
-        family = sorted(((r[key], r["loss"], r["name"]) for r in rows), key=lambda p: p[0])
-        axis.plot([p[0] for p in family], [p[1] for p in family], "o-", label="family members")
+        ordered = sorted(rows, key=lambda r: r[key])
+        family = [(r[key], r["loss"], r["name"]) for r in ordered]
+        errors = [[r["loss"] - r.get("loss_ci", (r["loss"],) * 2)[0] for r in ordered],
+                  [r.get("loss_ci", (r["loss"],) * 2)[1] - r["loss"] for r in ordered]]
+        axis.errorbar([p[0] for p in family], [p[1] for p in family], yerr=errors, fmt="o-",
+                      capsize=3, label="family members (95% CI)")
         for x, y, name in family:
             axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         others = [(b[key], b["loss"], b["name"]) for b in baselines if key in b]

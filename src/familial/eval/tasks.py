@@ -12,8 +12,9 @@ context's trailing spaces move to the continuation and the pair is encoded as on
 a member's numbers here and through the lm-eval adapter are the same. Reported per member:
 `acc` (highest summed log-probability), `acc_norm` (divided by the choice's length in
 characters, lm-eval's acc_norm) and `acc_bytes` (in UTF-8 bytes, lm-eval's acc_bytes).
-Generation is greedy, stops at EOS, a stop string or `max_new_tokens`, and matches when the
-output cut at the first stop string equals an answer after stripping surrounding whitespace.
+Generation is greedy on the runtime's engine (familial.infer), stops at EOS, before a stop
+string or after `max_new_tokens`, and matches when the output equals an answer after
+stripping surrounding whitespace.
 
 Multiple choice runs the trunk once for every member; generation runs each member on its own.
 """
@@ -21,16 +22,18 @@ Multiple choice runs the trunk once for every member; generation runs each membe
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from familial.config import FamilyConfig
-from familial.model import FamilyModel, KVCache
+from familial.infer.engine import Engine
+from familial.infer.sampling import SamplingParams
+from familial.model import FamilyModel
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -92,8 +95,9 @@ def score_continuations(model: FamilyModel, exits: list[int], pairs: list[tuple[
     max_length = max_length or model.config.max_position_embeddings
     rows = []
     for index, (context, continuation) in enumerate(pairs):
-        if not continuation:
-            raise TaskError(f"request {index}: the continuation has no tokens")
+        if not context or not continuation:
+            raise TaskError(f"request {index}: context and continuation need at least one token "
+                            f"each (an empty context is scored after the prefix token)")
         if len(continuation) > max_length:
             raise TaskError(f"request {index}: continuation of {len(continuation)} tokens is longer "
                             f"than the {max_length} positions the model attends over")
@@ -126,40 +130,30 @@ def score_continuations(model: FamilyModel, exits: list[int], pairs: list[tuple[
     return results
 
 
-@torch.inference_mode()
-def greedy_generate(model: FamilyModel, exit_layer: int, prompt: list[int], max_new_tokens: int,
-                    stop_ids: list[int] = (), until: Callable[[list[int]], bool] | None = None,
-                    ) -> list[int]:
-    """Greedy tokens of one member after `prompt`, decoded through a KV cache.
+def greedy_texts(engine: Engine, exit_layer: int,
+                 requests: list[tuple[list[int], int, list[str]]]) -> list[str]:
+    """Greedy output text of one member per (prompt ids, max new tokens, stop strings).
 
-    Stops at a token in `stop_ids` (not returned), when `until(generated)` is true, or after
-    `max_new_tokens`. The prompt is cut on the left so prompt and output fit the positions.
+    Runs on the runtime's engine, batched over requests with the same limits; the text ends
+    before the first stop string, at EOS or at the token limit. Prompts are cut on the left
+    so prompt and output fit the engine's sequence length.
     """
-    member = model.member(exit_layer)
-    device = next(model.parameters()).device
-    room = model.config.max_position_embeddings - max_new_tokens
-    if room < 1:
-        raise TaskError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt within "
-                        f"{model.config.max_position_embeddings} positions")
-    prompt = list(prompt)[-room:]
-    cache = KVCache()
-    logits = member(torch.tensor([prompt], device=device), cache=cache)[0, -1]
-    out: list[int] = []
-    while len(out) < max_new_tokens:
-        token = int(logits.argmax())
-        if token in stop_ids:
-            break
-        out.append(token)
-        if until is not None and until(out):
-            break
-        position = torch.tensor([[len(prompt) + len(out) - 1]], device=device)
-        logits = member(torch.tensor([[token]], device=device), position_ids=position, cache=cache)[0, -1]
-    return out
-
-
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    cuts = [text.index(s) for s in stop if s and s in text]
-    return text[:min(cuts)] if cuts else text
+    groups: dict[tuple[int, tuple[str, ...]], list[int]] = defaultdict(list)
+    for index, (_, limit, stop) in enumerate(requests):
+        groups[(limit, tuple(s for s in stop if s))].append(index)
+    texts = [""] * len(requests)
+    for (limit, stop), indices in groups.items():
+        room = engine.max_seq_len - limit
+        if room < 1:
+            raise TaskError(f"max_new_tokens {limit} leaves no room for a prompt within the "
+                            f"{engine.max_seq_len} positions of the model")
+        params = SamplingParams(max_new_tokens=limit, greedy=True, stop=list(stop))
+        results = engine.generate([requests[i][0][-room:] for i in indices], exit_layer, params)
+        for i, result in zip(indices, results):
+            if result.error:
+                raise RuntimeError(f"generation failed for request {i}: {result.error}")
+            texts[i] = result.text
+    return texts
 
 
 # Task files.
@@ -253,7 +247,7 @@ def evaluate_task(model: FamilyModel, tokenizer: Tokenizer, task: Task, exits: l
     """{exit: metrics} for one task."""
     if task.kind == "multiple_choice":
         return _multiple_choice(model, tokenizer, task.items, exits, batch_size)
-    return _generation(model, tokenizer, task.items, exits, max_new_tokens)
+    return _generation(model, tokenizer, task.items, exits, batch_size, max_new_tokens)
 
 
 def _multiple_choice(model, tokenizer, items: list[MultipleChoice], exits, batch_size):
@@ -276,18 +270,15 @@ def _multiple_choice(model, tokenizer, items: list[MultipleChoice], exits, batch
     return out
 
 
-def _generation(model, tokenizer, items: list[Generation], exits, max_new_tokens):
-    stop_ids = eos_ids(model.config)
+def _generation(model, tokenizer, items: list[Generation], exits, batch_size, max_new_tokens):
+    engine = Engine(model, tokenizer, max_batch_size=batch_size,
+                    device=next(model.parameters()).device)
+    requests = [(encode(tokenizer, it.prompt), it.max_new_tokens or max_new_tokens, it.stop)
+                for it in items]
     out = {}
     for e in exits:
-        matches = 0
-        for it in items:
-            def until(ids, stop=it.stop):
-                return bool(stop) and any(s in tokenizer.decode(ids) for s in stop)
-
-            ids = greedy_generate(model, e, encode(tokenizer, it.prompt),
-                                  it.max_new_tokens or max_new_tokens, stop_ids, until)
-            text = cut_at_stop(tokenizer.decode(ids), it.stop).strip()
-            matches += int(any(text == a.strip() for a in it.answers))
+        texts = greedy_texts(engine, e, requests)
+        matches = sum(any(text.strip() == a.strip() for a in it.answers)
+                      for text, it in zip(texts, items))
         out[e] = {"exact_match": matches / len(items), "n": len(items)}
     return out

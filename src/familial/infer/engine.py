@@ -157,7 +157,15 @@ class Engine:
         if (family_dir / "tokenizer.json").exists():
             from tokenizers import Tokenizer
 
-            tokenizer = Tokenizer.from_file(str(family_dir / "tokenizer.json"))
+            path = family_dir / "tokenizer.json"
+            try:
+                tokenizer = Tokenizer.from_file(str(path))
+            except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception
+                raise ConfigError(f"{path}: not a readable tokenizer ({error})") from None
+            size = tokenizer.get_vocab_size(with_added_tokens=True)
+            if size > model.config.vocab_size:
+                raise ConfigError(f"{path}: {size} tokens, but {family_dir / 'family.json'} has vocab_size "
+                                  f"{model.config.vocab_size} (the tokenizer belongs to another model)")
         return cls(model, tokenizer=tokenizer, **kwargs)
 
     def members(self) -> list[dict]:

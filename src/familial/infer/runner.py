@@ -10,7 +10,9 @@ Adaptive rows that leave early supply the skipped layers' KV the CALM way: the t
 entering the exit (the input of trunk layer `exit`) is copied forward, and every skipped
 layer (trunk layers exit..L-1 and the branches of deeper exits) gets K/V projected from it.
 For trunk layer `exit` this is exactly its KV; deeper layers get an approximation, which is
-what lets later tokens attend to this position without recomputing it.
+what lets later tokens attend to this position without recomputing it. The projections of
+all skipped layers run as one matmul (weights stacked on first use, a copy of the k/v
+projections only: a few percent of the weights with grouped-query attention).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from familial.infer.cache import CacheView, SlotCache
-from familial.model import DecoderLayer, FamilyModel, apply_rotary
+from familial.model import FamilyModel, LowRankLinear, rotate_half
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Runner:
         self.model, self.cache, self.config = model, cache, model.config
         self.last = self.config.exits[-1]
         self.early = set(self.config.exits[:-1])
+        self._stack = None
 
     @torch.inference_mode()
     def forward(self, rows: list[Row], tokens: torch.Tensor | None = None,
@@ -152,20 +156,55 @@ class Runner:
             outputs[b].logits = logits[j] if row.all_logits else logits[j, -1:]
             outputs[b].exit = exit_layer
 
-    def skipped_layers(self, exit_layer: int) -> list[DecoderLayer]:
-        layers = [self.model.model.layers[str(i)] for i in range(exit_layer, self.config.num_hidden_layers)]
-        for e in self.config.exits[:-1]:
-            if e > exit_layer:
-                layers += self.model.branch_layers(e)
-        return layers
-
     def _copy_forward(self, exit_layer: int, rows: _Active) -> None:
-        """CALM-style: write K/V of every layer these rows skip, projected from the exit state."""
+        """CALM-style: write K/V of every layer these rows skip, projected from the exit state.
+
+        All skipped layers' K and V come from one matmul: each layer's input RMSNorm weight
+        is folded into its k/v projection, and the layers are stacked so that every exit's
+        skipped set is a suffix of the stack (see `_projection`).
+        """
+        weight, bias, k_norm, layers = self._projection(exit_layer)
         batch, length, _ = rows.x.shape
-        cos, sin = rows.rotary
-        for layer in self.skipped_layers(exit_layer):
-            attn = layer.self_attn
-            x = layer.input_layernorm(rows.x)
-            k = attn.k_norm(attn.k_proj(x).view(batch, length, -1, attn.head_dim)).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
-            rows.view.update(layer.cache_name, apply_rotary(k, cos, sin), v)
+        eps, dtype = self.config.rms_norm_eps, rows.x.dtype
+        x = rows.x.float()
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        # (B, T, layers, k|v, kv_heads, head_dim)
+        kv = F.linear(x, weight, bias).view(batch, length, len(layers), 2, -1, self.config.head_dim)
+        k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+        kf = k.float()
+        k = k_norm * (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        cos, sin = (t[:, :, None, None, :] for t in rows.rotary)
+        k = k * cos + rotate_half(k) * sin
+        for i, layer in enumerate(layers):
+            rows.view.update(layer.cache_name, k[:, :, i].transpose(1, 2), v[:, :, i].transpose(1, 2))
+
+    def _projection(self, exit_layer: int):
+        """Stacked, norm-folded k/v projections of the layers skipped by exiting at `exit_layer`.
+
+        Order: for each trunk layer i, the branch of exit i (if any) and then layer i, so the
+        layers after exit e's branch are exactly those e skips (trunk e.., deeper branches).
+        Built on first use, from the weights at that time.
+        """
+        if self._stack is None:
+            order, starts = [], {}
+            for i in range(self.config.num_hidden_layers):
+                if i in self.early:
+                    order += self.model.branch_layers(i)
+                starts[i] = len(order)
+                order.append(self.model.model.layers[str(i)])
+            weights, biases = [], []
+            for layer in order:
+                gain = layer.input_layernorm.weight
+                for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    dense = proj.dense_weight() if isinstance(proj, LowRankLinear) else proj.weight
+                    weights.append(dense * gain[None, :])
+                    biases.append(proj.bias if getattr(proj, "bias", None) is not None
+                                  else torch.zeros(dense.shape[0], dtype=dense.dtype, device=dense.device))
+            rows_per_layer = 2 * self.config.num_key_value_heads * self.config.head_dim
+            self._stack = (torch.cat(weights), torch.cat(biases),
+                           torch.stack([layer.self_attn.k_norm.weight for layer in order])[:, None, :],
+                           order, starts, rows_per_layer)
+        weight, bias, k_norm, order, starts, rows_per_layer = self._stack
+        first = starts[exit_layer]
+        return (weight[first * rows_per_layer:], bias[first * rows_per_layer:], k_norm[first:],
+                order[first:])

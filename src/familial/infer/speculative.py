@@ -12,8 +12,9 @@ Acceptance is standard speculative sampling: a drafted token d with draft probab
 is kept with probability min(1, p(d)/q(d)) under the verifier's p, and on rejection the
 replacement is drawn from max(0, p - q) normalised, so the output follows p exactly; under
 greedy decoding this reduces to "keep d while it is the verifier's argmax", so the output
-equals plain greedy decoding with the verifier. Each level's draft length adapts: one more
-after a fully accepted round, fewer after a rejection.
+equals plain greedy decoding with the verifier. Each level's draft length adapts as in
+transformers' assisted generation: two more after a fully accepted round, one fewer after
+a rejection.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from familial.infer.sampling import Sampler
 
 
 class SpeculativeDecoder:
-    def __init__(self, runner: Runner, chain: list[int], draft_length: int = 4, max_draft_length: int = 12) -> None:
+    def __init__(self, runner: Runner, chain: list[int], draft_length: int = 4, max_draft_length: int = 16) -> None:
         if len(chain) < 2 or chain != sorted(set(chain)):
             raise ValueError(f"speculative chain {chain}: expected increasing exits, drafter first, "
                              f"verifier last")
@@ -59,8 +60,13 @@ class SpeculativeDecoder:
                 current = tokens[-1] if tokens else pending
                 row = Row(slot, pos + len(tokens), exit_layer, keep_hidden=exit_layer)
                 out = self.runner.forward([row], tokens=torch.tensor([[current]]))[0]
-                p = sampler.probs(out.logits[-1], history + tokens)
-                tokens.append(int(p.argmax()) if sampler.params.is_greedy else sampler.draw(p))
+                if sampler.params.is_greedy:
+                    # Greedy verification compares tokens only: no distribution needed.
+                    p = None
+                    tokens.append(sampler.choose(out.logits[-1], history + tokens))
+                else:
+                    p = sampler.probs(out.logits[-1], history + tokens)
+                    tokens.append(sampler.draw(p))
                 probs.append(p)
                 hidden.append(out.hidden)
             else:
@@ -84,9 +90,14 @@ class SpeculativeDecoder:
         probs: list[torch.Tensor] = []
         kept = 0
         for i, d in enumerate(drafted):
-            p = sampler.probs(out.logits[i], history + tokens)
+            if sampler.params.is_greedy:
+                p = None
+                token = sampler.choose(out.logits[i], history + tokens)
+                keep = token == d
+            else:
+                p = sampler.probs(out.logits[i], history + tokens)
+                token, keep = verify_token(p, q[i], d, sampler)
             probs.append(p)
-            token, keep = verify_token(p, q[i], d, sampler)
             tokens.append(token)
             if not keep:
                 break
@@ -94,16 +105,13 @@ class SpeculativeDecoder:
         if top:
             self.proposed += k
             self.accepted += kept
-        self.k[level] = (min(self.k[level] + 1, self.max_draft_length) if kept == k
-                         else max(1, min(self.k[level] - 1, kept + 1)))
+        self.k[level] = (min(self.k[level] + 2, self.max_draft_length) if kept == k
+                         else max(1, self.k[level] - 1))
         return tokens, probs, None if top else out.hidden[: len(tokens)]
 
 
 def verify_token(p: torch.Tensor, q: torch.Tensor, drafted: int, sampler: Sampler) -> tuple[int, bool]:
     """Keep `drafted` with probability min(1, p/q), else draw from max(0, p - q) normalised."""
-    if sampler.params.is_greedy:
-        best = int(p.argmax())
-        return best, best == drafted
     if sampler.accept(float(p[drafted]), float(q[drafted])):
         return drafted, True
     residual = (p - q).clamp(min=0)

@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     if threads:
         torch.set_num_threads(threads)
+    from familial.parallel.loop import is_parallel_launch, run_parallel
+
+    if is_parallel_launch(config):
+        return run_parallel(config, resume=resume)
     trainer = Trainer(config, resume=resume)
     state = trainer.run()
     print(f"done: {state.step} steps ({state.skipped} skipped); family checkpoint: "

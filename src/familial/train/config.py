@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -191,11 +192,13 @@ class TrainConfig:
         if self.checkpoint.every < 0:
             raise bad("checkpoint.every", self.checkpoint.every, "expected 0 or more")
         p = self.parallel
+        # Under torchrun (WORLD_SIZE > 1) familial.parallel checks the layout against the world.
+        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
         for name in ("dp_shard", "dp_replicate", "tp", "pp"):
-            if getattr(p, name) != 1:
+            if getattr(p, name) != 1 and single:
                 raise bad(f"parallel.{name}", getattr(p, name),
                           "the single-process trainer runs with 1 (launch a parallel run for more)")
-        if p.sequence_parallel:
+        if p.sequence_parallel and p.tp == 1:
             raise bad("parallel.sequence_parallel", True, "needs tp > 1")
         for i, stage in enumerate(self.resolved_stages()):
             where = f"stages[{i}]" if self.stages else ""

@@ -32,7 +32,7 @@ from familial.train import checkpoint as ckpt
 from familial.data import Batches, DocumentRows, MixtureRows, StreamRows, TokenShards
 from familial.train.config import (DataConfig, InitConfig, LossConfig, OptimConfig, StageConfig,
                                    TrainConfig, save_resolved)
-from familial.train.losses import count_targets, family_loss_sums, weighted_loss
+from familial.train.losses import count_targets, family_loss_sums, total_objective
 from familial.train.metrics import MetricsWriter
 from familial.train.schedules import lr_at, weight_at
 
@@ -61,6 +61,22 @@ def build_model(init: InitConfig, seed: int, scratch_dir: Path) -> FamilyModel:
     torch.manual_seed(seed)
     config = FamilyConfig.from_dict(init.model.to_dict(), where="init.model")
     return FamilyModel(config)
+
+
+def check_data_fits(stages: list[StageConfig], config: FamilyConfig) -> None:
+    """Refuse data the model cannot read (rows past its positions, ids past its vocabulary)
+    before anything is written, naming the field or file at fault."""
+    for stage in stages:
+        if stage.data.seq_len > config.max_position_embeddings:
+            raise ConfigError(f"train config: stage '{stage.name}' field 'data.seq_len' = {stage.data.seq_len}: "
+                              f"longer than the model's max_position_embeddings "
+                              f"({config.max_position_embeddings})")
+        for source in stage.data.sources:
+            vocab = TokenShards(source.path).vocab_size
+            if vocab > config.vocab_size:
+                raise ConfigError(f"{Path(source.path) / 'manifest.json'}: vocab_size {vocab} is larger than "
+                                  f"the model's vocab_size {config.vocab_size} (the shards were tokenised "
+                                  f"for another model)")
 
 
 def tokenizer_source(init: InitConfig) -> str | None:
@@ -153,27 +169,25 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     weight are not computed. A non-finite loss or gradient skips the update.
     """
     forward = forward or model
-    exits = [e for e in model.config.exits if lambdas.get(e, 0.0) or distill.get(e, 0.0)]
-    distilled = {e for e, w in distill.items() if w}
     total = sum(count_targets(b["labels"]) for b in micro_batches)
-    ce = {e: 0.0 for e in exits}
-    kd = {e: 0.0 for e in distilled}
+    ce: dict[int, float] = {}
+    kd: dict[int, float] = {}
     objective, tokens = 0.0, 0
     device_type = next(model.parameters()).device.type
     for batch in micro_batches:
         context = (torch.autocast(device_type, dtype=torch.bfloat16) if autocast == "bf16"
                    else contextlib.nullcontext())
         with context:
-            losses = family_loss_sums(forward, batch["input_ids"], batch["labels"], exits=exits,
-                                      chunk_size=chunk_size, distill=distilled)
-            loss = weighted_loss(losses, lambdas, distill, total)
+            losses = family_loss_sums(forward, batch["input_ids"], batch["labels"], lambdas, distill,
+                                      chunk_size)
+            loss = total_objective(losses, total)
         loss.backward()
         objective += loss.item()
         tokens += batch["input_ids"].numel()
         for e, part in losses.items():
-            ce[e] += part.ce_sum.item()
-            if e in kd:
-                kd[e] += part.kd_sum.item()
+            ce[e] = ce.get(e, 0.0) + part.ce_sum.item()
+            if distill.get(e):
+                kd[e] = kd.get(e, 0.0) + part.kd_sum.item()
     parameters = [p for p in model.parameters() if p.grad is not None]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else math.inf))
     skipped = not (math.isfinite(objective) and math.isfinite(grad_norm))
@@ -235,6 +249,7 @@ class Trainer:
             seed_everything(config.seed)
             self.model = build_model(config.init, config.seed, self.run_dir)
             optimizer_state = None
+        check_data_fits(self.stages, self.model.config)
         self.model.to(config.device)
         self.optimizer = build_optimizer(self.model, config.optim, self.stages[0].lr.lr)
         if optimizer_state is not None:

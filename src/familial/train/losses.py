@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,51 +22,61 @@ DEFAULT_CHUNK = 1024
 
 
 class _ChunkedLinearLoss(torch.autograd.Function):
-    """(ce_sum, kd_sum) of rows `hidden` (M, H) through a bias-free head `weight` (V, H).
+    """ce_weight * CE + kd_weight * KL of rows `hidden` (M, H) through a bias-free head (V, H).
 
-    kd_sum is KL(softmax(teacher_hidden @ teacher_weight.T) || softmax(hidden @ weight.T))
-    summed over rows (zero without a teacher). Only the inputs are saved; backward recomputes
-    each chunk's logits, so memory is one chunk of (chunk, V) at a time.
+    Returns (objective, ce_sum, kd_sum); only the objective is differentiable. KL is
+    KL(softmax(teacher_hidden @ teacher_weight.T) || softmax(hidden @ weight.T)) summed over
+    rows (zero without a teacher). The gradients are computed chunk by chunk during the
+    forward pass (the logits' gradient is q - onehot for CE and q - p for KL), so the head
+    runs once, no (M, V) tensor ever exists, and backward only scales them.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, teacher_hidden, teacher_weight):
+    def forward(ctx, hidden, weight, targets, chunk, teacher_hidden, teacher_weight, ce_weight, kd_weight):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
         ce_sum = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
         kd_sum = torch.zeros_like(ce_sum)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            log_q = _log_probs(hidden[rows], weight)
-            ce_sum += -log_q.gather(1, targets[rows, None]).sum()
-            if teacher_hidden is not None:
-                log_p = _log_probs(teacher_hidden[rows], teacher_weight)
-                kd_sum += (log_p.exp() * (log_p - log_q)).sum()
-        ctx.save_for_backward(hidden, weight, targets, teacher_hidden, teacher_weight)
-        ctx.chunk = chunk
-        return ce_sum, kd_sum
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kd):
-        hidden, weight, targets, teacher_hidden, teacher_weight = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=_loss_dtype(weight.dtype)) if need_weight else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            q = _log_probs(hidden[rows], weight).exp()
-            # d CE / d logits = q - onehot(target); d KL(p||q) / d logits = q - p.
-            grad_logits = q * grad_ce
-            grad_logits[torch.arange(q.shape[0], device=q.device), targets[rows]] -= grad_ce
+        w = weight.to(hidden.dtype)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            log_q = _log_probs(hidden[rows], w)                       # (chunk, V)
+            index = torch.arange(log_q.shape[0], device=log_q.device)
+            ce_sum += -log_q[index, targets[rows]].sum()
+            p = None
             if teacher_hidden is not None:
-                p = _log_probs(teacher_hidden[rows], teacher_weight).exp()
-                grad_logits += (q - p) * grad_kd
+                log_p = _log_probs(teacher_hidden[rows], teacher_weight.to(hidden.dtype))
+                p = log_p.exp()
+                kd_sum += (p * (log_p - log_q)).sum()
+                del log_p
+            if not (need_hidden or need_weight):
+                continue
+            grad_logits = log_q.exp_().mul_(ce_weight + kd_weight)     # q, reusing log_q's memory
+            grad_logits[index, targets[rows]] -= ce_weight
+            if p is not None:
+                grad_logits.sub_(p, alpha=kd_weight)
             grad_logits = grad_logits.to(hidden.dtype)
             if need_hidden:
-                grad_hidden[rows] = grad_logits @ weight.to(hidden.dtype)
+                grad_hidden[rows] = grad_logits @ w
             if need_weight:
                 grad_weight += grad_logits.T @ hidden[rows]
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return ce_sum * ce_weight + kd_sum * kd_weight, ce_sum, kd_sum
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_objective, _grad_ce, _grad_kd):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # The saved gradients are used once, so they are scaled in place (no copies of (V, H)).
+        if not bool(grad_objective == 1):
+            for grad in (grad_hidden, grad_weight):
+                if grad is not None:
+                    grad.mul_(grad_objective.to(grad.dtype))
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,7 +86,7 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _log_probs(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # (chunk, H) @ (H, V) in the activations' dtype.
-    logits = hidden @ weight.to(hidden.dtype).T
+    logits = hidden @ weight.T
     return torch.log_softmax(logits.to(_loss_dtype(logits.dtype)), dim=-1)
 
 
@@ -93,19 +102,22 @@ def _module_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
 
 @dataclass
 class ExitLoss:
-    ce_sum: torch.Tensor     # sum of token cross-entropies (scalar, at least float32)
+    objective: torch.Tensor  # ce_weight * ce_sum + kd_weight * kd_sum: backpropagate this
+    ce_sum: torch.Tensor     # sum of token cross-entropies (detached, at least float32)
     kd_sum: torch.Tensor     # sum of token KL(teacher || this exit); zero without a teacher
     count: int               # target tokens the sums cover
 
 
 def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                   chunk_size: int = DEFAULT_CHUNK, teacher_hidden: torch.Tensor | None = None,
-                  teacher_head: nn.Module | None = None) -> ExitLoss:
+                  teacher_head: nn.Module | None = None, ce_weight: float = 1.0,
+                  kd_weight: float = 0.0) -> ExitLoss:
     """Token-loss sums of one exit from its normed hidden state (B, T, H) and its head.
 
     labels (B, T) are already shifted; IGNORE_INDEX marks positions without a target. With a
     teacher (the deepest exit's hidden state and head), the KL term is computed too; the
-    teacher is always detached. Usable on its own by a pipeline stage holding one exit.
+    teacher is always detached. Divide `objective` by the step's global target count before
+    backward. Usable on its own by a pipeline stage holding one exit.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size = {chunk_size}: expected a positive integer")
@@ -119,9 +131,9 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         teacher_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, keep)
     if _is_plain_linear(head) and (teacher_head is None or _is_plain_linear(teacher_head)):
         teacher_weight = None if teacher_head is None else teacher_head.weight.detach()
-        ce, kd = _ChunkedLinearLoss.apply(rows, head.weight, targets, chunk_size,
-                                          teacher_rows, teacher_weight)
-        return ExitLoss(ce, kd, int(keep.numel()))
+        objective, ce, kd = _ChunkedLinearLoss.apply(rows, head.weight, targets, chunk_size, teacher_rows,
+                                                     teacher_weight, float(ce_weight), float(kd_weight))
+        return ExitLoss(objective, ce, kd, int(keep.numel()))
     # Any other head (e.g. a low-rank one): the same chunking through activation checkpointing.
     ce = rows.new_zeros((), dtype=_loss_dtype(rows.dtype))
     kd = torch.zeros_like(ce)
@@ -135,7 +147,7 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         chunk_ce, chunk_kd = checkpoint(_module_loss, head, rows[part], targets[part], teacher,
                                         use_reentrant=False)
         ce, kd = ce + chunk_ce, kd + chunk_kd
-    return ExitLoss(ce, kd, int(keep.numel()))
+    return ExitLoss(ce * ce_weight + kd * kd_weight, ce.detach(), kd.detach(), int(keep.numel()))
 
 
 def _is_plain_linear(head: nn.Module) -> bool:
@@ -143,24 +155,28 @@ def _is_plain_linear(head: nn.Module) -> bool:
 
 
 def family_loss_sums(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                     exits: list[int] | None = None, chunk_size: int = DEFAULT_CHUNK,
-                     distill: set[int] | frozenset[int] = frozenset(),
+                     lambdas: dict[int, float] | None = None, distill: dict[int, float] | None = None,
+                     chunk_size: int = DEFAULT_CHUNK,
                      attention_mask: torch.Tensor | None = None) -> dict[int, ExitLoss]:
-    """One trunk pass of a FamilyModel -> {exit: ExitLoss} for every requested exit.
+    """One trunk pass of a FamilyModel -> {exit: ExitLoss} for the exits with a weight.
 
-    Exits in `distill` also get the KL term against the deepest exit (the last one).
+    `lambdas` weighs each exit's CE (default: every exit, weight 1); `distill` weighs the KL
+    of shallower exits against the deepest one. Exits without any weight are not computed.
     """
     config = model.config
-    wanted = sorted(exits or config.exits)
+    lambdas = {e: 1.0 for e in config.exits} if lambdas is None else lambdas
+    distill = {e: w for e, w in (distill or {}).items() if w and e != config.exits[-1]}
+    wanted = sorted(e for e in config.exits if lambdas.get(e) or e in distill)
     deepest = config.exits[-1]
     run = sorted(set(wanted) | ({deepest} if distill else set()))
     hidden = model(input_ids, attention_mask=attention_mask, exits=run, return_hidden=True)
     out = {}
     for e in wanted:
-        teacher = e in distill and e != deepest
+        teacher = e in distill
         out[e] = exit_loss_sum(hidden[e], model.exit_head(e), labels, chunk_size,
                                hidden[deepest] if teacher else None,
-                               model.exit_head(deepest) if teacher else None)
+                               model.exit_head(deepest) if teacher else None,
+                               lambdas.get(e, 0.0), distill.get(e, 0.0))
     return out
 
 
@@ -168,19 +184,7 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
-def weighted_loss(losses: dict[int, ExitLoss], lambdas: dict[int, float],
-                  distill_weights: dict[int, float], total_targets: int) -> torch.Tensor:
-    """sum_k lambda_k CE_k + mu_k KL_k, normalised by the step's global target count."""
-    total = None
-    for e, loss in losses.items():
-        term = loss.ce_sum * lambdas.get(e, 0.0)
-        if distill_weights.get(e, 0.0):
-            term = term + loss.kd_sum * distill_weights[e]
-        total = term if total is None else total + term
-    return total / max(total_targets, 1)
-
-
-def reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy from full logits, for checking against the chunked path."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+def total_objective(losses: dict[int, ExitLoss], total_targets: int) -> torch.Tensor:
+    """sum_k lambda_k CE_k + mu_k KL_k over the step's global target count (exact under
+    gradient accumulation and padding)."""
+    return sum(loss.objective for loss in losses.values()) / max(total_targets, 1)

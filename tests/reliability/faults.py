@@ -1,0 +1,74 @@
+"""Tiny families, token shards, training configs and fault helpers for the reliability tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from familial.config import FamilyConfig
+from familial.data import write_shards
+from familial.model import FamilyModel
+
+VOCAB = 61
+
+
+def tiny_family_config(**overrides) -> FamilyConfig:
+    fields = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, exits=[1, 3],
+                  max_position_embeddings=64)
+    fields.update(overrides)
+    return FamilyConfig(**fields)
+
+
+def tiny_family(seed: int = 0, **overrides) -> FamilyModel:
+    torch.manual_seed(seed)
+    return FamilyModel(tiny_family_config(**overrides))
+
+
+def write_counting_shards(path: Path, seed: int = 0, documents: int = 40, vocab: int = VOCAB) -> Path:
+    """Documents that count upwards mod `vocab` from a random start: learnable, so losses move."""
+    rng = np.random.default_rng(seed)
+    docs = [(rng.integers(0, vocab) + np.arange(rng.integers(8, 30))) % vocab for _ in range(documents)]
+    write_shards(path, docs, vocab_size=vocab, eos_token_id=0)
+    return path
+
+
+def train_config_dict(run_dir: Path, shards: Path, steps: int = 6, **top) -> dict:
+    """A complete training config for a 4-layer, 3-exit family on CPU (seconds per run)."""
+    config = {
+        "run_dir": str(run_dir),
+        "steps": steps,
+        "seed": 5,
+        "init": {"model": {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64,
+                           "num_hidden_layers": 4, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "exits": [1, 2, 3],
+                           "max_position_embeddings": 64}},
+        "data": {"sources": [{"path": str(shards)}], "seq_len": 16, "batch_size": 2, "grad_accum": 2},
+        "lr": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+        "loss": {"chunk_size": 13, "lambdas": {"1": 0.5}},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    config.update(top)
+    return config
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Hidden staging/trash entries a failed atomic write could leave behind."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def toml_value(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # JSON's strings, numbers and true/false are TOML too
+
+
+def write_toml(path: Path, config: dict) -> Path:
+    """A config dict as TOML (nested tables inline), for the `familial train` command."""
+    path.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in config.items()))
+    return path
