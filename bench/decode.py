@@ -8,7 +8,7 @@
 3. Continuous batching: mixed-member requests served together against one at a time.
 4. Memory: the family's weights loaded once against every member loaded separately.
 
-Uses the family at --family, else runs/demo when the demo has trained one, else trains a
+Uses the family at --family, else runs/demo when `familial demo` has trained one, else trains a
 tiny family for a few seconds on a synthetic Markov-chain language (said in the output).
 Last line: one JSON object of the figures.
 """
@@ -68,17 +68,29 @@ def train_tiny_family(steps: int) -> FamilyModel:
     return model.eval()
 
 
+PROMPT_TEXT = "import os\n\n\ndef main():\n    "
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = CLOCKS["cpu"]
 
 
-def tokens_per_second(fn, tokens: int, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
+def race(contenders: dict, tokens: int, repeats: int) -> dict[str, tuple[float, object]]:
+    """Best tokens/s of each contender, run in turns so that a busy spell hits all alike."""
+    best = {name: float("inf") for name in contenders}
+    results = {}
     for _ in range(repeats):
-        started = clock()
-        result = fn()
-        best = min(best, clock() - started)
-    return tokens / best, result
+        for name, fn in contenders.items():
+            started = clock()
+            results[name] = fn()
+            best[name] = min(best[name], clock() - started)
+    return {name: (tokens / best[name], results[name]) for name in contenders}
+
+
+def find_family(directory: Path) -> Path | None:
+    """A family checkpoint: `directory` itself, or the latest one a demo/training run saved."""
+    if (directory / "family.json").exists():
+        return directory
+    saved = sorted(directory.glob("run/checkpoints/step-*/family/family.json"))
+    return saved[-1].parent if saved else None
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
@@ -101,10 +113,10 @@ def main() -> int:
     torch.set_num_threads(1)
     new_tokens = args.tokens or (64 if args.quick else 160)
     # Best of several runs: the machine is shared, and the minimum is the least disturbed.
-    repeats = 2 if args.quick else 5
+    repeats = 3 if args.quick else 5
     work = Path(tempfile.mkdtemp(prefix="familial-bench-"))
-    family_dir = Path(args.family) if args.family else Path("runs/demo")
-    if (family_dir / "family.json").exists():
+    family_dir = find_family(Path(args.family) if args.family else Path("runs/demo"))
+    if family_dir is not None:
         source = str(family_dir)
     else:
         source = "tiny family trained in this run on a synthetic Markov language (no runs/demo)"
@@ -115,9 +127,19 @@ def main() -> int:
     print(f"family: {source}")
     model = load_family(family_dir)
     config = model.config
-    engine = Engine(model, max_batch_size=8, max_seq_len=new_tokens + 64)
+    tokenizer = None
+    if (family_dir / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(family_dir / "tokenizer.json"))
+    engine = Engine(model, tokenizer=tokenizer, max_batch_size=8, max_seq_len=new_tokens + 64)
+    # Every run decodes exactly new_tokens (here and in transformers), so speeds compare.
+    engine.eos = set()
     greedy = SamplingParams(max_new_tokens=new_tokens, greedy=True)
-    prompt = [int(t) for t in torch.randint(0, config.vocab_size, (8,), generator=torch.Generator().manual_seed(1))]
+    if tokenizer is not None:
+        prompt = tokenizer.encode(PROMPT_TEXT).ids
+    else:
+        prompt = [int(t) for t in torch.randint(0, config.vocab_size, (8,), generator=torch.Generator().manual_seed(1))]
     figures: dict = {"family": source, "new_tokens": new_tokens, "clock": args.clock, "members": {}}
     print(f"tokens/s by {args.clock} time, best of {repeats}, {new_tokens} new tokens, batch 1 unless said")
 
@@ -128,17 +150,18 @@ def main() -> int:
     for exit_layer in config.exits:
         dense_dir = export_member(family_dir, work / f"exit-{exit_layer}", exit_layer)
         dense = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
+        dense.generation_config.eos_token_id = None
         hf_bytes += parameter_bytes(dense)
         ids = torch.tensor([prompt])
 
         def hf_generate():
             with torch.inference_mode():
                 return dense.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                                      do_sample=False, pad_token_id=0)
 
-        ours, result = tokens_per_second(lambda: engine.generate([prompt], exit_layer, greedy)[0],
-                                         new_tokens, repeats)
-        theirs, reference = tokens_per_second(hf_generate, new_tokens, repeats)
+        timed = race({"ours": lambda e=exit_layer: engine.generate([prompt], e, greedy)[0],
+                      "transformers": hf_generate}, new_tokens, repeats)
+        (ours, result), (theirs, reference) = timed["ours"], timed["transformers"]
         same = reference[0, len(prompt):].tolist() == result.token_ids
         plain_tokens[exit_layer] = result.token_ids
         figures["members"][f"exit-{exit_layer}"] = {
@@ -149,22 +172,6 @@ def main() -> int:
         del dense
 
     full = config.exits[-1]
-    plain, _ = tokens_per_second(lambda: engine.generate([prompt], full, greedy)[0], new_tokens, repeats)
-    figures["speculative"] = {"plain_tokens_per_s": round(plain, 1)}
-    chains = {"smallest drafts": True}
-    if len(config.exits) > 2:
-        chains["cascade"] = "cascade"
-    for name, speculative in chains.items():
-        speed, result = tokens_per_second(
-            lambda s=speculative: engine.generate([prompt], full, greedy, speculative=s)[0], new_tokens, repeats)
-        same = result.token_ids == plain_tokens[full]
-        acceptance = result.accepted / max(1, result.drafted)
-        figures["speculative"][name.replace(" ", "_")] = {
-            "tokens_per_s": round(speed, 1), "speedup": round(speed / plain, 2), "identical": same,
-            "acceptance": round(acceptance, 3), "chain": engine.draft_chain(full, speculative)}
-        print(f"speculative ({name}, chain {engine.draft_chain(full, speculative)}): {speed:.1f} tok/s vs "
-              f"plain {plain:.1f} = {speed / plain:.2f}x, acceptance {acceptance:.0%}, identical: {same}")
-
     thresholds = "checkpoint"
     if "early_exit" not in config.runtime:
         if args.calibration_data or (work / "held_out.pt").exists():
@@ -174,7 +181,28 @@ def main() -> int:
             thresholds = "calibrated in this run for 90% agreement"
         else:
             thresholds = f"default ({DEFAULT_THRESHOLD} top-1, no calibration data)"
-    speed, result = tokens_per_second(lambda: engine.generate([prompt], "auto", greedy)[0], new_tokens, repeats)
+    chains = {"smallest_drafts": True}
+    if len(config.exits) > 2:
+        chains["cascade"] = "cascade"
+    contenders = {"plain": lambda: engine.generate([prompt], full, greedy)[0]}
+    contenders.update({name: lambda s=spec: engine.generate([prompt], full, greedy, speculative=s)[0]
+                       for name, spec in chains.items()})
+    contenders["auto"] = lambda: engine.generate([prompt], "auto", greedy)[0]
+    timed = race(contenders, new_tokens, repeats)
+    plain = timed["plain"][0]
+    figures["speculative"] = {"plain_tokens_per_s": round(plain, 1)}
+    for name, speculative in chains.items():
+        speed, result = timed[name]
+        same = result.token_ids == plain_tokens[full]
+        acceptance = result.accepted / max(1, result.drafted)
+        chain = engine.draft_chain(full, speculative)
+        figures["speculative"][name] = {
+            "tokens_per_s": round(speed, 1), "speedup": round(speed / plain, 2), "identical": same,
+            "acceptance": round(acceptance, 3), "chain": chain}
+        print(f"speculative ({name.replace('_', ' ')}, chain {chain}): {speed:.1f} tok/s vs plain "
+              f"{plain:.1f} = {speed / plain:.2f}x, acceptance {acceptance:.0%}, identical: {same}")
+
+    speed, result = timed["auto"]
     depth = sum(config.member_layers(e) for e in result.exits) / len(result.exits) / config.num_hidden_layers
     same = next((i for i, (a, b) in enumerate(zip(result.token_ids, plain_tokens[full])) if a != b),
                 len(result.token_ids))
@@ -200,8 +228,8 @@ def main() -> int:
         return [engine.generate([p], m, short)[0].token_ids for p, m in zip(batch_prompts, members)]
 
     total = 8 * short.max_new_tokens
-    together, together_tokens = tokens_per_second(batched, total, repeats)
-    alone, alone_tokens = tokens_per_second(one_by_one, total, repeats)
+    timed = race({"batched": batched, "one_by_one": one_by_one}, total, repeats)
+    (together, together_tokens), (alone, alone_tokens) = timed["batched"], timed["one_by_one"]
     figures["batching"] = {"mixed_members_tokens_per_s": round(together, 1),
                            "one_by_one_tokens_per_s": round(alone, 1),
                            "ratio": round(together / alone, 2), "identical": together_tokens == alone_tokens}

@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from familial.posttrain.expand import frozen_parameter_patterns
 from familial.posttrain.grpo import generate, load_config
 from familial.posttrain.rewards import arithmetic_reward, split_problems, sum_problems
 from familial.summary import summarize
-from familial.train.config import load_config as load_train_config
+from familial.train.config import TrainConfig, load_config as load_train_config
 from familial.train.loop import Trainer
 
 RECIPE = Path(__file__).resolve().parent
@@ -44,7 +45,7 @@ QUESTION = "What is {a} + {b}?"
 def general_conversations(limit: int, seed: int = 0) -> list[dict]:
     """Stage-I 'general' chat: questions about stdlib functions answered by their docstrings."""
     rng = random.Random(seed)
-    train, _ = demo_documents(1_500_000)
+    train, _ = demo_documents(600_000)
     conversations = []
     for text in train:
         try:
@@ -84,7 +85,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def prepare_data(work: Path) -> None:
     (work / "data" / "tokenizer").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TOKENIZER_PATH, work / "data" / "tokenizer" / "tokenizer.json")
-    prepare_demo_data(work / "data" / "demo", limit_bytes=1_500_000, overwrite=True)
+    prepare_demo_data(work / "data" / "demo", limit_bytes=600_000, overwrite=True)
     train_sums, _ = split_problems(sum_problems(9), 0.2, seed=0)
     tokenizer = str(work / "data" / "tokenizer" / "tokenizer.json")
     for name, records in (("general", general_conversations(3000)),
@@ -101,11 +102,20 @@ def run(argv: list[str]) -> None:
         raise SystemExit(f"familial {argv[0]} failed with exit code {code}")
 
 
-def train(config: str, family_out: str) -> None:
+def train(config: str, family_out: str, scale: float) -> None:
     print(f"$ familial train examples/recipe/{config}", flush=True)
-    trainer = Trainer(load_train_config(RECIPE / config))
+    trainer = Trainer(scaled_config(RECIPE / config, scale))
     trainer.run()
     shutil.copytree(trainer.final_family(), family_out, dirs_exist_ok=True)
+
+
+def scaled_config(path: Path, scale: float) -> TrainConfig:
+    """A training config with every stage's steps multiplied by `scale` (smoke runs)."""
+    data = tomllib.loads(path.read_text())
+    for table in [data] + data.get("stages", []):
+        if "steps" in table:
+            table["steps"] = max(1, round(table["steps"] * scale))
+    return load_train_config(data=data)
 
 
 class Evaluator:
@@ -129,7 +139,7 @@ class Evaluator:
 
     def __call__(self, stage: str, family: str) -> None:
         model = load_family(family).eval()
-        held = evaluate_held_out(model, self.held_out, 128, max_tokens=16384)
+        held = evaluate_held_out(model, self.held_out, 128, max_tokens=8192)
         sizes = {m.exit: m.parameters for m in summarize(FamilyConfig.load(family)).members}
         for k, e in enumerate(held.exits):
             self.rows.append({
@@ -167,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="runs/recipe", help="work directory (replaced)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every stage's steps (e.g. 0.05 for a smoke run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work).resolve()
@@ -178,18 +190,18 @@ def main(argv: list[str] | None = None) -> None:
     prepare_data(work)
     grpo = load_config(RECIPE / "grpo.toml")
     evaluate = Evaluator(work, grpo.task.template)
-    train("cpt.toml", "families/cpt")
+    train("cpt.toml", "families/cpt", args.scale)
     evaluate("1 CPT", "families/cpt")
-    train("sft.toml", "families/sft")
+    train("sft.toml", "families/sft", args.scale)
     evaluate("2 SFT I+II", "families/sft")
     run(["expand", "families/sft", "families/expanded", "--member", "small", "--blocks", "2"])
     evaluate("3 expanded (init)", "families/expanded")
     expected = frozen_parameter_patterns(FamilyConfig.load("families/expanded"), "small")
     if load_train_config(RECIPE / "expand_train.toml").freeze != expected:
         raise SystemExit(f"expand_train.toml's freeze list is stale; expected {expected}")
-    train("expand_train.toml", "families/expanded_trained")
+    train("expand_train.toml", "families/expanded_trained", args.scale)
     evaluate("4 new blocks trained", "families/expanded_trained")
-    run(["grpo", str(RECIPE / "grpo.toml")])
+    run(["grpo", str(RECIPE / "grpo.toml"), "--steps", str(max(2, round(grpo.steps * args.scale)))])
     rewards = [json.loads(line)["reward"] for line in Path(grpo.output, "grpo.jsonl").read_text().splitlines()]
     evaluate("5 GRPO", f"{grpo.output}/family")
     run(["compress", f"{grpo.output}/family", "families/compressed", "--member", "small",

@@ -90,6 +90,8 @@ class FamilyConfig:
             raise bad("rms_norm_eps", "expected a positive number")
         if not self.rope_theta > 0:
             raise bad("rope_theta", "expected a positive number")
+        if not self.initializer_range >= 0:
+            raise bad("initializer_range", "expected a number >= 0")
         if self.torch_dtype not in ("float32", "bfloat16", "float16"):
             raise bad("torch_dtype", "expected float32, bfloat16 or float16")
         exits = self.exits
@@ -123,6 +125,14 @@ class FamilyConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("default", "linear", "yarn"):
                 raise bad("rope_scaling", "supported rope_type values are default, linear and yarn")
+            # The model divides and takes logarithms of these: they must be positive numbers.
+            numbers = {"factor": kind != "default", "original_max_position_embeddings": False,
+                       "beta_fast": False, "beta_slow": False, "attention_factor": False}
+            for key, required in numbers.items():
+                value = self.rope_scaling.get(key)
+                if (value is not None or required) and not (_finite_number(value) and 0 < value < 2**63):
+                    raise bad("rope_scaling", f"'{key}' must be a positive number"
+                                              f"{' (required by ' + kind + ' scaling)' if required else ''}")
 
     @property
     def num_exits(self) -> int:
@@ -269,7 +279,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} = {value!r}: expected an integer")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if _finite_number(value):
             return float(value)
         raise ConfigError(f"{where} = {value!r}: expected a finite number")
     if hint is str:
@@ -281,6 +291,16 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} = {value!r}: expected one of {', '.join(map(repr, args))}")
     return value
+
+
+def _finite_number(value: Any) -> bool:
+    """An int or float that converts to a finite float (10**400 does not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _describe(hint: Any) -> str:

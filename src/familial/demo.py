@@ -41,7 +41,7 @@ class DemoPlan:
     sample_tokens: int
 
 
-FULL = DemoPlan(corpus_bytes=2_000_000, steps=150, batch_size=8, seq_len=128, hidden_size=128,
+FULL = DemoPlan(corpus_bytes=2_000_000, steps=300, batch_size=8, seq_len=128, hidden_size=128,
                 intermediate_size=384, eval_batches=24, sample_tokens=40)
 QUICK = DemoPlan(corpus_bytes=400_000, steps=30, batch_size=8, seq_len=64, hidden_size=96,
                  intermediate_size=256, eval_batches=6, sample_tokens=16)
@@ -70,7 +70,7 @@ def train_config(plan: DemoPlan, data_dir: Path, run_dir: Path, tokenizer: str, 
             "member_names": {"tiny": 1, "small": 3, "medium": 5, "full": 7}}},
         "data": {"sources": [{"path": str(data_dir / "train")}], "seq_len": plan.seq_len,
                  "batch_size": plan.batch_size},
-        "lr": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": max(plan.steps // 20, 1), "kind": "wsd"},
+        "lr": {"lr": 6e-3, "min_lr": 3e-4, "warmup_steps": max(plan.steps // 20, 1), "kind": "wsd"},
         "optim": {"weight_decay": 0.05},
         # Warm deep supervision: shallow exits pull hard early, then fade so they stop
         # competing with the deeper members near the end.

@@ -50,7 +50,9 @@ def summarize(config: FamilyConfig) -> FamilySummary:
     for e in config.exits:
         member = family.member(e)
         total = sum(p.numel() for p in member.parameters())
-        embedding = {id(member.model.embed_tokens.weight), id(member.lm_head.weight)}
+        # A compressed (low-rank) head holds two matrices, so collect parameters, not .weight.
+        embedding = {id(p) for p in (*member.model.embed_tokens.parameters(),
+                                     *member.lm_head.parameters())}
         non_embedding = total - sum(p.numel() for p in member.parameters() if id(p) in embedding)
         members.append(MemberSummary(e, config.member_name(e), config.member_layers(e), total,
                                      non_embedding))

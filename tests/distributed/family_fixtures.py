@@ -4,7 +4,7 @@ import torch
 
 from familial.config import FamilyConfig
 from familial.model import FamilyModel
-from familial.train.losses import IGNORE_INDEX, count_targets, family_loss_sums, weighted_loss
+from familial.train.losses import IGNORE_INDEX, count_targets, family_loss_sums, total_objective
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, exits=[1, 3])
@@ -48,12 +48,12 @@ def reference_run(overrides: dict, steps: int, weights: dict[int, float] | None 
     for step, (input_ids, labels) in enumerate(batches(overrides, steps, seed=seed)):
         if step < skip:
             continue
-        sums = family_loss_sums(model, input_ids, labels)
+        sums = family_loss_sums(model, input_ids, labels, lambdas=weights)
         total_targets = count_targets(labels)
-        weighted_loss(sums, weights, {}, total_targets).backward()
+        total_objective(sums, total_targets).backward()
         if grads is None:
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append({e: float(s.ce_sum.detach()) / total_targets for e, s in sums.items()})
+        losses.append({e: float(s.ce_sum) / total_targets for e, s in sums.items()})
     return losses, grads, model, optimizer

@@ -105,3 +105,19 @@ def test_copied_kv_is_exact_at_the_exit_layer_and_fills_deeper_layers(family):
         copied = engine.cache.keys[name][0, :, len(prompt):n]
         assert copied.abs().sum() > 0
         assert not torch.allclose(copied, reference.keys[name][0, :, len(prompt):n], atol=1e-3)
+
+
+def test_exit_is_decided_per_sequence_within_a_batch(family):
+    """Two adaptive requests decoded together exit where each would alone."""
+    _thresholds(family, 1.01)
+    engine = Engine(family, max_batch_size=2)
+    params = SamplingParams(max_new_tokens=10, greedy=True)
+    alone = [engine.generate([[4, 5, 6]], params=params, budget=b)[0] for b in (0.4, 1.0)]
+    together = [engine.submit([4, 5, 6], params=params, budget=b) for b in (0.4, 1.0)]
+    with engine._drive:
+        while not all(h.done for h in together):
+            engine._step()
+    events = [list(h) for h in together]
+    assert [[e.exit for e in ev] for ev in events] == [r.exits for r in alone]
+    assert [[e.token_id for e in ev] for ev in events] == [r.token_ids for r in alone]
+    assert set(alone[1].exits) == {5} and 1 in alone[0].exits

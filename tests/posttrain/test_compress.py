@@ -15,6 +15,7 @@ from familial.posttrain.compress import (
     allocate_ratios, calibration_batches, collect_covariances, compress_member, merge_low_rank,
     plan_compression, rank_for_ratio, truncate)
 from familial.posttrain.expand import expand_member
+from familial.summary import summarize
 
 
 def _anisotropic(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -147,6 +148,8 @@ def test_compressed_family_counts_loads_merges_and_exports(family, tmp_path):
         expected = family(ids, exits=[1, 3])
     save_family(family, tmp_path / "small")
     loaded = load_family(tmp_path / "small")
+    small = summarize(loaded.config).members[0]
+    assert small.parameters == sum(p.numel() for p in family.member(1).parameters())
     with torch.no_grad():
         assert torch.equal(loaded(ids, exits=[1])[1], expected[1])
     export_member(tmp_path / "small", tmp_path / "dense", 1)

@@ -60,14 +60,15 @@ def family_dicts(draw) -> dict:
 
 
 def builds_a_model(config: FamilyConfig) -> None:
-    # Sizes past what a machine could hold are a resource question, not a format one.
+    # Sizes past what a test machine holds are a resource question, not a format one.
+    depths = [config.branch_depth(e) for e in config.exits]
+    if config.head_dim <= 4096:
+        rotary = RotaryEmbedding(config)  # the scaling parameters are used here
+        rotary(torch.arange(4)[None], torch.float32)
     if max(config.vocab_size, config.hidden_size, config.intermediate_size, config.head_dim,
-           config.num_attention_heads, config.num_hidden_layers) > 2**16:
-        return
-    with torch.device("meta"):
-        FamilyModel(config)
-    rotary = RotaryEmbedding(config)  # computed for real: scaling parameters are used here
-    rotary(torch.arange(4)[None], torch.float32)
+           config.num_attention_heads) <= 4096 and config.num_hidden_layers + sum(depths) <= 24:
+        with torch.device("meta"):
+            FamilyModel(config)
 
 
 @FUZZ
@@ -81,6 +82,18 @@ def test_family_config_loads_or_raises_config_error(data):
     builds_a_model(config)
     again = FamilyConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
+
+
+@settings(max_examples=100, deadline=None)
+@given(scaling=near_family["rope_scaling"], theta=scalars)
+def test_rope_settings_load_or_raise_config_error(scaling, theta):
+    data = dict(VALID_FAMILY, rope_scaling=scaling, rope_theta=theta)
+    try:
+        config = FamilyConfig.from_dict(data)
+    except ConfigError as error:
+        assert str(error)
+        return
+    builds_a_model(config)
 
 
 @FUZZ

@@ -126,8 +126,9 @@ class Runner:
         leaving: set[int] = set()
         copy_forward: list[int] = []
         if heads:
-            at = torch.tensor(heads, dtype=torch.long, device=h.device)
-            self._finish(exit_layer, h.index_select(0, at), [rows[sub.index[j]] for j in heads],
+            if len(heads) < len(sub.index):
+                h = h.index_select(0, torch.tensor(heads, dtype=torch.long, device=h.device))
+            self._finish(exit_layer, h, [rows[sub.index[j]] for j in heads],
                          [sub.index[j] for j in heads], outputs)
             for j in heads:
                 b = sub.index[j]

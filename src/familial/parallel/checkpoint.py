@@ -84,13 +84,14 @@ def save_checkpoint(directory: str | Path, trainer, step: int, extra: dict[str, 
     return target
 
 
-def _load(directory: str | Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None) -> dict:
+def _load(directory: str | Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None,
+          no_dist: bool = False) -> dict:
     directory = Path(directory)
     if not (directory / ".metadata").exists():
         raise CheckpointError(f"{directory}: not a distributed checkpoint (no .metadata)")
     models, optims = _part_states(parts, optimizers)
     state = _combined(models, optims)
-    dcp.load(state, checkpoint_id=str(directory))
+    dcp.load(state, checkpoint_id=str(directory), no_dist=no_dist)
     for part, sd in zip(parts, models):
         set_model_state_dict(part, {k: state[f"model.{k}"] for k in sd}, options=OPTIONS)
     for part, opt, sd in zip(parts, optimizers or [], optims):
@@ -105,8 +106,11 @@ def load_checkpoint(directory: str | Path, trainer) -> dict[str, Any]:
 
 def load_into_model(directory: str | Path, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load a checkpoint saved under any layout into one plain FamilyModel (and its optimizer)."""
-    return _load(directory, [model], [optimizer] if optimizer is not None else None)
+    """Load a checkpoint saved under any layout into one plain FamilyModel (and its optimizer).
+
+    Not collective: one rank of a running job may call it (e.g. to export).
+    """
+    return _load(directory, [model], [optimizer] if optimizer is not None else None, no_dist=True)
 
 
 def export_family(directory: str | Path, out: str | Path, tokenizer_source: str | Path | None = None,

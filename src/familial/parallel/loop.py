@@ -24,8 +24,8 @@ from familial.parallel.checkpoint import export_family, load_checkpoint, save_ch
 from familial.parallel.mesh import ParallelDims, init_distributed
 from familial.parallel.train import ParallelOptions, ParallelTrainer
 from familial.train.config import TrainConfig, save_resolved
-from familial.train.loop import (build_batches, build_model, build_optimizer, exit_weights, matches,
-                                 seed_everything, set_lr, tokenizer_source)
+from familial.train.loop import (apply_activation_checkpointing, build_batches, build_model, build_optimizer,
+                                 exit_weights, matches, seed_everything, set_lr, tokenizer_source)
 from familial.train.metrics import MetricsWriter
 from familial.train.schedules import lr_at
 
@@ -57,6 +57,9 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def run_parallel(config: TrainConfig, resume: str | None = None) -> int:
+    if config.compile:
+        raise ConfigError("train config: field 'compile' = True: torch.compile is not wired into parallel"
+                          " runs yet; set compile = false")
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if world == 1:
@@ -71,6 +74,8 @@ def run_parallel(config: TrainConfig, resume: str | None = None) -> int:
     run_dir = Path(config.run_dir)
     seed_everything(config.seed)
     family = build_model(config.init, config.seed, run_dir)
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(family)
     names = [name for name, _ in family.named_parameters()]
     options = ParallelOptions(schedule=p.pp_schedule, microbatches=p.microbatches,
                               sequence_parallel=p.sequence_parallel,

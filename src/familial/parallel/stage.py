@@ -135,9 +135,8 @@ class FamilyStage(nn.Module):
             if isinstance(ce_sum, DTensor):
                 ce_sum = ce_sum.redistribute(placements=[Replicate()]).to_local()
         else:
-            if isinstance(normed, DTensor):
-                normed = normed.full_tensor()
-            ce_sum = exit_loss_sum(normed, head, labels, self.chunk_size).ce_sum
+            # With ce_weight 1 the differentiable objective is the CE sum itself.
+            ce_sum = exit_loss_sum(normed, head, labels, self.chunk_size, ce_weight=1.0).objective
         scale = self.exit_weights.get(exit_layer, 0.0) / max(self.global_targets, 1)
         return ce_sum * scale, ce_sum.detach()
 

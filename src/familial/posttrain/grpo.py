@@ -131,7 +131,7 @@ def generate(member: FamilyMember, prompts: list[list[int]], max_new_tokens: int
              temperature: float, stop_ids: set[int], pad_id: int,
              generator: torch.Generator | None = None) -> Rollout:
     """Sample completions for a batch of prompts (temperature 0: greedy) with a KV cache."""
-    device = member.lm_head.weight.device
+    device = member.model.embed_tokens.weight.device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
@@ -239,7 +239,7 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate,
                                            weight_decay=config.weight_decay, betas=(0.9, 0.99))
         self.rng = random.Random(config.seed)
-        self.generator = torch.Generator(device=self.policy.lm_head.weight.device)
+        self.generator = torch.Generator(device=self.policy.model.embed_tokens.weight.device)
         self.generator.manual_seed(config.seed)
         self.stop_ids = set(_as_list(model.config.eos_token_id))
         for token in config.stop_tokens:

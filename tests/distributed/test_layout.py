@@ -1,0 +1,83 @@
+"""Layout arithmetic and errors of familial.parallel that need no processes."""
+
+import itertools
+
+import pytest
+
+from familial.config import ConfigError, FamilyConfig
+from familial.parallel.mesh import ParallelDims
+from familial.parallel.pipeline import build_schedule, check_boundaries, layer_costs, split_layers
+from familial.parallel.tensor_parallel import check_tensor_parallel
+
+
+def family(**overrides) -> FamilyConfig:
+    base = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, exits=[1, 5, 7])
+    return FamilyConfig(**{**base, **overrides})
+
+
+def stage_costs(config, bounds):
+    costs = layer_costs(config)
+    return [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_split_minimises_the_most_expensive_stage(stages):
+    config = family()
+    bounds = split_layers(config, stages)
+    layers = config.num_hidden_layers
+    best = min(max(stage_costs(config, [0, *cuts, layers]))
+               for cuts in itertools.combinations(range(1, layers), stages - 1))
+    assert bounds[0] == 0 and bounds[-1] == layers and len(bounds) == stages + 1
+    assert max(stage_costs(config, bounds)) == best
+
+
+def test_branches_and_heads_weigh_on_the_stage_of_their_exit():
+    # A 4096-token head costs as much as ~10 of these layers: the stage holding exit 1
+    # (branch + head) and the last stage (head) get fewer trunk layers.
+    bounds = split_layers(family(), 2)
+    plain = split_layers(family(vocab_size=8, exits=[7]), 2)
+    assert plain == [0, 4, 8]
+    assert bounds != plain
+
+
+def test_published_family_splits_where_the_docs_say():
+    config = FamilyConfig(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                          num_attention_heads=40, num_key_value_heads=8, head_dim=128, exits=[2, 21, 39])
+    assert split_layers(config, 2) == [0, 21, 40]
+    assert split_layers(config, 4) == [0, 9, 21, 30, 40]
+
+
+def test_layouts_a_pipeline_cannot_hold_are_refused():
+    with pytest.raises(ConfigError, match="shared_head"):
+        check_boundaries(family(shared_head=True), [0, 4, 8])
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        check_boundaries(family(tie_word_embeddings=True), [0, 4, 8])
+    with pytest.raises(ConfigError, match=r"boundaries \[0, 4, 4, 8\]"):
+        check_boundaries(family(), [0, 4, 4, 8])
+    with pytest.raises(ConfigError, match="9 pipeline stages"):
+        split_layers(family(), 9)
+    check_boundaries(family(shared_head=True), [0, 1, 8])  # every exit in the last stage
+
+
+def test_tensor_parallel_needs_whole_kv_heads():
+    with pytest.raises(ConfigError, match=r"num_key_value_heads' = 2 is not divisible by parallel.tp = 4.*GQA"):
+        check_tensor_parallel(family(), 4)
+    with pytest.raises(ConfigError, match="vocab_size' = 97"):
+        check_tensor_parallel(family(vocab_size=97), 2)
+    check_tensor_parallel(family(), 2)
+
+
+def test_parallel_dims_fill_and_check_the_world():
+    assert ParallelDims(dp_shard=-1, tp=2, pp=2).resolve(8).dp_shard == 2
+    with pytest.raises(ConfigError, match="needs 12 ranks, but the world size is 8"):
+        ParallelDims(dp_shard=3, tp=2, pp=2).resolve(8)
+    with pytest.raises(ConfigError, match="parallel.tp = 0"):
+        ParallelDims(tp=0).resolve(8)
+
+
+def test_schedule_names_are_checked_and_zero_bubble_is_opt_in():
+    with pytest.raises(ConfigError, match="'Looped': expected one of GPipe, 1F1B, Interleaved1F1B"):
+        build_schedule("Looped", [], 4)
+    with pytest.raises(ConfigError, match="zero-bubble schedules are experimental"):
+        build_schedule("InterleavedZeroBubble", [], 4)
