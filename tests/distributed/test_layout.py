@@ -76,8 +76,8 @@ def test_parallel_dims_fill_and_check_the_world():
         ParallelDims(tp=0).resolve(8)
 
 
-def test_schedule_names_are_checked_and_zero_bubble_is_opt_in():
+def test_schedule_names_are_checked_and_zero_bubble_is_refused():
     with pytest.raises(ConfigError, match="'Looped': expected one of GPipe, 1F1B, Interleaved1F1B"):
         build_schedule("Looped", [], 4)
-    with pytest.raises(ConfigError, match="zero-bubble schedules are experimental"):
-        build_schedule("InterleavedZeroBubble", [], 4)
+    with pytest.raises(ConfigError, match="zero-bubble schedules split backward"):
+        build_schedule("ZBVZeroBubble", [], 4)

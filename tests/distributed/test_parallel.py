@@ -88,8 +88,10 @@ def test_tensor_parallel_with_sequence_parallel(tmp_path):
     assert_matches(results, {})
 
 
-def test_fsdp_shards_gradients_summed_over_ranks(tmp_path):
-    assert_matches(run_layout(tmp_path, 2, {"dims": {"dp_shard": 2}}), {})
+@pytest.mark.parametrize("dims", [{"dp_shard": 2}, {"dp_replicate": 2, "dp_shard": 1}])
+def test_data_parallel_gradients_are_summed_over_ranks(tmp_path, dims):
+    # dp_shard: FSDP2; dp_replicate: full replicas (HSDP with one shard per group).
+    assert_matches(run_layout(tmp_path, 2, {"dims": dims}), {})
 
 
 @pytest.mark.parametrize("schedule", ["GPipe", "1F1B"])

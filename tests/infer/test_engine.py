@@ -92,6 +92,12 @@ def test_stop_strings_and_eos_end_generation(family):
     cut = engine.generate([[1, 2, 3]], member=5, params=SamplingParams(
         max_new_tokens=10, greedy=True, stop=[stop]))[0]
     assert cut.finish_reason == "stop" and cut.text == plain.text[:plain.text.find(stop)]
+    end_of_turn = plain.token_ids[3]
+    turn = engine.generate([[1, 2, 3]], member=5, params=SamplingParams(
+        max_new_tokens=10, greedy=True, stop_token_ids=[end_of_turn]))[0]
+    assert turn.token_ids == plain.token_ids[:plain.token_ids.index(end_of_turn) + 1]
+    assert turn.finish_reason == "stop"
+    assert turn.text == tokenizer.decode(turn.token_ids[:-1])
     family.config.eos_token_id = plain.token_ids[5]
     eos = Engine(family).generate([[1, 2, 3]], member=5, params=GREEDY)[0]
     assert eos.token_ids == plain.token_ids[:plain.token_ids.index(plain.token_ids[5]) + 1]

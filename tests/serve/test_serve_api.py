@@ -136,3 +136,20 @@ def test_health_and_openapi_describe_the_server(live, http):
     assert request["additionalProperties"] is False
     assert request["properties"]["n"]["maximum"] == 1
     assert json.dumps(spec).count("HTTPValidationError") == 0
+
+
+def test_chat_answer_is_one_turn_ending_at_end_of_turn(client, live, monkeypatch):
+    """A chat model ends its turn with <|im_end|>: the server stops there, not at max_tokens."""
+    end_of_turn = live.engine.tokenizer.token_to_id("<|im_end|>")
+    seen = []
+    submit = live.engine.submit
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["params"].stop_token_ids)
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(live.engine, "submit", recording)
+    client.chat.completions.create(model="exit-3", messages=[{"role": "user", "content": "hi"}],
+                                   max_tokens=2, temperature=0)
+    client.completions.create(model="exit-3", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert seen == [[end_of_turn], []]

@@ -378,7 +378,7 @@ class Engine:
         sequence.generated.append(token)
         sequence.pending = token
         reason = None
-        if token in self.eos:
+        if token in self.eos or token in sequence.params.stop_token_ids:
             reason = "stop"
         elif len(sequence.generated) >= sequence.params.max_new_tokens \
                 or sequence.length + 1 >= self.max_seq_len:
@@ -394,7 +394,8 @@ class Engine:
         """Text new since the last event, holding back what might still become a stop string."""
         if self.tokenizer is None:
             return "", False
-        ids = [t for t in sequence.generated if t not in self.eos]
+        ends = self.eos.union(sequence.params.stop_token_ids)
+        ids = [t for t in sequence.generated if t not in ends]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         stops = sequence.params.stop
         hits = [text.find(s) for s in stops if s in text]

@@ -27,6 +27,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     greedy: bool = False
+    # generation ends at any of these tokens (beside the family's eos), e.g. a chat
+    # template's end-of-turn token; like eos, they are not part of the text.
+    stop_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -50,6 +53,9 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad("seed", "an integer or None")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of token ids")
 
     @property
     def is_greedy(self) -> bool:

@@ -27,6 +27,7 @@ from familial.parallel.fsdp import apply_fsdp, fsdp_dtype, mixed_precision
 from familial.parallel.mesh import ParallelDims, build_mesh
 from familial.parallel.pipeline import (
     build_schedule,
+    schedule_class,
     check_boundaries,
     split_layers,
     stage_indices,
@@ -51,8 +52,6 @@ class ParallelOptions:
     stage_boundaries: list[int] | None = None
     # tokens per head chunk of the (non tensor-parallel) exit losses
     chunk_size: int = 1024
-    # let zero-bubble schedules run (experimental: see pipeline.py)
-    allow_zero_bubble: bool = False
 
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -76,6 +75,7 @@ class ParallelTrainer:
         pp_rank = self.mesh["pp"].get_local_rank()
         self.pp_rank = pp_rank
         if dims.pp > 1:
+            schedule_class(options.schedule)
             per_rank = stages_per_rank(options.schedule)
             num_stages = dims.pp * per_rank
             bounds = options.stage_boundaries or split_layers(self.config, num_stages)
@@ -132,8 +132,7 @@ class ParallelTrainer:
             outputs = loss if part.is_last else hidden
             stages.append(PipelineStage(part, index, self._num_stages, self.device, input_args=inputs,
                                         output_args=outputs, group=group))
-        self.schedule = build_schedule(self.options.schedule, stages, self.microbatches,
-                                       self.options.allow_zero_bubble)
+        self.schedule = build_schedule(self.options.schedule, stages, self.microbatches)
         self._pipeline_shape = (batch, length)
         return self.schedule
 

@@ -374,7 +374,6 @@ def train(config: GRPOConfig, log=print) -> dict:
                "after": {"held_out_accuracy": trainer.accuracy(held_out),
                          "train_accuracy": trainer.accuracy(train_problems)},
                "config": asdict(config)}
-    model.requires_grad_(True)
     save_family(model, output / "family", tokenizer_source=config.family)
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"grpo: held-out accuracy {first['held_out_accuracy']:.3f} -> "

@@ -142,6 +142,10 @@ class Job:
         return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+# End-of-turn markers of the common chat templates (ChatML/Qwen, Llama 3, Gemma).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+
 class Server:
     def __init__(self, engine, tokenizer, chat_template: ChatTemplate) -> None:
         self.engine, self.tokenizer, self.chat_template = engine, tokenizer, chat_template
@@ -154,6 +158,8 @@ class Server:
             self.members.append(member)
             for name in [member.id, *member.aliases]:
                 self.names[name] = member
+        self.end_of_turn_ids = [token for token in map(tokenizer.token_to_id, END_OF_TURN_TOKENS)
+                                if token is not None]
         self.pool = ThreadPoolExecutor(engine.max_batch_size + engine.max_queue + 4,
                                        thread_name_prefix="familial-serve")
 
@@ -174,7 +180,7 @@ class Server:
         return list(encoding.ids)
 
     def submit(self, body: p.CompletionRequest | p.ChatCompletionRequest, prompt_ids: list[int],
-               max_tokens: int | None, prefix: str) -> Job:
+               max_tokens: int | None, prefix: str, stop_token_ids: list[int] | None = None) -> Job:
         member = self.member(body.model)
         if not prompt_ids:
             raise APIError(400, "the prompt is empty after tokenization", "prompt")
@@ -191,7 +197,8 @@ class Server:
                            "max_tokens" if room >= 1 else "prompt", "context_length_exceeded")
         params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
                                 top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                                stop=body.stop_list(), seed=body.seed)
+                                stop=body.stop_list(), seed=body.seed,
+                                stop_token_ids=list(stop_token_ids or []))
         try:
             handle = self.engine.submit(prompt_ids, member=member.id, params=params,
                                         speculative=body.speculative, budget=body.budget)
@@ -235,13 +242,9 @@ class Server:
             exit=m.exit, layers=m.layers, aliases=m.aliases)) for m in self.members])
 
     def health(self) -> p.Health:
-        engine = self.engine
-        # The engine publishes no counters; its queue and slot table are read under its own lock.
-        with engine._wake:
-            queued, running = len(engine._waiting), len(engine._active)
-        alive = engine._thread is not None and engine._thread.is_alive()
-        return p.Health(ok=alive, queue_depth=queued, running=running,
-                        max_batch_size=engine.max_batch_size, max_queue=engine.max_queue)
+        stats = self.engine.stats()
+        return p.Health(ok=stats["alive"], queue_depth=stats["queued"], running=stats["running"],
+                        max_batch_size=stats["max_batch_size"], max_queue=stats["max_queue"])
 
 
 def _sse(payload: Any) -> str:
@@ -388,7 +391,8 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None) -> 
             raise APIError(400, str(error), "messages") from None
         ids = await server.encode(prompt, special_tokens=False, param="messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        job = server.submit(body, ids, max_tokens, "chatcmpl")
+        # A chat answer is one assistant turn: it ends at the template's end-of-turn token.
+        job = server.submit(body, ids, max_tokens, "chatcmpl", server.end_of_turn_ids)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return JobStream(job, _stream(server, job, request, chat=True, usage=usage))

@@ -19,12 +19,15 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="prompt plus answer tokens per request (default: the model's, at most 4096)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (default: 1 for small families, else torch's)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
-    from familial.infer.engine import Engine
+    from familial.infer.engine import Engine, suggested_threads
     from familial.serve.app import create_app
     from familial.serve.chat_template import ChatTemplate
 
@@ -36,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port {args.port}: expected a port number in 1..65535")
     engine = Engine.from_checkpoint(family, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                     max_seq_len=args.max_seq_len, device=args.device)
+    threads = args.threads or suggested_threads(engine.config)
+    if threads:
+        torch.set_num_threads(threads)
     app = create_app(engine, engine.tokenizer, ChatTemplate.from_directory(family))
     engine.start()
     try:

@@ -59,6 +59,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: FamilyModel,
                     tokenizer: str | Path | None = None, keep: int = 2) -> Path:
     """Write step-N atomically (with its manifest), then drop all but the newest `keep`."""
     target = checkpoint_root(run_dir) / f"{PREFIX}{step:08d}"
+    # Saves killed half-way leave hidden staging (or trash) directories: reclaim their space.
+    for stale in checkpoint_root(run_dir).glob(f".{PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     with atomic_directory(target, overwrite=True) as staging:
         save_family(model, staging / "family", tokenizer_source=tokenizer)
         torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},

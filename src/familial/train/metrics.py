@@ -15,9 +15,16 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last write was cut short by a crash
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON record") from None
     return records
 
 
