@@ -6,12 +6,9 @@ import json
 import math
 import re
 
-import pytest
-
 from familial.cli import main
 
 
-@pytest.mark.slow
 def test_demo_quick_trains_evaluates_exports_and_samples(tmp_path, capsys):
     output = tmp_path / "demo"
     assert main(["demo", "--quick", "--threads", "1", "--output", str(output)]) == 0

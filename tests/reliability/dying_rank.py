@@ -1,0 +1,44 @@
+"""`familial train` under torchrun where one rank SIGKILLs itself at a chosen step.
+
+    torchrun --nproc-per-node 2 dying_rank.py '{"rank": 1, "step": 4}' CONFIG.toml [--resume]
+
+The rank dies inside the step's forward/backward (the other rank is then blocked in a
+collective, as after a real crash or lost node). Every rank prints which checkpoint it
+resumed from. '{}' kills nothing.
+"""
+
+import json
+import os
+import signal
+import sys
+
+import torch.distributed as dist
+
+import familial.parallel.loop as parallel_loop
+from familial import cli
+from familial.parallel.train import ParallelTrainer
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    real_step, real_load = ParallelTrainer.forward_backward, parallel_loop.load_checkpoint
+    calls = 0
+
+    def forward_backward(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if dist.get_rank() == spec.get("rank") and calls == spec.get("step"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(self, *args, **kwargs)
+
+    def load_checkpoint(path, trainer):
+        print(f"rank {dist.get_rank()} resumed from {path}", flush=True)
+        return real_load(path, trainer)
+
+    ParallelTrainer.forward_backward = forward_backward
+    parallel_loop.load_checkpoint = load_checkpoint
+    return cli.main(["train", *sys.argv[2:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""A rank of a 2-process gloo training run dies: the run stops with an error naming the
+rank within a bounded time (no hang), and `--resume` continues from the last checkpoint to
+the same losses as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from faults import train_config_dict, write_toml
+from familial.train.config import load_config
+from familial.train.loop import Trainer
+from familial.train.metrics import read_metrics
+
+pytestmark = pytest.mark.distributed
+
+LAUNCHER = Path(__file__).with_name("dying_rank.py")
+STEPS = 6
+# No launch may take longer than this; a hang fails the test instead of blocking CI.
+LIMIT_S = 180
+
+
+def torchrun(config: Path, spec: dict, resume: bool = False) -> tuple[int, str, float]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(LAUNCHER), json.dumps(spec), str(config), *(["--resume"] if resume else [])]
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the 2-process run hung for {LIMIT_S}s:\n{process.communicate()[0][-3000:]}")
+    return process.returncode, output, time.monotonic() - started
+
+
+def test_a_dead_rank_stops_the_run_and_resume_continues_from_the_last_checkpoint(tmp_path, shards):
+    data = train_config_dict(tmp_path / "run", shards, steps=STEPS, checkpoint={"every": 2, "keep": 2})
+    data["data"]["grad_accum"] = 1
+    single = dict(data, run_dir=str(tmp_path / "single"))
+    Trainer(load_config(data=single)).run()
+    config = write_toml(tmp_path / "train.toml", data)
+
+    code, output, seconds = torchrun(config, {"rank": 1, "step": 4})
+    assert code != 0, output[-3000:]
+    # torchrun's report names the rank that died and how.
+    assert "rank      : 1" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
+    logged = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("dcp-*"))
+    assert checkpoints == ["dcp-00000002"]
+
+    code, output, resumed_seconds = torchrun(config, {}, resume=True)
+    assert code == 0, output[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} resumed from {tmp_path / 'run' / 'checkpoints' / 'dcp-00000002'}" in output
+    got, want = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "single")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want):
+        for key in ("loss/exit-1", "loss/exit-2", "loss/exit-3", "lr"):
+            assert abs(a[key] - b[key]) <= 1e-4, (a["step"], key, a[key], b[key])
+    print(f"rank failure: stopped in {seconds:.1f}s (launch included), resumed run {resumed_seconds:.1f}s")
