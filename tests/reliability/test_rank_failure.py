@@ -43,10 +43,9 @@ def torchrun(config: Path, spec: dict, resume: bool = False) -> tuple[int, str, 
 
 def test_a_dead_rank_stops_the_run_and_resume_continues_from_the_last_checkpoint(tmp_path, shards):
     data = train_config_dict(tmp_path / "run", shards, steps=STEPS, checkpoint={"every": 2, "keep": 2})
-    data["data"]["grad_accum"] = 1
-    single = dict(data, run_dir=str(tmp_path / "single"))
-    Trainer(load_config(data=single)).run()
-    config = write_toml(tmp_path / "train.toml", data)
+    Trainer(load_config(data=dict(data, run_dir=str(tmp_path / "single")))).run()
+    # Two pipeline stages: every step both ranks exchange activations and gradients.
+    config = write_toml(tmp_path / "train.toml", dict(data, parallel={"pp": 2, "microbatches": 2}))
 
     code, output, seconds = torchrun(config, {"rank": 1, "step": 4})
     assert code != 0, output[-3000:]
