@@ -32,7 +32,7 @@ from familial.data.demo_corpus import TOKENIZER_PATH, demo_documents, prepare_de
 from familial.data.shards import TokenShards
 from familial.eval.perplexity import evaluate_held_out
 from familial.posttrain.expand import frozen_parameter_patterns
-from familial.posttrain.grpo import generate, load_config
+from familial.posttrain.grpo import GRPOConfig, generate, load_config
 from familial.posttrain.rewards import arithmetic_reward, split_problems, sum_problems
 from familial.summary import summarize
 from familial.train.config import TrainConfig, load_config as load_train_config
@@ -66,7 +66,7 @@ def general_conversations(limit: int, seed: int = 0) -> list[dict]:
 
 
 def sum_conversations(problems: list[tuple[str, str]], count: int, seed: int = 0) -> list[dict]:
-    """Stage-II domain chat: two-digit sums answered as 'a + b = c' (training problems only)."""
+    """Stage-II domain chat: sums of digits answered as 'a + b = c' (training problems only)."""
     rng = random.Random(seed)
     out = []
     for _ in range(count):
@@ -82,11 +82,12 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def prepare_data(work: Path) -> None:
+def prepare_data(work: Path, grpo: GRPOConfig) -> None:
     (work / "data" / "tokenizer").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(TOKENIZER_PATH, work / "data" / "tokenizer" / "tokenizer.json")
     prepare_demo_data(work / "data" / "demo", limit_bytes=600_000, overwrite=True)
-    train_sums, _ = split_problems(sum_problems(9), 0.2, seed=0)
+    # The same seeded split as GRPO's: the held-out problems never appear in SFT data.
+    train_sums, _ = split_problems(sum_problems(grpo.task.max_operand), grpo.task.held_out, grpo.seed)
     tokenizer = str(work / "data" / "tokenizer" / "tokenizer.json")
     for name, records in (("general", general_conversations(3000)),
                           ("sums", sum_conversations(train_sums, 3000))):
@@ -119,11 +120,12 @@ def scaled_config(path: Path, scale: float) -> TrainConfig:
 
 
 class Evaluator:
-    def __init__(self, work: Path, template: str) -> None:
+    def __init__(self, work: Path, grpo: GRPOConfig) -> None:
         self.held_out = TokenShards(work / "data" / "demo" / "held_out")
         self.tokenizer = Tokenizer.from_file(str(work / "data" / "tokenizer" / "tokenizer.json"))
         # The same seeded split as GRPO's (and the SFT data's): same order, same seed.
-        train_sums, held_sums = split_problems(sum_problems(9, template), 0.2, seed=0)
+        train_sums, held_sums = split_problems(sum_problems(grpo.task.max_operand, grpo.task.template),
+                                               grpo.task.held_out, grpo.seed)
         self.sums = {"held-out": held_sums, "train": train_sums}
         self.rows: list[dict] = []
 
@@ -133,7 +135,8 @@ class Evaluator:
         rollout = generate(model.member(exit_layer), prompts, 12, 0.0, {0, 2}, 0)
         correct = 0
         for (_, answer), row, mask in zip(problems, rollout.completions, rollout.completion_mask):
-            text = self.tokenizer.decode([int(t) for t, m in zip(row, mask) if m], skip_special_tokens=True)
+            kept = [int(t) for t, m in zip(row, mask) if m]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
             correct += arithmetic_reward("", text, answer)
         return correct / len(problems)
 
@@ -154,11 +157,13 @@ class Evaluator:
               flush=True)
 
     def table(self) -> str:
-        lines = ["| stage | member | layers | params | held-out loss | sums acc. held-out | sums acc. train |",
+        lines = ["| stage | member | layers | params | held-out loss | sums acc. held-out "
+                 "| sums acc. train |",
                  "|---|---|---:|---:|---:|---:|---:|"]
         for r in self.rows:
             lines.append(f"| {r['stage']} | {r['member']} | {r['layers']} | {r['params']:,} | "
-                         f"{r['held_out_loss']:.3f} | {r['sums_acc_held_out']:.2f} | {r['sums_acc_train']:.2f} |")
+                         f"{r['held_out_loss']:.3f} | {r['sums_acc_held_out']:.2f} | "
+                         f"{r['sums_acc_train']:.2f} |")
         return "\n".join(lines)
 
 
@@ -187,9 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True)
     os.chdir(work)
     started = time.perf_counter()
-    prepare_data(work)
     grpo = load_config(RECIPE / "grpo.toml")
-    evaluate = Evaluator(work, grpo.task.template)
+    prepare_data(work, grpo)
+    evaluate = Evaluator(work, grpo)
     train("cpt.toml", "families/cpt", args.scale)
     evaluate("1 CPT", "families/cpt")
     train("sft.toml", "families/sft", args.scale)
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     train("expand_train.toml", "families/expanded_trained", args.scale)
     evaluate("4 new blocks trained", "families/expanded_trained")
     run(["grpo", str(RECIPE / "grpo.toml"), "--steps", str(max(2, round(grpo.steps * args.scale)))])
-    rewards = [json.loads(line)["reward"] for line in Path(grpo.output, "grpo.jsonl").read_text().splitlines()]
+    log = Path(grpo.output, "grpo.jsonl").read_text().splitlines()
+    rewards = [json.loads(line)["reward"] for line in log]
     evaluate("5 GRPO", f"{grpo.output}/family")
     run(["compress", f"{grpo.output}/family", "families/compressed", "--member", "small",
          "--ratio", "0.4", "--calibration", "data/chat_sums/train", "--samples", "128",

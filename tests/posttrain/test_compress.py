@@ -114,7 +114,8 @@ def test_plan_gives_more_rank_to_the_matrix_with_larger_truncation_loss(family):
         family.branches["1"].layers[2].self_attn.q_proj.weight.mul_(30)
     names = ["branches.1.layers.1.self_attn.q_proj", "branches.1.layers.2.self_attn.q_proj"]
     batches = list(calibration_batches(torch.randint(0, 61, (8, 24)), 8, 24))
-    plans = {p.name: p for p in plan_compression(family, collect_covariances(family, 1, names, batches), 0.5)}
+    covariances = collect_covariances(family, 1, names, batches)
+    plans = {p.name: p for p in plan_compression(family, covariances, 0.5)}
     small, large = plans[names[0]], plans[names[1]]
     assert large.loss_at_target > small.loss_at_target
     assert large.rank > small.rank
@@ -171,8 +172,20 @@ def test_cli_expand_then_compress(family, tmp_path, capsys):
                  "--ratio", "0.4", "--calibration", str(tmp_path / "calib.pt"), "--samples", "8",
                  "--targets", "branches.1.layers.*.mlp.*,branches.1.lm_head"]) == 0
     thin = load_family(tmp_path / "thin")
-    assert {n.rsplit(".", 1)[-1] for n in thin.config.low_rank} == {"gate_proj", "up_proj", "down_proj", "lm_head"}
+    kinds = {n.rsplit(".", 1)[-1] for n in thin.config.low_rank}
+    assert kinds == {"gate_proj", "up_proj", "down_proj", "lm_head"}
     assert main(["compress", str(tmp_path / "wide"), str(tmp_path / "bad"), "--member", "1",
                  "--ratio", "0.4", "--calibration", str(tmp_path / "calib.pt"),
                  "--targets", "nothing.*"]) == 2
     assert "match no dense linear" in capsys.readouterr().err
+
+
+def test_calibration_from_token_shards_pads_documents_and_masks_the_padding(tmp_path):
+    from familial.data.shards import write_shards
+
+    write_shards(tmp_path / "shards", [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]], vocab_size=61)
+    batches = list(calibration_batches(tmp_path / "shards", samples=3, seq_len=4, batch_size=2))
+    assert [ids.tolist() for ids, _ in batches] == [[[5, 6, 7, 0], [8, 9, 10, 11]], [[14]]]
+    assert [mask.tolist() for _, mask in batches] == [[[1, 1, 1, 0], [1, 1, 1, 1]], [[1]]]
+    with pytest.raises(ConfigError, match="shard directory"):
+        list(calibration_batches(tmp_path / "ids.txt", 2, 4))

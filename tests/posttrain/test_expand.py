@@ -104,7 +104,8 @@ def test_expanded_member_saves_loads_and_exports_as_deeper_dense_model(family, t
         family.branches["1"].layers[2].mlp.down_proj.weight.normal_(0, 0.02)
     save_family(family, tmp_path / "family")
     loaded = load_family(tmp_path / "family")
-    assert loaded.config.runtime["expansion"]["1"] == {"first_new_layer": 1, "blocks": 2, "init": "random"}
+    record = loaded.config.runtime["expansion"]["1"]
+    assert record == {"first_new_layer": 1, "blocks": 2, "init": "random"}
     assert trainable_parameter_patterns(loaded.config, 1)[0] == "branches.1.layers.1.*"
     ids = torch.randint(0, 61, (2, 9))
     expected = _logits(family, 1, ids)

@@ -109,7 +109,8 @@ def test_reward_rises_on_small_sums_and_other_members_stay_unchanged(make_family
     rewards = [trainer.step()["reward"] for _ in range(config.steps)]
     after = trainer.accuracy(problems)
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
-    print(f"reward first 20 steps {first:.3f}, last 20 {last:.3f}; greedy accuracy {before:.3f} -> {after:.3f}")
+    print(f"reward first 20 steps {first:.3f}, last 20 {last:.3f}; "
+          f"greedy accuracy {before:.3f} -> {after:.3f}")
     assert last > first + 0.3 and after > before + 0.3
     for name, param in model.member(1).named_parameters():
         assert torch.equal(param, final_member[name]), name

@@ -25,7 +25,8 @@ from familial.parallel.mesh import ParallelDims, init_distributed
 from familial.parallel.train import ParallelOptions, ParallelTrainer
 from familial.train.config import TrainConfig, save_resolved
 from familial.train.loop import (apply_activation_checkpointing, build_batches, build_model, build_optimizer,
-                                 exit_weights, matches, seed_everything, set_lr, tokenizer_source)
+                                 check_data_fits, exit_weights, matches, seed_everything, set_lr,
+                                 tokenizer_source)
 from familial.train.metrics import MetricsWriter
 from familial.train.schedules import lr_at
 
@@ -74,6 +75,7 @@ def run_parallel(config: TrainConfig, resume: str | None = None) -> int:
     run_dir = Path(config.run_dir)
     seed_everything(config.seed)
     family = build_model(config.init, config.seed, run_dir)
+    check_data_fits(stages, family.config)
     if config.activation_checkpointing:
         apply_activation_checkpointing(family)
     names = [name for name, _ in family.named_parameters()]

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from familial.config import ConfigError, FamilyConfig, from_dict
@@ -267,7 +266,8 @@ class GRPOTrainer:
         answers = [(prompt, answer) for prompt, answer in batch for _ in range(config.group_size)]
         rollout = generate(self.policy, prompts, config.max_new_tokens, config.temperature,
                            self.stop_ids, self.pad_id, self.generator)
-        texts = [self.decode(row, mask) for row, mask in zip(rollout.completions, rollout.completion_mask)]
+        texts = [self.decode(row, mask)
+                 for row, mask in zip(rollout.completions, rollout.completion_mask)]
         rewards = torch.tensor([float(self.reward(p, text, a)) for (p, a), text in zip(answers, texts)])
         advantages = group_advantages(rewards, config.group_size).to(rollout.sequences.device)
         ref_logp = old_logp = None
@@ -356,7 +356,8 @@ def train(config: GRPOConfig, log=print) -> dict:
                           load_reward(config.reward), train_problems, config)
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    first = {"held_out_accuracy": trainer.accuracy(held_out), "train_accuracy": trainer.accuracy(train_problems)}
+    first = {"held_out_accuracy": trainer.accuracy(held_out),
+             "train_accuracy": trainer.accuracy(train_problems)}
     log(f"grpo: member {trainer.exit}, {len(train_problems)} train / {len(held_out)} held-out "
         f"problems, accuracy before {first['held_out_accuracy']:.3f}")
     with open(output / "grpo.jsonl", "w") as handle:
