@@ -17,6 +17,13 @@ from familial.posttrain.compress import (
 from familial.posttrain.expand import expand_member
 from familial.summary import summarize
 
+from posttrain_family import tiny_family
+
+
+@pytest.fixture
+def family():
+    return tiny_family()
+
 
 def _anisotropic(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
     """(n, tokens) activations with a few dominant, correlated directions, like real ones."""

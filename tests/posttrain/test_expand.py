@@ -12,6 +12,13 @@ from familial.config import ConfigError
 from familial.posttrain.expand import (
     expand_member, freeze_except, frozen_parameter_patterns, trainable_parameter_patterns)
 
+from posttrain_family import tiny_family
+
+
+@pytest.fixture
+def family():
+    return tiny_family()
+
 
 def _logits(model, exit_layer, ids):
     with torch.no_grad():
@@ -117,10 +124,10 @@ def test_expanded_member_saves_loads_and_exports_as_deeper_dense_model(family, t
         torch.testing.assert_close(dense(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_expand_rejects_the_final_member_and_bad_counts(family, make_family):
+def test_expand_rejects_the_final_member_and_bad_counts(family):
     with pytest.raises(ConfigError, match="final exit"):
         expand_member(family, 3, blocks=1)
     with pytest.raises(ConfigError, match="blocks"):
         expand_member(family, 1, blocks=0)
     with pytest.raises(ConfigError, match="never expanded"):
-        trainable_parameter_patterns(make_family().config, 1)
+        trainable_parameter_patterns(tiny_family().config, 1)

@@ -16,6 +16,8 @@ from familial.posttrain.grpo import (
     GRPOConfig, GRPOTrainer, generate, group_advantages, grpo_loss, load_config)
 from familial.posttrain.rewards import arithmetic_reward, extract_answer, load_reward, sum_problems
 
+from posttrain_family import tiny_family
+
 CHARS = ["<eos>", *"0123456789+="]
 
 
@@ -71,8 +73,8 @@ def test_arithmetic_reward_reads_final_answers_exactly():
         load_reward("nonsense")
 
 
-def test_cached_batched_sampler_matches_full_forward_greedy(make_family):
-    model = make_family(vocab_size=13).eval()
+def test_cached_batched_sampler_matches_full_forward_greedy():
+    model = tiny_family(vocab_size=13).eval()
     member = model.member(1)
     prompts = [[1, 10, 2, 11], [3, 11], [4, 5, 6]]
     rollout = generate(member, prompts, 5, 0.0, stop_ids=set(), pad_id=0)
@@ -94,10 +96,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_reward_rises_on_small_sums_and_other_members_stay_unchanged(make_family, one_thread):
+def test_reward_rises_on_small_sums_and_other_members_stay_unchanged(one_thread):
     # Single-digit answers: a + b <= 9 with operands 0..4; every answer is one token.
     torch.manual_seed(0)
-    model = make_family(vocab_size=len(CHARS), hidden_size=64, intermediate_size=128,
+    model = tiny_family(vocab_size=len(CHARS), hidden_size=64, intermediate_size=128,
                         num_hidden_layers=2, exits=[0, 1], eos_token_id=0)
     problems = sum_problems(4)
     config = GRPOConfig(family="", output="", member=0, steps=150, prompts_per_step=16,
@@ -116,9 +118,9 @@ def test_reward_rises_on_small_sums_and_other_members_stay_unchanged(make_family
         assert torch.equal(param, final_member[name]), name
 
 
-def test_grpo_command_runs_from_toml_and_logs(make_family, tmp_path, monkeypatch):
+def test_grpo_command_runs_from_toml_and_logs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model = make_family(vocab_size=len(CHARS), num_hidden_layers=2, exits=[0, 1], eos_token_id=0)
+    model = tiny_family(vocab_size=len(CHARS), num_hidden_layers=2, exits=[0, 1], eos_token_id=0)
     save_family(model, tmp_path / "family")
     char_tokenizer().save(str(tmp_path / "family" / "tokenizer.json"))
     (tmp_path / "grpo.toml").write_text(

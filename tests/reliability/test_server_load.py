@@ -144,6 +144,8 @@ class Load:
     def read(response, status: int, leave_early: bool) -> str:
         if status in (429, 503):
             error = json.loads(response.read())["error"]
+            if status == 429 and response.getheader("Retry-After") is None:
+                return "429 without Retry-After"
             return "refused" if error["message"] else "refusal without a message"
         if status != 200:
             return f"status {status}: {response.read()[:300]!r}"
@@ -250,6 +252,9 @@ def test_64_streaming_clients_and_malformed_requests(server):
         time.sleep(0.1)
     assert request(port, "POST", "/v1/completions", json.dumps(
         {"model": "exit-2", "prompt": "hi", "max_tokens": 3}).encode())[0] == 200
+    status, body = request(port, "POST", "/v1/completions", json.dumps(
+        {"model": "exit-2", "prompt": [5] * (CONTEXT + 4), "max_tokens": 1}).encode())
+    assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded", body
 
     # Memory is bounded: the second half of the run holds no more than the first half plus slack.
     half = len(memory) // 2

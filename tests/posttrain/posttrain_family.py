@@ -1,8 +1,11 @@
-"""Tiny families for post-training tests (hidden 64, 4 trunk layers, exits 1 and 3)."""
+"""Tiny families for post-training tests (hidden 64, 4 trunk layers, exits 1 and 3).
+
+A plain module, not a conftest: `from conftest import ...` elsewhere in the suite must keep
+finding the top-level tests/conftest.py.
+"""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from familial.config import FamilyConfig
@@ -16,13 +19,3 @@ def tiny_family(seed: int = 0, **overrides) -> FamilyModel:
                   max_position_embeddings=128, rope_theta=10000.0)
     fields.update(overrides)
     return FamilyModel(FamilyConfig(**fields))
-
-
-@pytest.fixture
-def family() -> FamilyModel:
-    return tiny_family()
-
-
-@pytest.fixture
-def make_family():
-    return tiny_family
