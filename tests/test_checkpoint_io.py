@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import write_tiny_hf
+from hf_checkpoints import write_tiny_hf
 from familial import FamilyConfig, FamilyModel
 from familial.checkpoint_io import (CheckpointError, export_all, export_member, import_checkpoint,
                                     load_family, save_family)
@@ -76,7 +76,7 @@ def test_save_load_is_bitwise(tmp_path):
 
 def test_sharded_source_and_missing_shard(tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    from conftest import tiny_hf_config
+    from hf_checkpoints import tiny_hf_config
 
     fields = {k: v for k, v in tiny_hf_config().items() if k not in ("architectures", "model_type")}
     dense = tmp_path / "sharded"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import write_tiny_hf
+from hf_checkpoints import write_tiny_hf
 from familial import FamilyConfig, FamilyModel
 from familial.checkpoint_io import import_checkpoint, load_family
 from familial.model import DecoderLayer, KVCache

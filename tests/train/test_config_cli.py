@@ -53,6 +53,16 @@ def test_overrides_are_typed_from_the_dataclass(tmp_path, shards):
     assert config.optim.grad_clip == 0.0 and config.activation_checkpointing is True
 
 
+def test_overrides_reach_list_entries(tmp_path, shards):
+    stages = '[[stages]]\nsteps = 2\nname = "general"\n[[stages]]\nsteps = 3\nname = "domain"\n'
+    path = write_toml(tmp_path / "c.toml", shards, tmp_path / "run", extra=stages)
+    config = load_config(path, ["--steps", "0", "--stages.1.steps", "5", "--stages.0.lr.lr", "2e-3"])
+    assert [s.steps for s in config.stages] == [2, 5]
+    assert config.stages[0].lr.lr == 2e-3
+    with pytest.raises(ConfigError, match="no list entry '2'"):
+        load_config(path, ["--stages.2.steps", "5"])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["--lr.lr", "fast"], r"field 'lr'.*'fast'.*expected a finite number"),
     (["--optim.betas", "1"], r"override --optim.betas: unknown field 'betas'"),

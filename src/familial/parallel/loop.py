@@ -24,9 +24,9 @@ from familial.parallel.checkpoint import export_family, load_checkpoint, save_ch
 from familial.parallel.mesh import ParallelDims, init_distributed
 from familial.parallel.train import ParallelOptions, ParallelTrainer
 from familial.train.config import TrainConfig, save_resolved
-from familial.train.loop import (apply_activation_checkpointing, build_batches, build_model, build_optimizer,
-                                 check_data_fits, exit_weights, matches, seed_everything, set_lr,
-                                 tokenizer_source)
+from familial.train.loop import (NonFiniteError, apply_activation_checkpointing, build_batches, build_model,
+                                 build_optimizer, check_data_fits, exit_weights, matches, seed_everything,
+                                 set_lr, tokenizer_source)
 from familial.train.metrics import MetricsWriter
 from familial.train.schedules import lr_at
 
@@ -104,6 +104,7 @@ def run_parallel(config: TrainConfig, resume: str | None = None) -> int:
     metrics = MetricsWriter(run_dir, config.log.tensorboard, resume_step=step or None) if rank == 0 else None
     loader = None
     try:
+        bad_in_a_row = 0
         while stage_index < len(stages):
             stage = stages[stage_index]
             for pattern in stage.freeze:
@@ -132,6 +133,11 @@ def run_parallel(config: TrainConfig, resume: str | None = None) -> int:
                 grad_norm = trainer.clip_grad_norm(config.optim.grad_clip or None)
                 objective = sum(lambdas.get(e, 0.0) * v for e, v in ce.items())
                 skipped = not (math.isfinite(objective) and math.isfinite(grad_norm))
+                # objective and grad_norm are reduced over all ranks, so every rank agrees here.
+                bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+                if bad_in_a_row >= config.max_bad_steps:
+                    raise NonFiniteError(f"{bad_in_a_row} consecutive non-finite steps (max_bad_steps = "
+                                         f"{config.max_bad_steps}); last good weights are in the latest checkpoint")
                 if skipped:
                     for optimizer in trainer.optimizers:
                         optimizer.zero_grad(set_to_none=True)

@@ -301,6 +301,9 @@ def _set_dotted(data: dict[str, Any], key: str, text: str) -> None:
 
 
 def _child_hint(hint: Any, part: str, key: str) -> Any:
+    # list[X] / dict[K, X]: an entry of the container; X | None: each member of the union.
+    if typing.get_origin(hint) in (list, dict):
+        return typing.get_args(hint)[-1]
     options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     for option in options:
         if dataclasses.is_dataclass(option):
