@@ -154,7 +154,7 @@ def main() -> int:
         hf_bytes += parameter_bytes(dense)
         ids = torch.tensor([prompt])
 
-        def hf_generate():
+        def hf_generate(dense=dense, ids=ids):
             with torch.inference_mode():
                 return dense.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                       do_sample=False, pad_token_id=0)

@@ -9,7 +9,9 @@ import torch
 
 from hf_checkpoints import write_tiny_hf
 
-torch.set_num_threads(2)
+# The suite's models are tiny: their steps are dispatch-bound, and a second intra-op thread
+# only spins against the other processes on CI's 2 cores (several times slower under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

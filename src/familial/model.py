@@ -238,6 +238,19 @@ def attention_mask_4d(padding_mask: torch.Tensor, query_length: int) -> torch.Te
     return (keep | (empty & own))[:, None]
 
 
+def embed_inputs(embed_tokens: nn.Embedding, rotary_emb: RotaryEmbedding, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None):
+    """Token embeddings (B, T, H), the rotary (cos, sin) and the attention mask every layer uses."""
+    batch, length = input_ids.shape
+    hidden = embed_tokens(input_ids)
+    if position_ids is None:
+        position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+    mask = attention_mask
+    if mask is not None and mask.dim() == 2:
+        mask = attention_mask_4d(mask, length)
+    return hidden, rotary_emb(position_ids, hidden.dtype), mask
+
+
 class FamilyModel(nn.Module):
     """A trunk of L layers with exits e_1 < ... < e_K = L-1 (see SPEC section 1).
 
@@ -314,14 +327,8 @@ class FamilyModel(nn.Module):
         mask or a boolean (B, 1, T, T_kv) mask; with a cache, T_kv covers past and new tokens.
         """
         wanted = sorted({self.config.resolve_member(e) for e in (exits or self.config.exits)})
-        hidden = self.model.embed_tokens(input_ids)
-        batch, length = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        rotary = self.rotary(position_ids, hidden.dtype)
-        mask = attention_mask
-        if mask is not None and mask.dim() == 2:
-            mask = attention_mask_4d(mask, length)
+        hidden, rotary, mask = embed_inputs(self.model.embed_tokens, self.model.rotary_emb, input_ids,
+                                            attention_mask, position_ids)
         last = self.config.exits[-1]
         trunk_end = last + 1 if last in wanted else wanted[-1]
         outputs: dict[int, torch.Tensor] = {}
@@ -369,14 +376,8 @@ class FamilyMember(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache: KVStore | None = None) -> torch.Tensor:
-        batch, length = input_ids.shape
-        hidden = self.model.embed_tokens(input_ids)
-        if position_ids is None:
-            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        rotary = self._rotary(position_ids, hidden.dtype)
-        mask = attention_mask
-        if mask is not None and mask.dim() == 2:
-            mask = attention_mask_4d(mask, length)
+        hidden, rotary, mask = embed_inputs(self.model.embed_tokens, self._rotary, input_ids,
+                                            attention_mask, position_ids)
         for layer in self.model.layers:
             hidden = layer(hidden, rotary, mask, cache)
         return self.model.norm(hidden)

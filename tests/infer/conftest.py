@@ -47,12 +47,3 @@ def greedy_reference():
 @pytest.fixture
 def family_factory():
     return make_family
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Decoding tiny models is dispatch-bound; a second thread only adds contention on CI's 2 cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -63,10 +63,6 @@ def serve_engine(engine: Engine, chat_template=None) -> Iterator[Live]:
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    # Tiny models gain nothing from a second intra-op thread, and on a loaded 2-core machine
-    # the engine thread and uvicorn's workers then wait on each other's spinning threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     engine.start()
     thread.start()
     deadline = time.monotonic() + 60
@@ -81,7 +77,6 @@ def serve_engine(engine: Engine, chat_template=None) -> Iterator[Live]:
         thread.join(timeout=30)
         engine.stop()
         sock.close()
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from familial.data import write_shards
 
@@ -43,15 +42,6 @@ def tiny_config_dict(tmp_path: Path, shards: Path, steps: int = 6, **top) -> dic
     }
     config.update(top)
     return config
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The trainer tests' tensors are tiny: extra threads only add synchronisation.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
