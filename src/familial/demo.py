@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -125,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(data=train_config(plan, data_dir, output / "run", str(TOKENIZER_PATH.parent),
                                            args.seed))
+    # Each demo is a fresh run; only the tokenised corpus above is reused.
+    shutil.rmtree(output / "run", ignore_errors=True)
     trainer = Trainer(config)
     summary = summarize(trainer.model.config)
     print(f"family: {summary.family_parameters / 1e6:.1f}M parameters, members "

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from familial.checkpoint_io import export_all, load_family
+from familial.config import ConfigError
 from familial.train import checkpoint as ckpt
 from familial.train import loop
 from familial.train.config import load_config
@@ -79,6 +80,15 @@ def test_corrupt_checkpoint_is_refused_by_its_checksum(tmp_path, shards, make_co
     trainer_json.write_text(trainer_json.read_text().replace('"step": 2', '"step": 3'))
     with pytest.raises(ValueError, match="trainer.json: checksum mismatch"):
         Trainer(config, resume=str(latest))
+
+
+def test_a_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path, shards, make_config):
+    config = load_config(data=make_config(tmp_path, shards, steps=2))
+    Trainer(config).run()
+    before = sorted(p.name for p in ckpt.list_checkpoints(config.run_dir))
+    with pytest.raises(ConfigError, match="already holds checkpoints.*pass --resume"):
+        Trainer(config)
+    assert sorted(p.name for p in ckpt.list_checkpoints(config.run_dir)) == before
 
 
 def test_checkpoint_family_is_exportable_and_run_dir_keeps_resolved_config(tmp_path, shards, make_config):

@@ -246,6 +246,12 @@ class Trainer:
             self.model, optimizer_state, saved = ckpt.load_checkpoint(path)
             self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
         else:
+            existing = ckpt.list_checkpoints(self.run_dir)
+            if existing:
+                # A fresh run here would interleave its checkpoints and metrics with the old run's.
+                raise ConfigError(f"{self.run_dir}: already holds checkpoints of a run (latest "
+                                  f"{existing[-1].name}); pass --resume to continue it, or choose "
+                                  f"another run_dir")
             seed_everything(config.seed)
             self.model = build_model(config.init, config.seed, self.run_dir)
             optimizer_state = None
