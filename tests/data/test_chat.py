@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from familial.data.chat import (CHATML_TEMPLATE, encode_chat, load_chat_template,
+from familial.chat_template import CHATML
+from familial.data.chat import (encode_chat, load_chat_template,
                                 render_chatml, validate_messages)
 from familial.data.demo_corpus import TOKENIZER_PATH
 from familial.data.tokenize import load_tokenizer
@@ -50,7 +51,7 @@ def test_chatml_mask_covers_exactly_the_assistant_turns(tokenizer):
 
 def test_jinja_chatml_matches_the_builtin_renderer(tokenizer):
     builtin = encode_chat(tokenizer, MESSAGES)
-    templated = encode_chat(tokenizer, MESSAGES, template=CHATML_TEMPLATE)
+    templated = encode_chat(tokenizer, MESSAGES, template=CHATML)
     assert np.array_equal(builtin.ids, templated.ids)
     assert np.array_equal(builtin.loss_mask, templated.loss_mask)
 

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from familial.infer.sampling import SamplingParams
-from familial.serve.chat_template import ChatTemplate
+from familial.chat_template import ChatTemplate
 
 PROMPT = "Once upon a time"
 

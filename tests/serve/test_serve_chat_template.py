@@ -9,7 +9,7 @@ import pytest
 from familial.config import ConfigError
 from familial.data.chat import render_chatml
 from familial.infer.engine import Engine
-from familial.serve.chat_template import ChatTemplate, ChatTemplateError
+from familial.chat_template import ChatTemplate, ChatTemplateError
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 # A template that only takes user turns, in the style of checkpoints that forbid system prompts.

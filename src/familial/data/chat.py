@@ -23,14 +23,11 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from familial.chat_template import ChatTemplate
 from familial.data.shards import Document
 from familial.data.tokenize import read_jsonl
 
 END_OF_TURN = "<|im_end|>"
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 Span = tuple[int, int]
 
 
@@ -112,8 +109,8 @@ def render_template(messages: Sequence[dict[str, str]], template: str,
     surrounding whitespace as many templates do; an assistant span runs from its content
     through the `end_of_turn` that follows it.
     """
-    text = _jinja(template).render(messages=list(messages), add_generation_prompt=False,
-                                   **(special_tokens or {}))
+    text = ChatTemplate(template, where=where, special_tokens=special_tokens).render(
+        list(messages), add_generation_prompt=False)
     spans: list[Span] = []
     cursor = 0
     for index, message in enumerate(messages):
@@ -139,25 +136,6 @@ def render_template(messages: Sequence[dict[str, str]], template: str,
             cursor = close + len(end_of_turn)
             spans.append((start, cursor))
     return text, spans
-
-
-def _jinja(template: str):
-    try:
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise ImportError("rendering a checkpoint's chat template needs jinja2 "
-                          "(pip install jinja2, or omit the template to use ChatML)") from None
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(f"chat template: {message}")
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[loopcontrols])
-    environment.filters["tojson"] = lambda value, indent=None: json.dumps(
-        value, indent=indent, ensure_ascii=False)
-    environment.globals["raise_exception"] = raise_exception
-    return environment.from_string(template)
 
 
 def encode_spans(tokenizer: Tokenizer, text: str, spans: Sequence[Span]) -> Document:

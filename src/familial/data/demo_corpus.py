@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from familial.data.chat import CHATML_TEMPLATE
+from familial.chat_template import CHATML
 from familial.data.shards import ShardWriter, TokenShards
 from familial.data.tokenize import encode_texts, load_tokenizer, token_id, vocab_size
 
@@ -152,7 +152,7 @@ def write_tokenizer_config(path: str | Path = TOKENIZER_CONFIG_PATH) -> Path:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
               "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
               "model_max_length": 32768, "clean_up_tokenization_spaces": False,
-              "chat_template": CHATML_TEMPLATE}
+              "chat_template": CHATML}
     path = Path(path)
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from familial.infer.engine import QueueFull
 from familial.infer.sampling import SamplingParams
 from familial.serve import protocol as p
-from familial.serve.chat_template import ChatTemplate, ChatTemplateError
+from familial.chat_template import ChatTemplate, ChatTemplateError
 
 # How often a waiting request checks whether its client is still there.
 POLL_SECONDS = 0.25

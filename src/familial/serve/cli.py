@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from familial.infer.engine import Engine, suggested_threads
     from familial.serve.app import create_app
-    from familial.serve.chat_template import ChatTemplate
+    from familial.chat_template import ChatTemplate
 
     family = Path(args.family)
     if not (family / "tokenizer.json").exists():

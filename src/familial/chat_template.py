@@ -4,6 +4,9 @@ The template comes from `chat_template.jinja` or the `chat_template` field of
 `tokenizer_config.json` in the family directory; a family without one gets ChatML, the format
 Qwen3 uses. Rendering runs in jinja2's immutable sandbox with the same options and helpers as
 transformers' `apply_chat_template`, so stock templates (Qwen3's included) give the same text.
+The server renders prompts with it and the data pipeline renders training conversations, so
+both see one format. jinja2 is imported only when a template is compiled: ChatML data needs
+no jinja2.
 """
 
 from __future__ import annotations
@@ -12,10 +15,6 @@ import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-import jinja2
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from familial.config import ConfigError, read_json
 
@@ -51,7 +50,14 @@ def _token_text(value: Any) -> str | None:
 
 class ChatTemplate:
     def __init__(self, source: str = CHATML, bos_token: str | None = None,
-                 eos_token: str | None = None, where: str = "chat template") -> None:
+                 eos_token: str | None = None, where: str = "chat template",
+                 special_tokens: dict[str, str] | None = None) -> None:
+        try:
+            import jinja2
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ImportError("rendering a chat template needs jinja2 (pip install jinja2)") from None
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                     extensions=[loopcontrols])
         environment.filters["tojson"] = _tojson
@@ -61,7 +67,10 @@ class ChatTemplate:
             self.template = environment.from_string(source)
         except jinja2.TemplateSyntaxError as error:
             raise ConfigError(f"{where}: line {error.lineno}: {error.message}") from None
-        self.source, self.bos_token, self.eos_token = source, bos_token, eos_token
+        self.source = source
+        # The variables a template may refer to besides the conversation.
+        self.tokens = {"bos_token": bos_token or "", "eos_token": eos_token or "",
+                       **(special_tokens or {})}
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> "ChatTemplate":
@@ -92,9 +101,11 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Conversation [{"role", "content"}, ...] -> the prompt text the model continues."""
+        import jinja2
+
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                        **self.tokens)
         except ChatTemplateError:
             raise
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as error:
