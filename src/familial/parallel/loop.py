@@ -96,6 +96,10 @@ def run_parallel(config: TrainConfig, resume: str | None = None) -> int:
         step, stage_index, stage_step = saved["step"], saved["stage"], saved["stage_step"]
         same_dp = saved["layout"]["dp_replicate"] * saved["layout"]["dp_shard"] == dp_size
         loaders = saved.get("loaders", []) if same_dp else []
+    elif any((run_dir / "checkpoints").glob(f"{PREFIX}*")):
+        # As the single-process trainer: a fresh run must not mix its checkpoints with another's.
+        raise ConfigError(f"{run_dir}: already holds distributed checkpoints of a run; pass --resume "
+                          f"to continue it, or choose another run_dir")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(config, run_dir)
