@@ -71,15 +71,24 @@ def builds_a_model(config: FamilyConfig) -> None:
             FamilyModel(config)
 
 
-@settings(max_examples=150, deadline=None)
-@given(data=family_dicts())
-def test_family_config_loads_or_raises_config_error(data):
+def loads_and_builds_or_refuses(data) -> FamilyConfig | None:
+    """A family dict either loads into a config a model can be built from, or is refused
+    with a ConfigError that says why (None then)."""
     try:
         config = FamilyConfig.from_dict(data)
     except ConfigError as error:
         assert str(error)
-        return
+        return None
     builds_a_model(config)
+    return config
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=family_dicts())
+def test_family_config_loads_or_raises_config_error(data):
+    config = loads_and_builds_or_refuses(data)
+    if config is None:
+        return
     again = FamilyConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
 
@@ -87,13 +96,7 @@ def test_family_config_loads_or_raises_config_error(data):
 @settings(max_examples=100, deadline=None)
 @given(scaling=near_family["rope_scaling"], theta=scalars)
 def test_rope_settings_load_or_raise_config_error(scaling, theta):
-    data = dict(VALID_FAMILY, rope_scaling=scaling, rope_theta=theta)
-    try:
-        config = FamilyConfig.from_dict(data)
-    except ConfigError as error:
-        assert str(error)
-        return
-    builds_a_model(config)
+    loads_and_builds_or_refuses(dict(VALID_FAMILY, rope_scaling=scaling, rope_theta=theta))
 
 
 @FUZZ
