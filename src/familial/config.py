@@ -214,8 +214,10 @@ class FamilyConfig:
         if checksums is None:
             return None
         if not isinstance(checksums, dict) or not all(
-                isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) for v in checksums.values()):
-            raise ConfigError(f"{path}: field '{CHECKSUMS_KEY}' must map file names to sha256 hex digests")
+                Path(k).name == k and not k.startswith(".") and isinstance(v, str)
+                and re.fullmatch("[0-9a-f]{64}", v) for k, v in checksums.items()):
+            raise ConfigError(f"{path}: field '{CHECKSUMS_KEY}' must map file names in the "
+                              f"checkpoint directory to sha256 hex digests")
         return checksums
 
     @classmethod

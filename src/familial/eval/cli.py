@@ -10,7 +10,6 @@ import torch
 
 from familial.checkpoint_io import DTYPES, load_family
 from familial.eval.cost import measure_latency, member_costs
-from familial.infer.engine import suggested_threads
 from familial.staging import check_output_file, write_text_atomically
 from familial.summary import format_count
 
@@ -76,6 +75,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: expected a positive integer")
+    from familial.infer.engine import suggested_threads
+
     model = load_family(args.family, dtype=DTYPES[args.dtype], device=args.device).eval()
     config = model.config
     threads = args.threads or suggested_threads(config)
