@@ -10,4 +10,5 @@ python3 -m venv .venv
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed"
 fi
+.venv/bin/ruff check src tests bench examples
 .venv/bin/python -m pytest -q "$@"

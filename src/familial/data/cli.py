@@ -28,7 +28,7 @@ from familial.data import chat
 from familial.data.shards import Document, ShardWriter, TokenShards
 from familial.data.tokenize import (default_eos, encode_texts, expand_inputs, load_tokenizer,
                                     read_jsonl, read_jsonl_texts, read_text_file, token_id,
-                                    vocab_size)
+                                    tokenizer_path, vocab_size)
 
 FORMATS = ("auto", "text", "jsonl", "chat")
 
@@ -38,7 +38,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     prepare = actions.add_parser("prepare", help="tokenise inputs into token shards")
     prepare.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
     prepare.add_argument("--tokenizer", required=True,
-                         help="tokenizer.json, or a checkpoint directory that holds one")
+                         help="tokenizer.json, a checkpoint directory that holds one, or 'demo' "
+                              "for the shipped tokenizer (trained on Python code)")
     prepare.add_argument("--out", required=True, help="shard directory to write")
     prepare.add_argument("--format", choices=FORMATS, default="auto")
     prepare.add_argument("--text-field", default="text", help="JSONL field holding the text")
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 def prepare(args: argparse.Namespace) -> int:
     if not 0.0 <= args.held_out < 1.0:
         raise ValueError(f"--held-out must be a fraction in [0, 1), got {args.held_out}")
+    args.tokenizer = str(tokenizer_path(args.tokenizer))
     tokenizer = load_tokenizer(args.tokenizer)
     eos_name = args.eos_token or default_eos(tokenizer)
     eos = token_id(tokenizer, eos_name, args.tokenizer) if eos_name else None

@@ -20,9 +20,21 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 ENCODE_BATCH = 256
 
 
+# The tokenizer shipped with the package (2048 tokens, byte-level BPE trained on Python
+# source, ChatML special tokens), which `--tokenizer demo` names.
+SHIPPED_TOKENIZER = Path(__file__).parent / "assets"
+
+
+def tokenizer_path(name: str | Path) -> Path:
+    """`demo` -> the shipped tokenizer's directory (unless a file of that name exists here)."""
+    path = Path(name)
+    return SHIPPED_TOKENIZER if str(name) == "demo" and not path.exists() else path
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A `tokenizers` tokenizer from tokenizer.json or a directory that holds one."""
-    file = Path(path)
+    """A `tokenizers` tokenizer from tokenizer.json or a directory that holds one ('demo': the
+    shipped one)."""
+    file = tokenizer_path(path)
     if file.is_dir():
         file = file / "tokenizer.json"
     if not file.is_file():
