@@ -39,9 +39,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     prepare.add_argument("--format", choices=FORMATS, default="auto")
     prepare.add_argument("--text-field", "--column", dest="text_field", default="text",
                          help="JSONL field or parquet column holding the text")
-    prepare.add_argument("--separator", help="string between documents in text files (a line "
-                         "holding only it, or text around it; the line breaks next to it are "
-                         "dropped)")
+    prepare.add_argument("--separator", help="string between documents in text files; the "
+                         "line break on each side of it goes with it (write --separator=--- "
+                         "for one that starts with '-')")
     prepare.add_argument("--glob", default="*.txt", help="files to take from input directories")
     prepare.add_argument("--chat-template", help="a .jinja file, a tokenizer_config.json, or "
                          "'chatml' for the built-in ChatML")
@@ -61,8 +61,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     prepare.add_argument("--overwrite", action="store_true")
     merge = actions.add_parser("merge", help="join shard directories (the parts of a "
                                "`prepare --shard` run) into one")
-    merge.add_argument("out", metavar="OUT")
-    merge.add_argument("inputs", nargs="+", metavar="PART")
+    merge.add_argument("out", metavar="OUT", help="shard directory to write")
+    merge.add_argument("inputs", nargs="+", metavar="PART",
+                       help="shard directories: the parts of a --shard run, in any order")
     merge.add_argument("--held-out", type=float, default=0.0,
                        help="fraction of documents written to OUT/held_out")
     merge.add_argument("--overwrite", action="store_true")
