@@ -78,12 +78,12 @@ def test_parquet_is_read_one_row_group_at_a_time(tmp_path, reference, monkeypatc
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing column", "docs.parquet: no column 'body' (the columns are 'id', 'text'; "
-                       "choose one with --column)"),
+    ("missing column", ("docs.parquet: no column 'body' (the columns are 'id', 'text'; "
+                        "choose one with --column)")),
     ("corrupt parquet", "docs.parquet: not a readable parquet file"),
     ("truncated gzip", "docs.jsonl.gz: not a readable gzip stream"),
-    ("truncated zstd", "docs.jsonl.zst: not a readable zstd stream (the stream ends inside "
-                       "a zstd frame"),
+    ("truncated zstd", ("docs.jsonl.zst: not a readable zstd stream (the stream ends inside "
+                        "a zstd frame")),
     ("bad JSON line", "docs.jsonl.gz:3: not valid JSON"),
 ])
 def test_damaged_inputs_get_one_line_and_write_nothing(tmp_path, capsys, damage, message):
