@@ -95,12 +95,16 @@ class Encoder:
         return self._pack(ids, masks, 0)
 
     def _pack(self, ids: list, masks: list | None, blank: int) -> Encoded:
+        """Lists of ids (texts) or arrays of ids and masks (conversations), back to back."""
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         keep = lengths > 0
-        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.spec.dtype,
-                             count=int(lengths.sum()))
-        mask = (None if masks is None else
-                np.concatenate(masks).astype(np.uint8) if masks else np.zeros(0, np.uint8))
+        if masks is None:
+            tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.spec.dtype,
+                                 count=int(lengths.sum()))
+            mask = None
+        else:
+            tokens = np.concatenate([np.zeros(0, np.int64), *ids]).astype(self.spec.dtype)
+            mask = np.concatenate([np.zeros(0, np.uint8), *masks]).astype(np.uint8)
         return Encoded(tokens, lengths[keep], mask, blank + int((~keep).sum()))
 
 
