@@ -6,6 +6,9 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 # torch is pinned here, not in pyproject: a looser range would pull a multi-GB CUDA build.
 .venv/bin/pip install --quiet "torch==2.13.0" -e ".[test]"
+# megatron-core only for the tests that read its indexed datasets: its indexed-dataset module
+# needs nothing beyond torch, numpy and packaging, so skip its many other dependencies.
+.venv/bin/pip install --quiet --no-deps "megatron-core==0.16.1" packaging
 # The playground test drives headless Chromium from Debian; it skips (saying why) without it.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed"

@@ -68,7 +68,8 @@ class OptimConfig:
 
 @dataclass
 class SourceConfig:
-    # a token shards directory written by `familial data prepare`.
+    # a token shards directory written by `familial data prepare`, or the path prefix of a
+    # Megatron indexed dataset (PREFIX.bin + PREFIX.idx), read as it is.
     path: str
     # sampling weight in the mixture (normalised over sources).
     weight: float = 1.0
