@@ -1,7 +1,7 @@
 """The real server (`familial serve`, its own process) under load: 64 concurrent streaming
 clients, some leaving mid-stream, plus hypothesis-fuzzed malformed requests built from the
-server's OpenAPI schema, for a bounded time. Valid requests complete or get 429/503, bad
-ones never get a 5xx, /health answers throughout, memory stays bounded, and every slot is
+server's OpenAPI schema, for a bounded time. Valid requests complete or get 429 (nothing
+else: the server answers 5xx to no input), bad ones get a 4xx, /health answers throughout, memory stays bounded, and every slot is
 free again at the end."""
 
 from __future__ import annotations
@@ -137,14 +137,14 @@ class Load:
                     self.dropped += 1
                 elif outcome != "refused":
                     self.failures.append(outcome)
-            if status in (429, 503):
+            if status == 429:
                 time.sleep(rng.uniform(0.05, 0.3))  # what Retry-After asks of a client
 
     @staticmethod
     def read(response, status: int, leave_early: bool) -> str:
-        if status in (429, 503):
+        if status == 429:
             error = json.loads(response.read())["error"]
-            if status == 429 and response.getheader("Retry-After") is None:
+            if response.getheader("Retry-After") is None:
                 return "429 without Retry-After"
             return "refused" if error["message"] else "refusal without a message"
         if status != 200:
@@ -221,7 +221,7 @@ def test_64_streaming_clients_and_malformed_requests(server):
         path, text = case
         status, body = request(port, "POST", path, text.encode("utf-8", "surrogatepass"))
         fuzz_statuses[status] = fuzz_statuses.get(status, 0) + 1
-        if status >= 500 and status != 503:
+        if status >= 500:
             bad.append(f"{status} for {path} {text[:200]!r}: {body[:300]!r}")
         elif status >= 400:
             assert json.loads(body)["error"]["message"], body
@@ -237,7 +237,7 @@ def test_64_streaming_clients_and_malformed_requests(server):
 
     assert bad == []
     assert load.failures == []
-    assert set(load.statuses) <= {200, 429, 503}, load.statuses
+    assert set(load.statuses) <= {200, 429}, load.statuses
     assert len(load.latencies) >= CLIENTS
     assert health and all(status == 200 and state["ok"] for status, state in health), health[-3:]
 
