@@ -265,3 +265,48 @@ def test_64_streaming_clients_and_malformed_requests(server):
           f"{load.dropped} left mid-stream, statuses {load.statuses}; latency p50 {p50:.2f}s p95 {p95:.2f}s; "
           f"fuzzed requests {sum(fuzz_statuses.values())} statuses {fuzz_statuses}; /health polls {len(health)}; "
           f"server RSS {memory[0]:.0f} -> max {max(memory):.0f} -> end {memory[-1]:.0f} MiB")
+
+
+def test_prompts_near_the_body_limit_leave_health_answering_and_memory_flat(server):
+    """Issue 12: four prompts just under the 8 MiB body limit froze /health for 10-20 s and
+    grew the server from 740 MiB to 2.4 GiB. Now they are refused by their length, before
+    tokenising (token-id lists before parsing), in two rounds of four at once."""
+    port, process = server
+    big = 8 * 2**20 - 4096
+    bodies = [json.dumps({"model": "exit-2", "prompt": "ab c" * (big // 4 - 40)}).encode(),
+              json.dumps({"model": "exit-2", "prompt": "\u00e9" * (big // 2 - 40)}, ensure_ascii=False).encode(),
+              json.dumps({"model": "exit-2", "messages": [{"role": "user", "content": "x" * (big - 200)}]}).encode(),
+              ('{"model": "exit-2", "prompt": [' + "1," * (big // 3) + "1]}").encode()]
+    paths = ["/v1/completions", "/v1/completions", "/v1/chat/completions", "/v1/completions"]
+    before = rss_mib(process.pid)
+    replies: list[tuple[int, bytes]] = []
+    health: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            status, _ = request(port, "GET", "/health", timeout=60)
+            health.append((status, time.monotonic() - started))
+
+    def send(path: str, body: bytes) -> None:
+        replies.append(request(port, "POST", path, body, timeout=120))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    for _ in range(2):
+        senders = [threading.Thread(target=send, args=pair) for pair in zip(paths, bodies)]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join()
+    done.set()
+    poller.join()
+    after = rss_mib(process.pid)
+    for status, body in replies:
+        assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded", body[:300]
+    assert health and all(status == 200 for status, _ in health)
+    # The bodies themselves (4 x 8 MiB, parsed once) are all a round may hold.
+    assert after - before < 256, (before, after)
+    print(f"\nlarge prompts: 2 rounds of 4 bodies of {big / 2**20:.1f} MiB refused; /health polls {len(health)}, "
+          f"slowest {max(s for _, s in health):.2f}s; server RSS {before:.0f} -> {after:.0f} MiB")
