@@ -9,7 +9,8 @@ max_tokens that every request generates in full (the served family has no eos; v
 time and p50/p95 time to first token; the ratios are familial / vLLM (tokens/s: > 1 means
 familial is faster; TTFT: < 1 means familial answers sooner). Greedy outputs are compared too.
 
-Threads: both servers get the same count (--threads, default: every core): `familial serve
+Threads: both servers get the same count (--threads, default: half the cores, since the
+HTTP side and this benchmark's clients need the rest): `familial serve
 --threads T`, and vLLM's worker OMP_NUM_THREADS=T with VLLM_CPU_OMP_THREADS_BIND=nobind (no
 core pinning, as familial). vLLM runs with --enforce-eager unless --vllm-compile (on CPU its
 compiled mode takes minutes to warm up). The family is --family DIR (a trained one), else a
@@ -207,8 +208,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests and tokens (CI)")
     parser.add_argument("--family", help="family checkpoint directory (default: a random one, said so)")
     parser.add_argument("--member", help="member to compare (default: the largest)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="intra-op threads of each server (default: every core)")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="intra-op threads of each server (default: half the cores; the other half "
+                             "runs the HTTP servers, tokenizers and this benchmark's clients)")
     parser.add_argument("--max-tokens", type=int, help="tokens each request generates")
     parser.add_argument("--vllm-python", help="interpreter with vLLM (default: $FAMILIAL_VLLM_PYTHON, "
                                               "else .venv-vllm/bin/python)")

@@ -111,10 +111,11 @@ def _listen(host: str, port: int) -> tuple[socket.socket, bool]:
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: expected a port number in 1..65535")
     try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                      flags=socket.AI_PASSIVE)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as error:
         raise ConfigError(f"--host {host}: not an address of this machine ({error})") from None
+    # IPv4 first where a name has both ('localhost'), as uvicorn binds.
+    family, _, _, _, address = min(found, key=lambda info: info[0] != socket.AF_INET)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -93,7 +93,7 @@ class Guard:
         limit = self.policy.max_body_bytes
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > limit:
-            return b"", _error(413, f"request body over {limit} bytes")
+            return b"", _error(413, f"request body over {limit} bytes", None, {"Connection": "close"})
         chunks, size = [], 0
         deadline = asyncio.get_running_loop().time() + self.policy.body_timeout
         more = True
