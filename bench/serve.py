@@ -236,7 +236,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     served = without_eos(family, work / "served-family")
     threads = args.threads
     print(f"family: {family if args.family else 'random (hidden 256, 8 layers, head dim 64; untrained)'}; "
-          f"member {member}; {threads} threads per server; prompts of {lengths} tokens, {max_tokens} new tokens "
+          f"member {member}; threads per server: {threads}; prompts of {lengths} tokens, {max_tokens} new tokens "
           f"each, greedy; requests per level {requests}", flush=True)
 
     port = free_port()

@@ -9,9 +9,9 @@ both see one format. jinja2 is imported only when a template is compiled: ChatML
 no jinja2.
 
 A template is code that comes with a checkpoint, so compiling one evaluates nothing (jinja2
-would otherwise fold constant expressions such as `9**9**9` at compile time) and rendering can
-be given a bound on the output. The server also renders in worker processes it can stop
-(familial.serve.templates), which bounds time and memory.
+would otherwise fold constant expressions such as `9 ** (9 ** 99)` at compile time), and
+rendering can be given a bound on the output. The server also renders in worker processes it
+can stop (familial.serve.templates), which bounds time and memory.
 """
 
 from __future__ import annotations

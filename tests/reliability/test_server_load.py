@@ -284,10 +284,12 @@ def test_prompts_near_the_body_limit_leave_health_answering_and_memory_flat(serv
     done = threading.Event()
 
     def poll() -> None:
-        while not done.is_set():
+        while True:
             started = time.monotonic()
             status, _ = request(port, "GET", "/health", timeout=60)
             health.append((status, time.monotonic() - started))
+            if done.is_set():
+                return
 
     def send(path: str, body: bytes) -> None:
         replies.append(request(port, "POST", path, body, timeout=120))

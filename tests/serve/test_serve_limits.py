@@ -63,8 +63,10 @@ def while_polling_health(url: str, http, requests: list[tuple[str, object]]) -> 
         replies[index] = http.post(url, path, body)
 
     def poll() -> None:
-        while not done.is_set():
+        while True:
             health.append(http.get(url, "/health")[0])
+            if done.is_set():
+                return
 
     threads = [threading.Thread(target=send, args=(i, *r)) for i, r in enumerate(requests)]
     poller = threading.Thread(target=poll)
