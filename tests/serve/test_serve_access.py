@@ -117,6 +117,14 @@ def test_slow_clients_are_cut_off(family_dir, serve):
                               b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
             reply = read_until_closed(slow_body)
         assert reply.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in reply
+        # A body announced too large is refused unread; what follows is dropped, and the
+        # connection closes when the next head is overdue.
+        with socket.create_connection((host, int(port)), timeout=120) as endless:
+            endless.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            b"Content-Length: 1000000000000\r\n\r\n" + b"x" * 65536)
+            assert read_response(endless).startswith(b"HTTP/1.1 413 ")
+            endless.sendall(b"x" * 65536)
+            assert read_until_closed(endless) == b""
         # After a whole request, the next head is also due in time.
         with socket.create_connection((host, int(port)), timeout=120) as idle:
             idle.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

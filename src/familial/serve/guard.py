@@ -93,7 +93,9 @@ class Guard:
         limit = self.policy.max_body_bytes
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > limit:
-            return b"", _error(413, f"request body over {limit} bytes", None, {"Connection": "close"})
+            # The rest of the body is read and dropped until the next request's head is
+            # overdue (TimedProtocol), so a client that sent it all still reads this answer.
+            return b"", _error(413, f"request body over {limit} bytes")
         chunks, size = [], 0
         deadline = asyncio.get_running_loop().time() + self.policy.body_timeout
         more = True
@@ -108,7 +110,7 @@ class Guard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
-                return b"", _error(413, f"request body over {limit} bytes", None, {"Connection": "close"})
+                return b"", _error(413, f"request body over {limit} bytes")
             more = message.get("more_body", False)
         body = b"".join(chunks)
         if self.max_items is not None and body.count(b",") > self.max_items:
