@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Cap on 1/temperature: temperatures down to 1e-38 (or 5e-324) are accepted and act as greedy
+# among the tied best tokens, and a finite factor keeps 0 * factor = 0 (never nan).
+MAX_INVERSE_TEMPERATURE = 1e30
+
 
 @dataclass
 class SamplingParams:
@@ -74,7 +78,8 @@ class Sampler:
             self.generator.manual_seed(params.seed)
 
     def process(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
-        """(V,) raw logits -> float32 logits after repetition penalty and temperature."""
+        """(V,) raw logits -> float32 logits after repetition penalty and temperature, shifted
+        so that the best token is at 0 (every other one below it, -inf included)."""
         logits = logits.float()
         penalty = self.params.repetition_penalty
         if penalty != 1.0 and history:
@@ -82,8 +87,11 @@ class Sampler:
             picked = logits[seen]
             logits = logits.clone()
             logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+        logits = logits - logits.max()
         if not self.params.is_greedy and self.params.temperature != 1.0:
-            logits = logits / self.params.temperature
+            # A tiny temperature must not overflow: 1/T is capped (finite), so the best token
+            # stays at 0 and the others go to -inf rather than to nan.
+            logits = logits * min(1.0 / self.params.temperature, MAX_INVERSE_TEMPERATURE)
         return logits
 
     def probs(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
@@ -102,6 +110,8 @@ class Sampler:
             sorted_probs, order = probs.sort(descending=True)
             # Keep tokens whose preceding mass is below top_p (the most likely always stays).
             drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+            # top_p below float32's smallest number compares as 0: the best token still stays.
+            drop[0] = False
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
             probs = probs / probs.sum()
