@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from family_fixtures import make_family, optimizer_factory, reference_run  # noqa: E402
 
 from familial.checkpoint_io import load_family  # noqa: E402
-from familial.parallel.checkpoint import export_family, load_into_model  # noqa: E402
+from familial.train import dcp  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -37,7 +37,7 @@ TIMEOUT_S = 240
 def run_layout(tmp_path: Path, nproc: int, spec: dict) -> list[dict]:
     out = tmp_path / "out"
     out.mkdir()
-    spec = {"steps": STEPS, "family": {}, **spec, "out": str(out)}
+    spec = {"steps": STEPS, "family": {}, **spec, "out": str(out), "run_dir": str(tmp_path / "run")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(WORKER), json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -48,7 +48,7 @@ def run_layout(tmp_path: Path, nproc: int, spec: dict) -> list[dict]:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"{nproc}-process run {spec['dims']} hung for {TIMEOUT_S}s:\n{output[-3000:]}")
+        pytest.fail(f"{nproc}-process run {spec['parallel']} hung for {TIMEOUT_S}s:\n{output[-3000:]}")
     assert process.returncode == 0, output[-5000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
@@ -83,30 +83,30 @@ def assert_matches(results: list[dict], family: dict, weights: dict | None = Non
 
 
 def test_tensor_parallel_with_sequence_parallel(tmp_path):
-    results = run_layout(tmp_path, 2, {"dims": {"tp": 2, "dp_shard": 1},
-                                       "options": {"sequence_parallel": True}})
+    results = run_layout(tmp_path, 2, {"parallel": {"tp": 2, "dp_shard": 1, "sequence_parallel": True}})
     assert_matches(results, {})
 
 
-@pytest.mark.parametrize("dims", [{"dp_shard": 2}, {"dp_replicate": 2, "dp_shard": 1}])
-def test_data_parallel_gradients_are_summed_over_ranks(tmp_path, dims):
+@pytest.mark.parametrize("layout", [{"dp_shard": 2}, {"dp_replicate": 2, "dp_shard": 1}])
+def test_data_parallel_gradients_are_summed_over_ranks(tmp_path, layout):
     # dp_shard: FSDP2; dp_replicate: full replicas (HSDP with one shard per group).
-    assert_matches(run_layout(tmp_path, 2, {"dims": dims}), {})
+    assert_matches(run_layout(tmp_path, 2, {"parallel": layout}), {})
 
 
 @pytest.mark.parametrize("schedule", ["GPipe", "1F1B"])
 def test_pipeline_exits_inside_at_boundary_and_shared_stage(tmp_path, schedule):
     results = run_layout(tmp_path, 2, {
-        "dims": {"pp": 2, "dp_shard": 1}, "family": PLACED, "weights": PLACED_WEIGHTS,
-        "options": {"schedule": schedule, "microbatches": 4, "stage_boundaries": [0, 3, 6]}})
+        "parallel": {"pp": 2, "dp_shard": 1, "pp_schedule": schedule, "microbatches": 4,
+                     "stage_boundaries": [0, 3, 6]},
+        "family": PLACED, "weights": PLACED_WEIGHTS})
     assert results[0]["boundaries"] == [0, 3, 6]
     assert_matches(results, PLACED, PLACED_WEIGHTS)
 
 
 def test_interleaved_pipeline_with_cost_balanced_split(tmp_path):
     results = run_layout(tmp_path, 2, {
-        "dims": {"pp": 2, "dp_shard": 1}, "family": PLACED, "weights": PLACED_WEIGHTS,
-        "options": {"schedule": "Interleaved1F1B", "microbatches": 4}})
+        "parallel": {"pp": 2, "dp_shard": 1, "pp_schedule": "Interleaved1F1B", "microbatches": 4},
+        "family": PLACED, "weights": PLACED_WEIGHTS})
     # Four stages over two ranks; the exits' branches and heads weigh on the split.
     assert len(results[0]["boundaries"]) == 5
     assert_matches(results, PLACED, PLACED_WEIGHTS)
@@ -114,24 +114,26 @@ def test_interleaved_pipeline_with_cost_balanced_split(tmp_path):
 
 def test_fsdp_with_pipeline(tmp_path):
     results = run_layout(tmp_path, 4, {
-        "dims": {"pp": 2, "dp_shard": 2}, "family": PLACED, "weights": PLACED_WEIGHTS,
-        "options": {"schedule": "1F1B", "microbatches": 2, "stage_boundaries": [0, 3, 6]}})
+        "parallel": {"pp": 2, "dp_shard": 2, "pp_schedule": "1F1B", "microbatches": 2,
+                     "stage_boundaries": [0, 3, 6]},
+        "family": PLACED, "weights": PLACED_WEIGHTS})
     assert_matches(results, PLACED, PLACED_WEIGHTS)
 
 
 def test_pipeline_with_tensor_parallel_resumes_in_one_process(tmp_path):
-    checkpoint = tmp_path / "checkpoint"
     saved_at = 5
     results = run_layout(tmp_path, 4, {
-        "dims": {"pp": 2, "tp": 2, "dp_shard": 1}, "options": {"schedule": "1F1B", "microbatches": 2},
-        "save_at": saved_at, "checkpoint": str(checkpoint)})
+        "parallel": {"pp": 2, "tp": 2, "dp_shard": 1, "pp_schedule": "1F1B", "microbatches": 2},
+        "save_at": saved_at})
     assert_matches(results, {})
+    checkpoint = Path(results[0]["checkpoint"])
+    assert checkpoint.name == "dcp-00000005"
 
     # Continue from the pp=2 x tp=2 checkpoint in one plain process: the single-process
     # trajectory goes on (weights and AdamW state both resharded by DCP).
     model = make_family({}, seed=1)
     optimizer = optimizer_factory(1e-3)(model)
-    info = load_into_model(checkpoint, model, optimizer)
+    info = dcp.load(checkpoint, [model], [optimizer], no_dist=True)
     assert info["step"] == saved_at and info["layout"]["pp"] == 2 and info["layout"]["tp"] == 2
     resumed, _, _, _ = reference_run({}, STEPS, model=model, optimizer=optimizer, skip=saved_at)
     ref_losses, _ = reference({})
@@ -140,7 +142,7 @@ def test_pipeline_with_tensor_parallel_resumes_in_one_process(tmp_path):
             assert abs(got[e] - want[e]) <= 1e-4, (e, got[e], want[e])
 
     # Export to a plain family checkpoint: exactly the weights the 4 ranks held at that step.
-    family = load_family(export_family(checkpoint, tmp_path / "family"))
+    family = load_family(dcp.export_family(checkpoint, tmp_path / "family"))
     held = {}
     for result in results:
         held.update(result["saved_parameters"])

@@ -47,10 +47,10 @@ def test_overrides_are_typed_from_the_dataclass(tmp_path, shards):
     path = write_toml(tmp_path / "c.toml", shards, tmp_path / "run")
     config = load_config(path, ["--lr.lr", "1e-3", "--steps=7", "--run_dir", "123",
                                 "--loss.lambdas.2", "0.25", "--optim.grad_clip", "0",
-                                "--activation_checkpointing", "true"])
+                                "--activation_checkpointing", "selective"])
     assert config.lr.lr == 1e-3 and config.steps == 7 and config.run_dir == "123"
     assert config.loss.lambdas["2"] == 0.25 and config.loss.lambdas["0"].kind == "warm_decay"
-    assert config.optim.grad_clip == 0.0 and config.activation_checkpointing is True
+    assert config.optim.grad_clip == 0.0 and config.activation_checkpointing == "selective"
 
 
 def test_overrides_reach_list_entries(tmp_path, shards):
@@ -70,7 +70,9 @@ def test_overrides_reach_list_entries(tmp_path, shards):
     (["--parallel.tp", "2"], r"field 'parallel.tp' = 2"),
     (["--lr.min_lr", "1.0"], r"field 'lr.min_lr' = 1.0"),
     (["--init.model.exits", "[0, 1]"], r"exits"),
-    (["--autocast", "fp8"], r"field 'autocast'.*'fp8'.*expected one of"),
+    (["--precision", "fp8"], r"field 'precision'.*'fp8'.*expected one of"),
+    (["--activation_checkpointing", "true"], r"field 'activation_checkpointing'.*expected one of 'none', 'full'"),
+    (["--device", "tpu"], r"field 'device' = 'tpu': expected auto, cpu, cuda or cuda:N"),
     (["--lr.lr"], r"missing a value"),
 ])
 def test_config_errors_name_the_field(tmp_path, shards, overrides, message):
@@ -98,7 +100,11 @@ def test_train_resume_and_plot_commands(tmp_path, shards, capsys):
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")
     assert main(["train", str(path), "--resume", "--steps", "4", "--checkpoint.every", "2"]) == 0
     out = capsys.readouterr().out
-    assert "done: 4 steps" in out and "step-00000004" in out
+    # The run names the thread count it picked, and its last line is the family's path.
+    assert "threads: 1 (a small model" in out and "done: 4 steps" in out
+    family = tmp_path / "run" / "family"
+    assert out.strip().splitlines()[-1] == str(family)
+    assert family.resolve() == (tmp_path / "run" / "checkpoints" / "step-00000004" / "family").resolve()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert main(["plot", str(tmp_path / "run")]) == 0
