@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from familial.config import ConfigError, FamilyConfig
-from familial.parallel.mesh import ParallelDims
+from familial.train.config import ParallelConfig
 from familial.parallel.pipeline import build_schedule, check_boundaries, layer_costs, split_layers
 from familial.parallel.tensor_parallel import check_tensor_parallel
 
@@ -68,12 +68,13 @@ def test_tensor_parallel_needs_whole_kv_heads():
     check_tensor_parallel(family(), 2)
 
 
-def test_parallel_dims_fill_and_check_the_world():
-    assert ParallelDims(dp_shard=-1, tp=2, pp=2).resolve(8).dp_shard == 2
+def test_parallel_layout_fills_and_checks_the_world():
+    assert ParallelConfig(tp=2, pp=2).resolve(8).dp_shard == 2  # dp_shard = -1 takes the rest
+    assert ParallelConfig().resolve(1).shape() == (1, 1, 1, 1)
     with pytest.raises(ConfigError, match="needs 12 ranks, but the world size is 8"):
-        ParallelDims(dp_shard=3, tp=2, pp=2).resolve(8)
+        ParallelConfig(dp_shard=3, tp=2, pp=2).resolve(8)
     with pytest.raises(ConfigError, match="parallel.tp = 0"):
-        ParallelDims(tp=0).resolve(8)
+        ParallelConfig(tp=0).resolve(8)
 
 
 def test_schedule_names_are_checked_and_zero_bubble_is_refused():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -112,3 +113,27 @@ def test_train_resume_and_plot_commands(tmp_path, shards, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert main(["train", str(path), "--lr.lr", "x"]) == 2
     assert "field 'lr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--loss.lambdas.9", "0.5"], r"field 'loss.lambdas' key '9'"),
+    (["--loss.distill.tiny", "0.5"], r"field 'loss.distill' key 'tiny'"),
+    (["--stages.0.freeze", '["branches.7.*"]'], r"field 'freeze' pattern 'branches.7.\*' matches no parameter"),
+])
+def test_a_refused_run_writes_nothing(tmp_path, shards, capsys, override, message):
+    stages = "[[stages]]\nsteps = 2\n" if override[0].startswith("--stages") else ""
+    path = write_toml(tmp_path / "c.toml", shards, tmp_path / "run", extra=stages)
+    override = ["--steps", "0", *override] if stages else override
+    assert main(["train", str(path), *override]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_progress_shows_the_mean_exit_loss_with_its_meaning(tmp_path, shards, capsys):
+    path = write_toml(tmp_path / "c.toml", shards, tmp_path / "run")
+    assert main(["train", str(path), "--log.progress", "true", "--steps", "2"]) == 0
+    progress = capsys.readouterr().err
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    mean = (record["loss/exit-0"] + record["loss/exit-2"]) / 2
+    assert f"mean CE of 2 exits {mean:.3f}" in progress
+    assert f"full member {record['loss/exit-2']:.3f} (nats/token)" in progress

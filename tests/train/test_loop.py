@@ -179,3 +179,38 @@ def test_bf16_autocast_trains_and_checkpoints_stay_float32(tmp_path, shards, mak
     records = read_metrics(config.run_dir)
     assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in records)
     assert load_family(trainer.final_family()).lm_head.weight.dtype == torch.float32
+
+
+def test_compiled_blocks_match_eager(tmp_path, shards, make_config):
+    plain, plain_grads = first_step(tmp_path / "eager", shards, make_config)
+    compiled, grads = first_step(tmp_path / "compiled", shards, make_config, compile=True,
+                                 activation_checkpointing="selective")
+    assert compiled.ce == pytest.approx(plain.ce, rel=1e-5) and compiled.kd == pytest.approx(plain.kd, rel=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_device_and_precision_follow_the_machine(monkeypatch):
+    from familial.train.layout import compute_dtype, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3) == resolve_device("cuda")
+    assert compute_dtype("auto", torch.device("cuda", 3)) == torch.bfloat16
+    assert compute_dtype("fp32", torch.device("cuda", 3)) == torch.float32
+
+
+def test_thread_count_never_oversubscribes_a_busy_machine(monkeypatch):
+    from familial import threads
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.2, 0.0, 0.0))
+    assert threads.pick_threads(2048, 24) == (2, "8 core(s), load average 6.2")
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    assert threads.pick_threads(2048, 24)[0] == 1
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert threads.pick_threads(2048, 24)[0] == 8
+    assert threads.pick_threads(128, 8)[0] == 1  # a small model: its ops are too small to split

@@ -57,5 +57,18 @@ def apply_block_options(model: nn.Module, checkpointing: str = "none", compile: 
         elif checkpointing == "selective":
             forward = functools.partial(checkpoint, forward, use_reentrant=False, context_fn=_selective_context)
         if compile:
-            forward = torch.compile(forward)
+            forward = _compiled(forward)
         block.forward = forward
+
+
+def _compiled(forward):
+    compiled = torch.compile(forward, fullgraph=True)
+
+    def run(hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # A tensor-parallel embedding hands over an in-flight collective's result (a wrapper
+        # tensor, kept as one through views). Given to a compiled graph, its backward would
+        # return a plain gradient where DTensor's expects its own; a copy materialises it.
+        if type(hidden) is not torch.Tensor:
+            hidden = hidden.clone()
+        return compiled(hidden, *args, **kwargs)
+    return run
