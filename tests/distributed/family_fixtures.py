@@ -62,9 +62,7 @@ def reference_run(overrides: dict, steps: int, weights: dict[int, float] | None 
         optimizer.zero_grad(set_to_none=True)
         losses.append({e: float(s.ce_sum) / total_targets for e, s in sums.items()})
         kds.append({e: float(sums[e].kd_sum) / total_targets for e in (distill or {})})
-    if distill:
-        return losses, grads, model, optimizer, kds
-    return losses, grads, model, optimizer
+    return losses, grads, model, optimizer, kds
 
 
 def _storages(tensor: torch.Tensor):

@@ -82,3 +82,15 @@ def test_schedule_names_are_checked_and_zero_bubble_is_refused():
         build_schedule("Looped", [], 4)
     with pytest.raises(ConfigError, match="zero-bubble schedules split backward"):
         build_schedule("ZBVZeroBubble", [], 4)
+
+
+def test_distillation_before_the_last_pipeline_stage_is_refused():
+    from familial.parallel.layout import check_distillation
+    from familial.train.config import InitConfig, LossConfig, TrainConfig
+
+    config = family()
+    train = TrainConfig(init=InitConfig(model=config), loss=LossConfig(distill={"5": 0.2}))
+    with pytest.raises(ConfigError, match=r"'loss.distill' key '5': exit 5 lies before the last pipeline stage"):
+        check_distillation(train, config, ParallelConfig(pp=2, stage_boundaries=[0, 6, 8]))
+    check_distillation(train, config, ParallelConfig(pp=2, stage_boundaries=[0, 4, 8]))
+    check_distillation(train, config, ParallelConfig(tp=2))

@@ -54,25 +54,31 @@ def run_layout(tmp_path: Path, nproc: int, spec: dict) -> list[dict]:
 
 
 @lru_cache(maxsize=None)
-def _reference(family_json: str, weights_json: str):
+def _reference(family_json: str, weights_json: str, distill_json: str):
     weights = {int(k): v for k, v in json.loads(weights_json).items()} or None
-    losses, grads, _, _ = reference_run(json.loads(family_json), STEPS, weights=weights)
-    return losses, grads
+    distill = {int(k): v for k, v in json.loads(distill_json).items()} or None
+    losses, grads, _, _, kds = reference_run(json.loads(family_json), STEPS, weights=weights, distill=distill)
+    return losses, grads, kds
 
 
-def reference(family: dict, weights: dict | None = None):
-    return _reference(json.dumps(family, sort_keys=True), json.dumps(weights or {}, sort_keys=True))
+def reference(family: dict, weights: dict | None = None, distill: dict | None = None):
+    """Per-step {exit: mean CE}, first-step gradients and per-step {exit: mean KL} of one process."""
+    return _reference(json.dumps(family, sort_keys=True), json.dumps(weights or {}, sort_keys=True),
+                      json.dumps(distill or {}, sort_keys=True))
 
 
-def assert_matches(results: list[dict], family: dict, weights: dict | None = None) -> None:
-    ref_losses, ref_grads = reference(family, weights)
+def assert_matches(results: list[dict], family: dict, weights: dict | None = None,
+                   distill: dict | None = None) -> None:
+    ref_losses, ref_grads, ref_kds = reference(family, weights, distill)
+    curves = [("losses", ref_losses)] + ([("kd", ref_kds)] if distill else [])
     for rank, result in enumerate(results):
-        first = result["losses"][0]
-        for e, value in ref_losses[0].items():
-            assert abs(first[e] - value) <= 1e-5 * abs(value), (rank, e, first[e], value)
-        for step, (got, want) in enumerate(zip(result["losses"], ref_losses)):
-            for e in want:
-                assert abs(got[e] - want[e]) <= 1e-4, (rank, step, e, got[e], want[e])
+        for key, want_curve in curves:
+            first = result[key][0]
+            for e, value in want_curve[0].items():
+                assert abs(first[e] - value) <= 1e-5 * abs(value), (rank, key, e, first[e], value)
+            for step, (got, want) in enumerate(zip(result[key], want_curve)):
+                for e in want:
+                    assert abs(got[e] - want[e]) <= 1e-4, (rank, key, step, e, got[e], want[e])
     grads = {}
     for result in results:
         grads.update(result["grads"])
@@ -82,9 +88,27 @@ def assert_matches(results: list[dict], family: dict, weights: dict | None = Non
         assert error <= 1e-5, (name, float(error))
 
 
-def test_tensor_parallel_with_sequence_parallel(tmp_path):
-    results = run_layout(tmp_path, 2, {"parallel": {"tp": 2, "dp_shard": 1, "sequence_parallel": True}})
-    assert_matches(results, {})
+def test_tensor_parallel_with_sequence_parallel_distillation_selective_checkpointing_and_compile(tmp_path):
+    # The vocabulary-sharded loss, chunked (7 rows at a time) like the unsharded one, with a
+    # distilled exit; blocks checkpointed selectively and compiled: the single-process run's
+    # losses, KL terms and gradients.
+    results = run_layout(tmp_path, 2, {"parallel": {"tp": 2, "dp_shard": 1, "sequence_parallel": True},
+                                       "train": {"activation_checkpointing": "selective", "compile": True},
+                                       "chunk_size": 7, "distill": {1: 0.3}})
+    assert_matches(results, {}, distill={1: 0.3})
+
+
+def test_gradient_accumulation_keeps_activation_memory_flat_and_equals_one_big_batch(tmp_path):
+    # FSDP over 2 ranks; 2 rows per rank per micro-batch, or the whole step's rows at once.
+    variants = [{"batch": 8, "grad_accum": 2}, {"batch": 32, "grad_accum": 8}, {"batch": 32, "grad_accum": 1}]
+    results = run_layout(tmp_path, 2, {"parallel": {"dp_shard": 2}, "steps": 1, "variants": variants})
+    for few, many, big in results:
+        few_peak, many_peak, big_peak = (r["peak_saved_bytes"][0] for r in (few, many, big))
+        assert many_peak <= 1.1 * few_peak, (few_peak, many_peak)
+        assert big_peak >= 3 * many_peak, (many_peak, big_peak)
+        for name, grad in big["grads"].items():
+            error = (many["grads"][name] - grad).abs().max() / grad.abs().max()
+            assert error <= 1e-5, (name, float(error))
 
 
 @pytest.mark.parametrize("layout", [{"dp_shard": 2}, {"dp_replicate": 2, "dp_shard": 1}])
@@ -95,12 +119,13 @@ def test_data_parallel_gradients_are_summed_over_ranks(tmp_path, layout):
 
 @pytest.mark.parametrize("schedule", ["GPipe", "1F1B"])
 def test_pipeline_exits_inside_at_boundary_and_shared_stage(tmp_path, schedule):
+    # Exit 3, distilled from exit 5, shares the last stage with its teacher.
     results = run_layout(tmp_path, 2, {
         "parallel": {"pp": 2, "dp_shard": 1, "pp_schedule": schedule, "microbatches": 4,
                      "stage_boundaries": [0, 3, 6]},
-        "family": PLACED, "weights": PLACED_WEIGHTS})
+        "family": PLACED, "weights": PLACED_WEIGHTS, "distill": {3: 0.2}, "chunk_size": 5})
     assert results[0]["boundaries"] == [0, 3, 6]
-    assert_matches(results, PLACED, PLACED_WEIGHTS)
+    assert_matches(results, PLACED, PLACED_WEIGHTS, distill={3: 0.2})
 
 
 def test_interleaved_pipeline_with_cost_balanced_split(tmp_path):
@@ -135,8 +160,8 @@ def test_pipeline_with_tensor_parallel_resumes_in_one_process(tmp_path):
     optimizer = optimizer_factory(1e-3)(model)
     info = dcp.load(checkpoint, [model], [optimizer], no_dist=True)
     assert info["step"] == saved_at and info["layout"]["pp"] == 2 and info["layout"]["tp"] == 2
-    resumed, _, _, _ = reference_run({}, STEPS, model=model, optimizer=optimizer, skip=saved_at)
-    ref_losses, _ = reference({})
+    resumed, *_ = reference_run({}, STEPS, model=model, optimizer=optimizer, skip=saved_at)
+    ref_losses, *_ = reference({})
     for got, want in zip(resumed, ref_losses[saved_at:]):
         for e in want:
             assert abs(got[e] - want[e]) <= 1e-4, (e, got[e], want[e])

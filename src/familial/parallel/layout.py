@@ -36,7 +36,7 @@ from familial.parallel.tensor_parallel import apply_tensor_parallel, check_tenso
 from familial.train import checkpoint as ckpt
 from familial.train import dcp
 from familial.train.blocks import apply_block_options
-from familial.train.config import TrainConfig
+from familial.train.config import ParallelConfig, TrainConfig
 from familial.train.init import WeightSource, family_weights, fill, local_region, materialize, meta_family
 from familial.train.layout import compute_dtype, publish_latest_family, resolve_device
 from familial.train.losses import count_targets
@@ -59,7 +59,7 @@ class ParallelLayout:
             check_tensor_parallel(config, p.tp)
         self.mesh = build_mesh(p, self.device.type)
         self.dp_rank, self.dp_size = dp_rank(self.mesh, p), p.dp
-        self._check_distillation()
+        check_distillation(train, config, p)
         family = meta_family(config)
         self.parts, self.boundaries = self._split(family)
         sharded = p.dp > 1
@@ -98,23 +98,6 @@ class ParallelLayout:
         indices = stage_indices(self.mesh["pp"].get_local_rank(), p.pp, per_rank)
         self._stage_indices, self._num_stages = indices, count
         return [FamilyStage(family, bounds[i], bounds[i + 1], chunk) for i in indices], bounds
-
-    def _check_distillation(self) -> None:
-        """A distilled exit needs the deepest exit's logits: with a pipeline, only the last stage has them."""
-        p = self.parallel
-        if p.pp == 1:
-            return
-        per_rank = stages_per_rank(p.pp_schedule)
-        bounds = p.stage_boundaries or split_layers(self.config, p.pp * per_rank)
-        for stage in self.train.resolved_stages():
-            for key in stage.loss.distill:
-                exit_layer = self.config.resolve_member(key)
-                if exit_layer < bounds[-2]:
-                    raise ConfigError(f"train config: field 'loss.distill' key {key!r}: exit {exit_layer} lies on "
-                                      f"pipeline stage {[b for b in bounds if b <= exit_layer][-1]}.., but "
-                                      f"self-distillation needs the deepest exit's logits, which only the last "
-                                      f"stage (layers {bounds[-2]}..) has; use pp = 1, or stage_boundaries that "
-                                      f"put exit {exit_layer} on the last stage")
 
     # Weights and checkpoints.
 
@@ -300,3 +283,17 @@ class ParallelLayout:
                 out[name] = (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().cpu().clone()
         return out
 
+
+def check_distillation(train: TrainConfig, config: FamilyConfig, layout: ParallelConfig) -> None:
+    """A distilled exit needs the deepest exit's logits: with a pipeline, only the last stage has them."""
+    if layout.pp == 1:
+        return
+    bounds = layout.stage_boundaries or split_layers(config, layout.pp * stages_per_rank(layout.pp_schedule))
+    for stage in train.resolved_stages():
+        for key in stage.loss.distill:
+            exit_layer = config.resolve_member(key)
+            if exit_layer < bounds[-2]:
+                raise ConfigError(f"train config: field 'loss.distill' key {key!r}: exit {exit_layer} lies before the "
+                                  f"last pipeline stage (layers {bounds[-2]}..), but self-distillation needs the "
+                                  f"deepest exit's logits, which only the last stage has; use pp = 1, or "
+                                  f"stage_boundaries that put exit {exit_layer} on the last stage")
