@@ -26,6 +26,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The same arithmetic as below, in one fused kernel (training's float32 path).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 like Qwen3, then scale in the input dtype.
         dtype = x.dtype
         x = x.float()

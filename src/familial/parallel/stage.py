@@ -131,8 +131,9 @@ class FamilyStage(nn.Module):
         final = self.config.exits[-1]
         loss = exit_loss_sum(self.exit_norm(exit_layer)(hidden), self.exit_head(exit_layer), labels,
                              self.chunk_size, teacher, self.exit_head(final) if teacher is not None else None,
-                             self.exit_weights.get(exit_layer, 0.0), self.distill.get(exit_layer, 0.0))
-        return loss.objective / max(self.global_targets, 1), (exit_layer, loss.ce_sum, loss.kd_sum)
+                             self.exit_weights.get(exit_layer, 0.0), self.distill.get(exit_layer, 0.0),
+                             scale=1.0 / max(self.global_targets, 1))
+        return loss.objective, (exit_layer, loss.ce_sum, loss.kd_sum)
 
     def take_records(self) -> list[Record]:
         """(exit, CE sum, KL sum) of each micro-batch run since the last call."""

@@ -109,8 +109,12 @@ class LocalLayout:
         return as_sums(self.config, ce, kd, lambdas, distill, targets, tokens)
 
     def clip_grad_norm(self, max_norm: float) -> float:
+        """The global gradient norm; gradients are rescaled only when it exceeds max_norm."""
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf")))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
+        if 0 < max_norm < norm:
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
+        return float(norm)
 
     def optimizer_step(self) -> None:
         self.optimizer.step()

@@ -49,7 +49,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         ce_sum = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
         kd_sum = torch.zeros_like(ce_sum)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=_loss_dtype(weight.dtype)) if need_weight else None
+        grad_weight = None
         w = weight.to(hidden.dtype)
         local_targets = targets - vocab_start
         mine = (local_targets >= 0) & (local_targets < weight.shape[0])
@@ -79,7 +79,11 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[rows] = grad_logits @ w
             if need_weight:
-                grad_weight += grad_logits.T @ hidden[rows]
+                part = grad_logits.T @ hidden[rows]
+                if grad_weight is None:
+                    grad_weight = part.to(_loss_dtype(weight.dtype))
+                else:
+                    grad_weight += part
         if group is not None:
             # Each rank holds its vocabulary slice's share of the sums and of dL/dhidden.
             sums = torch.stack((ce_sum, kd_sum))
@@ -87,6 +91,8 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             ce_sum, kd_sum = sums[0].clone(), sums[1].clone()
             if grad_hidden is not None:
                 dist.all_reduce(grad_hidden, group=group)
+        if need_weight and grad_weight is None:  # no target rows at all
+            grad_weight = torch.zeros_like(weight)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -157,13 +163,15 @@ class ExitLoss:
 def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                   chunk_size: int = DEFAULT_CHUNK, teacher_hidden: torch.Tensor | None = None,
                   teacher_head: nn.Module | None = None, ce_weight: float = 1.0,
-                  kd_weight: float = 0.0) -> ExitLoss:
+                  kd_weight: float = 0.0, scale: float = 1.0) -> ExitLoss:
     """Token-loss sums of one exit from its normed hidden state (B, T, H) and its head.
 
     labels (B, T) are already shifted; IGNORE_INDEX marks positions without a target. With a
     teacher (the deepest exit's hidden state and head), the KL term is computed too; the
-    teacher is always detached. Divide `objective` by the step's global target count before
-    backward. Usable on its own by a pipeline stage holding one exit.
+    teacher is always detached. `objective` is scaled by `scale`: pass 1 / (the step's global
+    target count), or divide it yourself before backward (scaling here is free: the
+    gradients are formed with it, instead of rescaled in backward). Usable on its own by a
+    pipeline stage holding one exit.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size = {chunk_size}: expected a positive integer")
@@ -183,7 +191,8 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         weight, group, vocab_start = _vocab_shard(head.weight)
         teacher_weight = None if teacher_head is None else _vocab_shard(teacher_head.weight.detach())[0]
         objective, ce, kd = _ChunkedLinearLoss.apply(rows, weight, targets, chunk_size, teacher_rows, teacher_weight,
-                                                     float(ce_weight), float(kd_weight), group, vocab_start)
+                                                     float(ce_weight) * scale, float(kd_weight) * scale, group,
+                                                     vocab_start)
         return ExitLoss(objective, ce, kd, int(keep.numel()))
     # Any other head (e.g. a low-rank one): the same chunking through activation checkpointing.
     ce = rows.new_zeros((), dtype=_loss_dtype(rows.dtype))
@@ -198,7 +207,7 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         chunk_ce, chunk_kd = checkpoint(_module_loss, head, rows[part], targets[part], teacher,
                                         use_reentrant=False)
         ce, kd = ce + chunk_ce, kd + chunk_kd
-    return ExitLoss(ce * ce_weight + kd * kd_weight, ce.detach(), kd.detach(), int(keep.numel()))
+    return ExitLoss((ce * ce_weight + kd * kd_weight) * scale, ce.detach(), kd.detach(), int(keep.numel()))
 
 
 def _is_plain_linear(head: nn.Module) -> bool:
@@ -207,12 +216,13 @@ def _is_plain_linear(head: nn.Module) -> bool:
 
 def family_loss_sums(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                      lambdas: dict[int, float] | None = None, distill: dict[int, float] | None = None,
-                     chunk_size: int = DEFAULT_CHUNK,
-                     attention_mask: torch.Tensor | None = None) -> dict[int, ExitLoss]:
+                     chunk_size: int = DEFAULT_CHUNK, attention_mask: torch.Tensor | None = None,
+                     scale: float = 1.0) -> dict[int, ExitLoss]:
     """One trunk pass of a FamilyModel -> {exit: ExitLoss} for the exits with a weight.
 
     `lambdas` weighs each exit's CE (default: every exit, weight 1); `distill` weighs the KL
     of shallower exits against the deepest one. Exits without any weight are not computed.
+    Objectives are multiplied by `scale` (see `exit_loss_sum`).
     """
     config = model.config
     lambdas = {e: 1.0 for e in config.exits} if lambdas is None else lambdas
@@ -227,7 +237,7 @@ def family_loss_sums(model: nn.Module, input_ids: torch.Tensor, labels: torch.Te
         out[e] = exit_loss_sum(hidden[e], model.exit_head(e), labels, chunk_size,
                                hidden[deepest] if teacher else None,
                                model.exit_head(deepest) if teacher else None,
-                               lambdas.get(e, 0.0), distill.get(e, 0.0))
+                               lambdas.get(e, 0.0), distill.get(e, 0.0), scale)
     return out
 
 

@@ -64,7 +64,10 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float) -> torch.op
         (decay if decays(parameter) else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    # The fused kernel (one pass over weights, gradients and moments) where the parameters are
+    # plain tensors; sharded ones (DTensor) take the default implementation.
+    fused = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused or None)
 
 
 def optimizer_order(shapes: dict[str, list[int]]) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from familial.train.losses import family_loss_sums, total_objective
+from familial.train.losses import family_loss_sums
 
 
 @dataclass
@@ -55,8 +55,9 @@ def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], l
             sync(i == len(micro_batches) - 1)
         input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         with autocast_context(device, autocast):
-            losses = family_loss_sums(model, input_ids, labels, lambdas, distill, chunk_size)
-            loss = total_objective(losses, total_targets)
+            losses = family_loss_sums(model, input_ids, labels, lambdas, distill, chunk_size,
+                                      scale=1.0 / max(total_targets, 1))
+            loss = sum(part.objective for part in losses.values())
         loss.backward()
         for e, part in losses.items():
             ce[exits.index(e)] += part.ce_sum.double()
