@@ -81,11 +81,12 @@ class _Saved:
 
 
 @contextlib.contextmanager
-def saved_bytes():
+def saved_bytes(exclude: set[int] = frozenset()):
     """Peak bytes of tensors autograd holds for backward inside the block (activation memory).
 
-    Each storage counts once while any saved tensor uses it; parameters (and their gathered
-    copies) count as well, so compare runs with the same model and layout.
+    Each storage counts once while any saved tensor uses it; storages whose data pointers
+    are in `exclude` (e.g. the parameters') do not count. Gathered parameter copies (FSDP)
+    do, so compare runs with the same model and layout.
     """
     live: dict[int, list[int]] = {}
     total, peak = [0], [0]
@@ -100,7 +101,7 @@ def saved_bytes():
         holder.tensor = tensor
         for storage in _storages(tensor):
             key = storage.data_ptr()
-            if key:
+            if key and key not in exclude:
                 entry = live.setdefault(key, [0, storage.nbytes()])
                 if not entry[0]:
                     total[0] += entry[1]

@@ -94,3 +94,41 @@ def test_distillation_before_the_last_pipeline_stage_is_refused():
         check_distillation(train, config, ParallelConfig(pp=2, stage_boundaries=[0, 6, 8]))
     check_distillation(train, config, ParallelConfig(pp=2, stage_boundaries=[0, 4, 8]))
     check_distillation(train, config, ParallelConfig(tp=2))
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+def test_activation_arithmetic_is_what_autograd_keeps(checkpointing, monkeypatch):
+    """docs/parallel.md's activations per token per block, against one block at small scale."""
+    import torch
+
+    from family_fixtures import saved_bytes
+    from familial.model import FamilyModel
+    from familial.parallel.memory import activation_elements
+    from familial.train import blocks
+
+    config = family(hidden_size=256, intermediate_size=640, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=64)
+    torch.manual_seed(0)
+    model = FamilyModel(config)
+    blocks.apply_block_options(model, checkpointing)
+    block, tokens = model.model.layers["0"], 256
+    x = torch.randn(2, tokens // 2, 256, requires_grad=True)
+    rotary = tuple(t.detach() for t in model.rotary(torch.arange(tokens // 2).expand(2, -1), x.dtype))
+    # Selective checkpointing keeps its matmul outputs itself: count what its policy keeps.
+    kept = []
+    policy = blocks._keep_matmuls
+
+    def counting(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        if decision == blocks.CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
+            outputs = ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else [ctx.op_output]
+            kept.append(sum(o.numel() for o in outputs if isinstance(o, torch.Tensor)))
+        return decision
+
+    monkeypatch.setattr(blocks, "_keep_matmuls", counting)
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *rotary]}
+    with saved_bytes(exclude=shared) as peak:
+        block(x, rotary)
+    measured = (peak() / 4 + sum(kept)) / tokens
+    heads = config.num_attention_heads + config.num_key_value_heads  # per-head statistics
+    assert activation_elements(config, checkpointing) <= measured <= activation_elements(config, checkpointing) + 2 * heads + 2

@@ -18,10 +18,12 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from family_fixtures import make_family, optimizer_factory, reference_run  # noqa: E402
+from family_fixtures import family_config, make_family, optimizer_factory, reference_run  # noqa: E402
 
 from familial.checkpoint_io import load_family  # noqa: E402
+from familial.parallel.memory import state_bytes  # noqa: E402
 from familial.train import dcp  # noqa: E402
+from familial.train.config import ParallelConfig  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -137,20 +139,28 @@ def test_interleaved_pipeline_with_cost_balanced_split(tmp_path):
     assert_matches(results, PLACED, PLACED_WEIGHTS)
 
 
+def assert_states_as_documented(results: list[dict], family: dict, layout: dict) -> None:
+    """Each rank holds the model-state bytes docs/parallel.md's arithmetic gives for its stage."""
+    config, parallel = family_config(family), ParallelConfig(**layout).resolve(len(results))
+    per_stage = state_bytes(config, parallel, results[0]["boundaries"])
+    for rank, result in enumerate(results):
+        want = per_stage[rank // (len(results) // parallel.pp)]
+        assert abs(result["state_bytes"] - want) <= 0.01 * want, (rank, result["state_bytes"], want)
+
+
 def test_fsdp_with_pipeline(tmp_path):
-    results = run_layout(tmp_path, 4, {
-        "parallel": {"pp": 2, "dp_shard": 2, "pp_schedule": "1F1B", "microbatches": 2,
-                     "stage_boundaries": [0, 3, 6]},
-        "family": PLACED, "weights": PLACED_WEIGHTS})
+    layout = {"pp": 2, "dp_shard": 2, "pp_schedule": "1F1B", "microbatches": 2, "stage_boundaries": [0, 3, 6]}
+    results = run_layout(tmp_path, 4, {"parallel": layout, "family": PLACED, "weights": PLACED_WEIGHTS})
     assert_matches(results, PLACED, PLACED_WEIGHTS)
+    assert_states_as_documented(results, PLACED, layout)
 
 
 def test_pipeline_with_tensor_parallel_resumes_in_one_process(tmp_path):
     saved_at = 5
-    results = run_layout(tmp_path, 4, {
-        "parallel": {"pp": 2, "tp": 2, "dp_shard": 1, "pp_schedule": "1F1B", "microbatches": 2},
-        "save_at": saved_at})
+    layout = {"pp": 2, "tp": 2, "dp_shard": 1, "pp_schedule": "1F1B", "microbatches": 2}
+    results = run_layout(tmp_path, 4, {"parallel": layout, "save_at": saved_at})
     assert_matches(results, {})
+    assert_states_as_documented(results, {}, layout)
     checkpoint = Path(results[0]["checkpoint"])
     assert checkpoint.name == "dcp-00000005"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from familial.config import FamilyConfig
 from familial.parallel.layout import ParallelLayout
@@ -33,6 +34,20 @@ def build(spec: dict) -> ParallelLayout:
     # The single-process reference's optimizer: the same per-parameter arithmetic on shards.
     layout.optimizers = [optimizer_factory(spec.get("lr", 1e-3))(part) for part in layout.parts]
     return layout
+
+
+def state_bytes(layout: ParallelLayout) -> int:
+    """Bytes this rank holds for its parameters, their gradients and their AdamW state."""
+    def local(tensor):
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    total = 0
+    for optimizer in layout.optimizers:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                tensors = [p, p.grad, *(v for v in optimizer.state[p].values() if v.dim())]
+                total += sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
+    return total
 
 
 def run(spec: dict) -> dict:
@@ -56,6 +71,8 @@ def run(spec: dict) -> dict:
         if step == 0:
             result["grads"] = layout.full_gradients()
         layout.optimizer_step()
+        if step == 0:
+            result["state_bytes"] = state_bytes(layout)
         layout.zero_grad()
         result["losses"].append({e: v / sums.targets for e, v in sums.ce.items()})
         if distill:
