@@ -81,3 +81,58 @@ def activation_elements(config: FamilyConfig, checkpointing: str, tp: int = 1, s
     if checkpointing == "selective":
         return 3 * h / split + (2 * q + 2 * kv + 2 * i) / tp
     return 6 * h / split + (4 * q + 4 * kv + 4 * i) / tp
+
+
+def activation_bytes_bf16(config: FamilyConfig, checkpointing: str, tp: int = 1, sequence_parallel: bool = False
+                          ) -> float:
+    """Bytes kept per token per block when computing in bf16 (FSDP's bf16 gather): two per element,
+    except that an RMSNorm on bf16 input keeps its input upcast to float32 (none only)."""
+    elements = activation_elements(config, checkpointing, tp, sequence_parallel)
+    if checkpointing == "none":
+        elements += 2 * config.hidden_size / (tp if sequence_parallel else 1)
+    return 2 * elements
+
+
+def per_gpu(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpointing: str,
+            microbatches: int | None = None) -> dict[str, float]:
+    """GB per GPU on the busiest pipeline stage: model states, activations of the micro-batches
+    1F1B keeps in flight there (min(pp, microbatches) on the first stage), and the bf16 root unit
+    FSDP keeps gathered (embedding and heads on the stage, / tp)."""
+    bounds = [0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp)
+    states = state_bytes(config, layout, bounds)
+    in_flight = min(layout.pp, microbatches or layout.pp)
+    per_token = activation_bytes_bf16(config, checkpointing, layout.tp, layout.sequence_parallel)
+    head = config.hidden_size * config.vocab_size
+    best = None
+    for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        blocks = (stop - start) + sum(config.branch_depth(e) for e in config.exits[:-1] if start <= e < stop)
+        heads = sum(1 for e in config.exits if start <= e < stop) + (start == 0)
+        figures = {"states": states[index], "activations": tokens * blocks * per_token * (in_flight - index),
+                   "root_gathered": 2 * heads * head / layout.tp if layout.dp_shard > 1 else 0.0}
+        figures["total"] = sum(figures.values())
+        if best is None or figures["total"] > best["total"]:
+            best = figures
+    return {k: round(v / 1e9, 1) for k, v in best.items()}
+
+
+def main() -> None:
+    """The 14B family's memory per GPU under common layouts (docs/parallel.md's table)."""
+    config = FamilyConfig(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                          num_attention_heads=40, num_key_value_heads=8, head_dim=128, exits=[2, 21, 39])
+    layouts = [("dp_shard 8", ParallelConfig(dp_shard=8)), ("tp 2 x dp_shard 4", ParallelConfig(tp=2, dp_shard=4)),
+               ("tp 2 (sp) x dp_shard 4", ParallelConfig(tp=2, dp_shard=4, sequence_parallel=True)),
+               ("pp 2 x dp_shard 4", ParallelConfig(pp=2, dp_shard=4)),
+               ("dp_replicate 2 x dp_shard 8", ParallelConfig(dp_replicate=2, dp_shard=8)),
+               ("pp 2 x dp_shard 8", ParallelConfig(pp=2, dp_shard=8)),
+               ("pp 4 x tp 2 x dp_shard 4", ParallelConfig(pp=4, tp=2, dp_shard=4))]
+    print("layout | GPUs | states | activations none / selective / full | gathered root | total none / selective")
+    for name, layout in layouts:
+        figures = {mode: per_gpu(config, layout, 8192, mode) for mode in ("none", "selective", "full")}
+        none, selective = figures["none"], figures["selective"]
+        print(f"{name} | {layout.world_size} | {none['states']} | {none['activations']} / "
+              f"{selective['activations']} / {figures['full']['activations']} | {none['root_gathered']} | "
+              f"{none['total']} / {selective['total']}")
+
+
+if __name__ == "__main__":
+    main()
