@@ -142,7 +142,6 @@ def measure(name: str, config: FamilyConfig, rows: int, length: int, args, peaks
           f"{result['tokens_per_s']} tokens/s, MFU {result['mfu_vs_measured_peak']:.1%} of the measured peak"
           + (f", {result['mfu_vs_spec_bf16_peak']:.1%} of the spec bf16 peak" if peaks["spec"] else "")
           + f"; one trunk pass vs one pass per member: {result['speedup_one_pass_vs_per_member']}x", flush=True)
-    del layout
     return result
 
 

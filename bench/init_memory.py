@@ -30,8 +30,9 @@ PROCESSES = 4
 
 def family_fields(quick: bool) -> dict:
     hidden = 512 if quick else 1024
-    return dict(vocab_size=16384, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=6,
-                num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, head_dim=64, exits=[1, 5])
+    return {"vocab_size": 16384, "hidden_size": hidden, "intermediate_size": 3 * hidden, "num_hidden_layers": 6,
+            "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 128, "head_dim": 64,
+            "exits": [1, 5]}
 
 
 def status(field: str) -> int:

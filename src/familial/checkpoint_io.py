@@ -157,7 +157,7 @@ class SafetensorsReader:
         self._stack.close()
         self._handles.clear()
 
-    def __enter__(self) -> "SafetensorsReader":
+    def __enter__(self) -> SafetensorsReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -318,7 +318,7 @@ class FamilyModel(nn.Module):
             return self.lm_head
         return self.branches[str(exit_layer)].lm_head
 
-    def member(self, member: int | str) -> "FamilyMember":
+    def member(self, member: int | str) -> FamilyMember:
         return FamilyMember(self, self.config.resolve_member(member))
 
     # Forward.

@@ -8,7 +8,12 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from familial.config import FamilyConfig
 from familial.model import FamilyModel
-from familial.train.losses import IGNORE_INDEX, count_targets, family_loss_sums, total_objective
+from familial.train.losses import (
+    IGNORE_INDEX,
+    count_targets,
+    family_loss_sums,
+    total_objective,
+)
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, exits=[1, 3])
@@ -77,7 +82,7 @@ def _storages(tensor: torch.Tensor):
 
 
 class _Saved:
-    __slots__ = ("tensor", "__weakref__")
+    __slots__ = ("__weakref__", "tensor")
 
 
 @contextlib.contextmanager

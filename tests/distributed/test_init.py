@@ -10,18 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_checkpoints import write_tiny_hf
 
 from familial.checkpoint_io import family_parameter_names, save_family
 from familial.config import FamilyConfig
 from familial.model import FamilyModel
-from hf_checkpoints import write_tiny_hf
 
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("init_worker.py")
 # ~190 MB of float32 weights: 4 x each rank's share at tp 2 x dp_shard 2.
-BIG = dict(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-           num_attention_heads=8, num_key_value_heads=4, head_dim=64, exits=[1, 5])
+BIG = {"vocab_size": 16384, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6,
+       "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "exits": [1, 5]}
+# The tiny HF checkpoint read as a family with exits 1, 3, 5.
+HF = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "exits": [1, 3, 5]}
 # What a rank may add beyond its share while building: the random generator's and the
 # checkpoint reader's blocks, allocator slack, the layout's bookkeeping.
 MARGIN = 40 * 2**20
@@ -69,9 +72,7 @@ def test_each_rank_holds_only_its_share_and_the_weights_equal_one_process(tmp_pa
     # each pipeline stage's part bitwise the one-process import's.
     assert all(result["hf"]["bitwise_equal"] for result in results)
     held = {name for result in results for name in result["hf"]["held"]}
-    assert len(held) == len(family_names(dict(vocab_size=96, hidden_size=64, intermediate_size=96,
-                                                num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                                                head_dim=16, exits=[1, 3, 5])))
+    assert len(held) == len(family_names(HF))
     assert all(result["hf"]["dtypes"] == ["torch.float32"] for result in results)
     assert not (tmp_path / "out" / "run").exists()
     print("peak RSS growth per rank (MiB):", {name: [round(r[name]["growth"] / 2**20, 1) for r in results]

@@ -5,9 +5,14 @@ import itertools
 import pytest
 
 from familial.config import ConfigError, FamilyConfig
-from familial.train.config import ParallelConfig
-from familial.parallel.pipeline import build_schedule, check_boundaries, layer_costs, split_layers
+from familial.parallel.pipeline import (
+    build_schedule,
+    check_boundaries,
+    layer_costs,
+    split_layers,
+)
 from familial.parallel.tensor_parallel import check_tensor_parallel
+from familial.train.config import ParallelConfig
 
 
 def family(**overrides) -> FamilyConfig:
@@ -100,8 +105,8 @@ def test_distillation_before_the_last_pipeline_stage_is_refused():
 def test_activation_arithmetic_is_what_autograd_keeps(checkpointing, monkeypatch):
     """docs/parallel.md's activations per token per block, against one block at small scale."""
     import torch
-
     from family_fixtures import saved_bytes
+
     from familial.model import FamilyModel
     from familial.parallel.memory import activation_elements
     from familial.train import blocks

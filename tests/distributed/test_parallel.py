@@ -11,19 +11,19 @@ import os
 import signal
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from family_fixtures import family_config, make_family, optimizer_factory, reference_run  # noqa: E402
+from family_fixtures import family_config, make_family, optimizer_factory, reference_run
 
-from familial.checkpoint_io import load_family  # noqa: E402
-from familial.parallel.memory import state_bytes  # noqa: E402
-from familial.train import dcp  # noqa: E402
-from familial.train.config import ParallelConfig  # noqa: E402
+from familial.checkpoint_io import load_family
+from familial.parallel.memory import state_bytes
+from familial.train import dcp
+from familial.train.config import ParallelConfig
 
 pytestmark = pytest.mark.distributed
 
@@ -55,7 +55,7 @@ def run_layout(tmp_path: Path, nproc: int, spec: dict) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reference(family_json: str, weights_json: str, distill_json: str):
     weights = {int(k): v for k, v in json.loads(weights_json).items()} or None
     distill = {int(k): v for k, v in json.loads(distill_json).items()} or None

@@ -2,14 +2,14 @@
 phase extending the run with a larger --steps, continues the single-process loss curve."""
 
 import pytest
+from launch import config_dict, familial, write_shards_for, write_toml
+from test_train_cli import assert_same_curve
 
 from familial.cli import main
 from familial.train import checkpoint as ckpt
 from familial.train.config import load_config
 from familial.train.loop import Trainer
 from familial.train.metrics import read_metrics
-from launch import config_dict, familial, write_shards_for, write_toml
-from test_train_cli import assert_same_curve
 
 pytestmark = pytest.mark.distributed
 

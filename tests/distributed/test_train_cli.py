@@ -4,12 +4,12 @@ import json
 import os
 
 import pytest
+from launch import config_dict, familial, write_shards_for, write_toml
 
 from familial.checkpoint_io import load_family
 from familial.train.config import load_config
 from familial.train.loop import Trainer
 from familial.train.metrics import read_metrics
-from launch import config_dict, familial, write_shards_for, write_toml
 
 pytestmark = pytest.mark.distributed
 

@@ -22,7 +22,7 @@ from familial.train.config import InitConfig, ParallelConfig, TrainConfig
 from familial.train.init import ModelWeights
 
 sys.path.insert(0, os.path.dirname(__file__))
-from family_fixtures import batches, make_family, optimizer_factory, saved_bytes  # noqa: E402
+from family_fixtures import batches, make_family, optimizer_factory, saved_bytes
 
 
 def build(spec: dict) -> ParallelLayout:

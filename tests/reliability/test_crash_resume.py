@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from faults import leftovers, train_config_dict, write_toml
+
 from familial.checkpoint_io import CheckpointError
 from familial.train import checkpoint as ckpt
 from familial.train.config import load_config

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from faults import train_config_dict
+
 from familial.train import checkpoint as ckpt
 from familial.train import loop
 from familial.train.config import load_config

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_checkpoints import write_tiny_hf
 from safetensors.torch import save_file
 
 from familial.checkpoint_io import SafetensorsReader
@@ -12,7 +13,6 @@ from familial.config import FamilyConfig
 from familial.train.config import load_config
 from familial.train.init import RandomInit
 from familial.train.loop import Trainer
-from hf_checkpoints import write_tiny_hf
 
 
 def test_a_bf16_hf_checkpoint_trains_float32_master_weights(tmp_path, shards, make_config):

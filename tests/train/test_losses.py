@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from familial.config import FamilyConfig
 from familial.model import FamilyModel
-from familial.train.losses import IGNORE_INDEX, count_targets, exit_loss_sum, family_loss_sums, total_objective
+from familial.train.losses import (
+    IGNORE_INDEX,
+    count_targets,
+    exit_loss_sum,
+    family_loss_sums,
+    total_objective,
+)
 
 VOCAB = 61
 

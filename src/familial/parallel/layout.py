@@ -17,8 +17,9 @@ by the global target count: exact means, not averages of averages.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,15 +30,31 @@ from familial.checkpoint_io import family_parameter_names
 from familial.config import ConfigError, FamilyConfig
 from familial.parallel.fsdp import apply_fsdp, mixed_precision
 from familial.parallel.mesh import build_mesh, dp_mesh, dp_rank, init_distributed
-from familial.parallel.pipeline import build_schedule, check_boundaries, schedule_class, split_layers, \
-    stage_indices, stages_per_rank
+from familial.parallel.pipeline import (
+    build_schedule,
+    check_boundaries,
+    schedule_class,
+    split_layers,
+    stage_indices,
+    stages_per_rank,
+)
 from familial.parallel.stage import FamilyStage
-from familial.parallel.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
+from familial.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    check_tensor_parallel,
+)
 from familial.train import checkpoint as ckpt
 from familial.train import dcp
 from familial.train.blocks import apply_block_options
 from familial.train.config import ParallelConfig, TrainConfig
-from familial.train.init import WeightSource, family_weights, fill, local_region, materialize, meta_family
+from familial.train.init import (
+    WeightSource,
+    family_weights,
+    fill,
+    local_region,
+    materialize,
+    meta_family,
+)
 from familial.train.layout import compute_dtype, publish_latest_family, resolve_device
 from familial.train.losses import count_targets
 from familial.train.params import build_optimizer, freeze, optimizer_order, set_lr

@@ -23,6 +23,8 @@ Tensor parallelism divides the q/kv/i terms by tp, sequence parallelism the h te
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from familial.config import FamilyConfig
 from familial.parallel.pipeline import split_layers
 from familial.train.config import ParallelConfig
@@ -60,7 +62,7 @@ def state_bytes(config: FamilyConfig, layout: ParallelConfig, boundaries: list[i
     """Model-state bytes per rank of each pipeline stage (weights, gradients, AdamW moments)."""
     bounds = boundaries or ([0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp))
     out = []
-    for start, stop in zip(bounds, bounds[1:]):
+    for start, stop in pairwise(bounds):
         matrices, norms = stage_parameters(config, start, stop)
         total = STATE_BYTES * (matrices / layout.tp + norms) / layout.dp_shard
         if start == 0 and layout.tp > 1 and layout.dp_shard == 1:
@@ -104,7 +106,7 @@ def per_gpu(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpoin
     per_token = activation_bytes_bf16(config, checkpointing, layout.tp, layout.sequence_parallel)
     head = config.hidden_size * config.vocab_size
     best = None
-    for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+    for index, (start, stop) in enumerate(pairwise(bounds)):
         blocks = (stop - start) + sum(config.branch_depth(e) for e in config.exits[:-1] if start <= e < stop)
         heads = sum(1 for e in config.exits if start <= e < stop) + (start == 0)
         figures = {"states": states[index], "activations": tokens * blocks * per_token * (in_flight - index),

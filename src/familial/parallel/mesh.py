@@ -26,7 +26,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     if dist.is_initialized():
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cuda:nccl,cpu:gloo"
     else:
         backend = "gloo"

@@ -32,7 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from familial.checkpoint_io import CheckpointError, atomic_directory, load_family, save_family
+from familial.checkpoint_io import (
+    CheckpointError,
+    atomic_directory,
+    load_family,
+    save_family,
+)
 from familial.model import FamilyModel
 
 MANIFEST = "manifest.json"

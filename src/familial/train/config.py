@@ -11,11 +11,12 @@ import dataclasses
 import json
 import os
 import re
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from familial.config import ConfigError, FamilyConfig, from_dict
 
@@ -152,7 +153,7 @@ class ParallelConfig:
     # explicit pipeline stage boundaries [0, ..., L]; default: balanced by cost.
     stage_boundaries: list[int] | None = None
 
-    def resolve(self, world_size: int) -> "ParallelConfig":
+    def resolve(self, world_size: int) -> ParallelConfig:
         """A copy with dp_shard filled in, checked against the world size."""
         for name in ("dp_replicate", "tp", "pp"):
             value = getattr(self, name)

@@ -8,8 +8,9 @@ holds the N-process one (mesh, tensor parallel, FSDP, pipeline stages, DCP).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -18,10 +19,16 @@ from familial.train import checkpoint as ckpt
 from familial.train import dcp
 from familial.train.blocks import apply_block_options
 from familial.train.config import TrainConfig
-from familial.train.init import WeightSource, fill, materialize, meta_family, tokenizer_source
+from familial.train.init import (
+    WeightSource,
+    fill,
+    materialize,
+    meta_family,
+    tokenizer_source,
+)
+from familial.train.losses import count_targets
 from familial.train.params import build_optimizer, freeze
 from familial.train.step import StepSums, accumulate, as_sums
-from familial.train.losses import count_targets
 
 
 class Layout(Protocol):

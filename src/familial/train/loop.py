@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,13 @@ from familial.checkpoint_io import CheckpointError, family_parameter_names
 from familial.config import ConfigError, FamilyConfig
 from familial.data import Batches, DocumentRows, MixtureRows, StreamRows, TokenShards
 from familial.train import checkpoint as ckpt
-from familial.train.config import DataConfig, LossConfig, StageConfig, TrainConfig, save_resolved
+from familial.train.config import (
+    DataConfig,
+    LossConfig,
+    StageConfig,
+    TrainConfig,
+    save_resolved,
+)
 from familial.train.init import tokenizer_source, weight_source  # noqa: F401
 from familial.train.layout import Layout, LocalLayout
 from familial.train.metrics import MetricsWriter

@@ -9,8 +9,8 @@ gradient reduction until the last micro-batch (FSDP2's `set_requires_gradient_sy
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
