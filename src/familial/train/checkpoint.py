@@ -124,7 +124,10 @@ def publish_family(run_dir: str | Path, family_dir: Path) -> Path:
     run_dir = Path(run_dir)
     link = run_dir / FAMILY_LINK
     if link.exists() and not link.is_symlink():
-        raise CheckpointError(f"{link}: exists and is not the link to the run's latest family; move it away")
+        # A directory an earlier version exported there: the user's data, left alone.
+        print(f"{link} is a directory, not the link to the latest family: left as it is; the latest family "
+              f"is {family_dir}", flush=True)
+        return family_dir
     for stale in run_dir.glob(f".{FAMILY_LINK}.link-*"):
         stale.unlink()
     temp = run_dir / f".{FAMILY_LINK}.link-{os.getpid()}"

@@ -195,6 +195,9 @@ class Trainer:
             saved = self.layout.load(checkpoint)
             self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
             self.state.loader_stage = saved.get("loader_stage", saved.get("stage", 0))
+            if not self.state.loader and saved.get("loaders"):
+                # Earlier parallel checkpoints kept one (identical) data position per rank.
+                self.state.loader = saved["loaders"][0]
             self._saved_at = self.state.step
         else:
             self.layout.load_weights(source)
