@@ -6,7 +6,7 @@ the rank's peak resident memory added while doing so (VmHWM reset before each bu
 Before meta-device init every rank built the whole family first, so this figure was at
 least the family's size; now it is about a rank's quarter share plus a fixed margin.
 
-    python bench/init_memory.py            # ~760 MB family (float32)
+    python bench/init_memory.py            # ~530 MB family (float32)
     python bench/init_memory.py --quick    # ~190 MB family
 Last line: one JSON object.
 """
