@@ -27,7 +27,7 @@ from familial.train.init import (
     tokenizer_source,
 )
 from familial.train.losses import count_targets
-from familial.train.params import build_optimizer, freeze
+from familial.train.params import build_optimizer, freeze, set_lr
 from familial.train.step import StepSums, accumulate, as_sums
 
 
@@ -105,8 +105,7 @@ class LocalLayout:
         freeze(self.model, patterns)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr([self.optimizer], lr)
 
     def forward_backward(self, micro_batches, lambdas, distill, chunk_size) -> StepSums:
         targets = sum(count_targets(b["labels"]) for b in micro_batches)
