@@ -1,4 +1,4 @@
-"""Run by torchrun from test_init.py: build a layout from a weight source, measure this rank's
+"""Run by torchrun from test_sharded_init.py: build a layout from a weight source, measure this rank's
 peak RSS while doing so, then compare the weights with a one-process build (rank 0).
 
 argv[1] is a JSON spec: {"runs": [{"name", "init": InitConfig fields, "parallel": {...},
