@@ -1,17 +1,20 @@
-"""Training throughput and model FLOPs utilisation (MFU) of a ~1.3B-parameter family on one GPU.
+"""Training throughput and MFU of the trainer's own step, at the paper's widths, on one device.
 
-Measured in the same run:
-  * the GPU's bf16 matmul peak (a large square matmul, best of several), the MFU baseline;
-  * the family step: one trunk pass feeding every exit, losses injected per exit
-    (`familial.parallel.stage.FamilyStage`, the path every parallel layout runs), bf16
-    autocast over float32 master weights, fused AdamW;
+Measured in the same run, with the trainer's one-process layout (`LocalLayout`: bf16 compute
+over float32 master weights on CUDA, the chunked exit losses, fused AdamW):
+  * the joint step: one trunk pass feeding every exit;
   * the previous-trainer baseline the paper compares against: one forward/backward per
-    member (each member re-runs the shared trunk), same tokens and optimizer.
-Prints the ratios and, as the LAST line, one JSON object. Without CUDA it prints a JSON line
-saying so and exits 0.
+    member (each re-runs the shared trunk), same tokens and optimizer;
+  * the device's measured dense matmul peak (bf16 on CUDA, fp32 on CPU), printed beside
+    the MFU against the device's spec bf16 peak (the MFU the field reports).
+Families: a 14B-width slice (Qwen3-14B: hidden 5120, 40/8 heads, head dim 128, vocab
+151936; 4 trunk layers with exits 1 and 3) at sequence 4096, and a ~1.3B family (Qwen3-1.7B
+widths, 18 layers, exits 4/10/17). `--quick` runs a tiny family on whatever device there is
+(CPU included, where the test suite runs it), through exactly the same code.
 
-    python bench/gpu_train.py            # ~1.3B family, seq 2048
-    python bench/gpu_train.py --quick    # smaller family and fewer steps (< 1 minute)
+    python bench/gpu_train.py                  # both families on the GPU
+    python bench/gpu_train.py --quick          # tiny family, < 1 minute, any device
+Last line: one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -22,41 +25,63 @@ import time
 
 import torch
 
+from familial.config import FamilyConfig
+from familial.train.config import InitConfig, LRConfig, TrainConfig
+from familial.train.init import RandomInit
+from familial.train.layout import LocalLayout
 
-def family_config(quick: bool):
-    from familial.config import FamilyConfig
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), by device name.
+SPEC_BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "B200": 2250e12, "A100": 312e12,
+                  "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 
+
+def families(quick: bool) -> dict[str, tuple[FamilyConfig, int, int]]:
+    """name -> (config, sequences per step, sequence length)."""
     if quick:
-        return FamilyConfig(vocab_size=32768, hidden_size=1024, intermediate_size=3072, num_hidden_layers=8,
-                            num_attention_heads=8, num_key_value_heads=4, head_dim=128, exits=[2, 5, 7])
-    # Qwen3-1.7B widths, 18 layers, a 32k vocabulary: ~1.27B parameters with two branches.
-    return FamilyConfig(vocab_size=32768, hidden_size=2048, intermediate_size=6144, num_hidden_layers=18,
-                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, exits=[4, 10, 17])
+        return {"tiny": (FamilyConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, exits=[1, 3]), 2, 128)}
+    return {
+        "14b_slice": (FamilyConfig(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=4,
+                                   num_attention_heads=40, num_key_value_heads=8, head_dim=128, exits=[1, 3],
+                                   max_position_embeddings=8192), 1, 4096),
+        "1b_family": (FamilyConfig(vocab_size=32768, hidden_size=2048, intermediate_size=6144, num_hidden_layers=18,
+                                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, exits=[4, 10, 17],
+                                   max_position_embeddings=4096), 4, 2048),
+    }
 
 
-def matmul_peak(size: int, repeats: int) -> float:
-    """Best measured bf16 dense matmul throughput, FLOP/s."""
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
+def spec_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in SPEC_BF16_PEAK.items() if key in name), None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Best measured dense matmul throughput in `dtype`, FLOP/s."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
     best = 0.0
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
-        for _ in range(10):
+        for _ in range(5):
             a @ b
-        torch.cuda.synchronize()
-        best = max(best, 10 * 2 * size ** 3 / (time.perf_counter() - start))
+        synchronize(device)
+        best = max(best, 5 * 2 * size ** 3 / (time.perf_counter() - start))
     return best
 
 
-def step_flops(config, tokens: int, length: int) -> float:
-    """Model FLOPs of one training step (6 per matmul weight per token, plus attention scores).
-
-    Counts every layer and head the step runs: the trunk once, each branch, each exit's head.
-    Attention is counted without the causal discount (12 * layers * heads * head_dim * T).
-    """
+def step_flops(config: FamilyConfig, tokens: int, length: int) -> float:
+    """Model FLOPs of one joint step: 6 per matmul weight per token for every layer and head the
+    step runs (the trunk once, each branch, each exit's head), plus attention scores and values
+    without the causal discount (12 * layers * heads * head_dim * T per token)."""
     hidden, head_dim = config.hidden_size, config.head_dim
     attention = hidden * head_dim * 2 * (config.num_attention_heads + config.num_key_value_heads)
     layer = attention + 3 * hidden * config.intermediate_size
@@ -66,91 +91,91 @@ def step_flops(config, tokens: int, length: int) -> float:
     return tokens * (6 * matmul + scores)
 
 
-def timed_steps(step, steps: int, warmup: int) -> float:
+def timed(step, device: torch.device, steps: int, warmup: int) -> float:
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) / steps
+
+
+def measure(name: str, config: FamilyConfig, rows: int, length: int, args, peaks: dict) -> dict:
+    train = TrainConfig(init=InitConfig(model=config), device=args.device, precision=args.precision,
+                        activation_checkpointing=args.checkpointing, compile=args.compile, lr=LRConfig(lr=1e-5))
+    layout = LocalLayout(train, config)
+    layout.load_weights(RandomInit(config, 0))
+    device = layout.device
+    tokens = torch.randint(0, config.vocab_size, (rows, length + 1), device=device)
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:].contiguous()}
+    everyone = {e: 1.0 for e in config.exits}
+
+    def update() -> None:
+        layout.clip_grad_norm(1.0)
+        layout.optimizer_step()
+        layout.zero_grad()
+
+    def joint() -> None:
+        layout.forward_backward([batch], everyone, {}, args.chunk)
+        update()
+
+    def per_member() -> None:
+        for e in config.exits:  # each pass runs the trunk up to its own exit
+            layout.forward_backward([batch], {e: 1.0}, {}, args.chunk)
+        update()
+
+    steps, warmup = (2, 1) if args.quick else (args.steps, 2)
+    joint_s = timed(joint, device, steps, warmup)
+    member_s = timed(per_member, device, steps, warmup)
+    flops = step_flops(config, rows * length, length) / joint_s
+    result = {"parameters": sum(p.numel() for p in layout.model.parameters()), "batch": rows, "seq": length,
+              "tokens_per_s": round(rows * length / joint_s),
+              "mfu_vs_measured_peak": round(flops / peaks["measured"], 4),
+              "mfu_vs_spec_bf16_peak": round(flops / peaks["spec"], 4) if peaks["spec"] else None,
+              "speedup_one_pass_vs_per_member": round(member_s / joint_s, 2)}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 1)
+        torch.cuda.reset_peak_memory_stats(device)
+    print(f"{name} ({result['parameters'] / 1e9:.2f}B params, exits {config.exits}, {rows}x{length}): "
+          f"{result['tokens_per_s']} tokens/s, MFU {result['mfu_vs_measured_peak']:.1%} of the measured peak"
+          + (f", {result['mfu_vs_spec_bf16_peak']:.1%} of the spec bf16 peak" if peaks["spec"] else "")
+          + f"; one trunk pass vs one pass per member: {result['speedup_one_pass_vs_per_member']}x", flush=True)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller family and fewer steps")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant")
+    parser.add_argument("--quick", action="store_true", help="a tiny family on any device (< 1 minute)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--checkpointing", default="selective", choices=["none", "full", "selective"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
+    parser.add_argument("--chunk", type=int, default=4096, help="tokens per exit-loss chunk")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--threads", type=int, help="CPU threads (CPU runs)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print(json.dumps({"bench": "gpu_train", "gpu": None, "skipped": "no CUDA device"}))
-        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from familial.train.layout import compute_dtype, resolve_device
 
-    from familial.model import FamilyModel
-    from familial.parallel.stage import FamilyStage
-    from familial.train.losses import count_targets, exit_loss_sum
-
-    torch.backends.cuda.matmul.allow_tf32 = True
-    quick = args.quick
-    batch = args.batch or (4 if quick else 8)
-    length = args.seq or (1024 if quick else 2048)
-    steps = args.steps or (3 if quick else 10)
-    config = family_config(quick)
-    peak = matmul_peak(4096 if quick else 8192, 5 if quick else 20)
-
-    torch.manual_seed(0)
-    model = FamilyModel(config).cuda()
-    parameters = sum(p.numel() for p in model.parameters())
-    stage = FamilyStage(model, 0, config.num_hidden_layers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, config.vocab_size, (batch, length + 1), device="cuda")
-    input_ids, labels = tokens[:, :-1], tokens[:, 1:].contiguous()
-    targets = count_targets(labels)
-    stage.global_targets = targets
-
-    def family_step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = stage(input_ids, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stage.take_records()
-
-    members = [model.member(e) for e in config.exits]
-
-    def member_step() -> None:
-        for member in members:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                hidden = member.hidden_states(input_ids)
-                loss = exit_loss_sum(hidden, member.lm_head, labels).ce_sum / targets
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    warmup = 1 if quick else 3
-    family_s = timed_steps(family_step, steps, warmup)
-    member_s = timed_steps(member_step, steps, warmup)
-    memory = torch.cuda.max_memory_allocated() / 2 ** 30
-    step_tokens = batch * length
-    flops = step_flops(config, step_tokens, length)
-    result = {
-        "bench": "gpu_train", "gpu": torch.cuda.get_device_name(), "quick": quick,
-        "family_parameters": parameters, "batch": batch, "seq": length,
-        "matmul_peak_tflops": round(peak / 1e12, 1),
-        "family_tokens_per_s": round(step_tokens / family_s),
-        "family_mfu": round(flops / family_s / peak, 4),
-        "per_member_tokens_per_s": round(step_tokens / member_s),
-        "speedup_one_pass_vs_per_member": round(member_s / family_s, 2),
-        "peak_memory_gib": round(memory, 1),
-    }
-    print(f"{result['gpu']}: bf16 matmul peak {result['matmul_peak_tflops']} TFLOP/s")
-    print(f"family ({parameters / 1e9:.2f}B params, exits {config.exits}): "
-          f"{result['family_tokens_per_s']} tokens/s, MFU {result['family_mfu']:.1%} of measured peak")
-    print(f"one trunk pass for all exits vs one pass per member: "
-          f"{result['speedup_one_pass_vs_per_member']}x")
-    print(json.dumps(result))
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    size = 512 if args.quick else 8192
+    peaks = {"measured": matmul_peak(device, dtype, size, 3 if args.quick else 10), "spec": spec_peak(device)}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{name}: measured {str(dtype)[6:]} matmul peak {peaks['measured'] / 1e12:.2f} TFLOP/s; spec bf16 peak "
+          + (f"{peaks['spec'] / 1e12:.0f} TFLOP/s" if peaks["spec"] else "unknown"), flush=True)
+    results = {name_: measure(name_, config, rows, length, args, peaks)
+               for name_, (config, rows, length) in families(args.quick).items()}
+    print(json.dumps({"bench": "gpu_train", "device": name, "quick": args.quick, "dtype": str(dtype)[6:],
+                      "checkpointing": args.checkpointing, "compile": args.compile,
+                      "measured_peak_tflops": round(peaks["measured"] / 1e12, 3),
+                      "spec_bf16_peak_tflops": peaks["spec"] and round(peaks["spec"] / 1e12),
+                      "families": results}))
 
 
 if __name__ == "__main__":

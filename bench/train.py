@@ -34,7 +34,11 @@ import torch.nn.functional as F
 from familial.config import FamilyConfig
 from familial.model import FamilyModel
 from familial.train.config import OptimConfig
-from familial.train.loop import build_optimizer, train_step
+from familial.train.config import InitConfig, TrainConfig
+from familial.train.init import RandomInit
+from familial.train.layout import LocalLayout
+from familial.train.loop import train_step
+from familial.train.params import build_optimizer
 
 BIG_VOCAB = 151936
 
@@ -60,9 +64,16 @@ def random_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[st
     return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
-def joint_step(model, optimizer, batch, chunk):
-    lambdas = {e: 1.0 for e in model.config.exits}
-    train_step(model, optimizer, [batch], lambdas, {}, chunk, grad_clip=1.0)
+def joint_layout(config: FamilyConfig) -> LocalLayout:
+    """The trainer's one-process layout (its step is what `familial train` runs)."""
+    layout = LocalLayout(TrainConfig(init=InitConfig(model=config), device="cpu"), config)
+    layout.load_weights(RandomInit(config, 0))
+    return layout
+
+
+def joint_step(layout, batch, chunk):
+    lambdas = {e: 1.0 for e in layout.config.exits}
+    train_step(layout, [batch], lambdas, {}, chunk, grad_clip=1.0)
 
 
 def per_exit_step(model, optimizer, batch):
@@ -166,11 +177,10 @@ def main() -> None:
 
     config = family_config(vocab, hidden, layers, exits)
     torch.manual_seed(0)
-    joint_model = FamilyModel(config)
+    joint = joint_layout(config)
     per_exit_model = FamilyModel(config)
     hf = hf_model(config)
     optim = OptimConfig()
-    joint_opt = build_optimizer(joint_model, optim, 1e-4)
     per_exit_opt = build_optimizer(per_exit_model, optim, 1e-4)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
     batch = random_batch(vocab, batch_size, seq_len)
@@ -178,7 +188,7 @@ def main() -> None:
     print(f"model: {layers} layers, hidden {hidden}, vocab {vocab}, exits {exits}; batch {batch_size}x{seq_len}; "
           f"{args.threads} thread(s)")
     times = best_times({
-        "joint": lambda: joint_step(joint_model, joint_opt, batch, args.chunk),
+        "joint": lambda: joint_step(joint, batch, args.chunk),
         "per_exit": lambda: per_exit_step(per_exit_model, per_exit_opt, batch),
         "hf_full_member": lambda: hf_step(hf, hf_opt, batch),
     }, rounds, steps, warmup=1)

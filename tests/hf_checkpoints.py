@@ -23,8 +23,8 @@ def tiny_hf_config(**overrides) -> dict:
     return config
 
 
-def write_tiny_hf(directory: Path, seed: int = 0, **overrides) -> Path:
-    """A random dense Qwen3 checkpoint saved by stock transformers."""
+def write_tiny_hf(directory: Path, seed: int = 0, dtype: torch.dtype | None = None, **overrides) -> Path:
+    """A random dense Qwen3 checkpoint saved by stock transformers (in `dtype` if given)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -36,6 +36,8 @@ def write_tiny_hf(directory: Path, seed: int = 0, **overrides) -> Path:
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(torch.randn_like(param) * 0.1)
+    if dtype is not None:
+        model.to(dtype)
     model.save_pretrained(directory)
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
     return directory

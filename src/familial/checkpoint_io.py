@@ -36,6 +36,9 @@ DEFAULT_SHARD_BYTES = 5 * 2**30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # safetensors dtype names the model can compute in; integer or float8 weights are refused.
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+# safetensors dtypes a weight may be stored in, and the size of one positioned read.
+READ_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+READ_BLOCK_BYTES = 16 * 2**20
 
 
 class CheckpointError(ValueError):
@@ -80,6 +83,7 @@ class SafetensorsReader:
         else:
             raise CheckpointError(f"{self.directory}: no {WEIGHTS_NAME} or {INDEX_NAME} found")
         self._handles: dict[Path, object] = {}
+        self._layouts: dict[Path, dict] = {}
         self._stack = contextlib.ExitStack()
 
     def _scan(self, path: Path) -> None:
@@ -111,6 +115,45 @@ class SafetensorsReader:
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"{ref.file}: cannot read tensor '{key}' ({error})") from None
 
+    def read_region(self, key: str, region: tuple[slice, ...], out: torch.Tensor) -> None:
+        """Copy `key`[region] into `out` (converting the dtype), reading only the region's rows.
+
+        Plain positioned reads, block by block, rather than a memory map: a process loading
+        its shard of a large tensor never holds (or maps) more than one block beyond it.
+        """
+        ref = self.refs[key]
+        dtype_name, shape, begin = self._layout(ref.file)[key]
+        if dtype_name not in READ_DTYPES:
+            raise CheckpointError(f"{ref.file}: tensor '{key}' has dtype {dtype_name}; weights must be floating point")
+        dtype = READ_DTYPES[dtype_name]
+        rows = region[0] if shape else slice(0, 1)
+        row_shape = shape[1:]
+        row_bytes = _numel(row_shape) * _dtype_bytes(dtype_name)
+        block = max(1, READ_BLOCK_BYTES // max(row_bytes, 1))
+        rest = (slice(None),) + tuple(region[1:])
+        with open(ref.file, "rb", buffering=0) as handle:
+            for first in range(rows.start, rows.stop, block):
+                last = min(first + block, rows.stop)
+                data = bytearray((last - first) * row_bytes)
+                handle.seek(begin + first * row_bytes)
+                if handle.readinto(data) != len(data):
+                    raise CheckpointError(f"{ref.file}: tensor '{key}' is truncated")
+                values = torch.frombuffer(data, dtype=dtype).reshape(last - first, *row_shape)
+                if not shape:
+                    out.copy_(values.reshape(()))
+                    return
+                out[first - rows.start:last - rows.start].copy_(values[rest])
+
+    def _layout(self, path: Path) -> dict[str, tuple[str, list[int], int]]:
+        """key -> (dtype, shape, absolute byte offset of its data) from a file's header."""
+        if path not in self._layouts:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            self._layouts[path] = {key: (entry["dtype"], list(entry["shape"]), 8 + length + entry["data_offsets"][0])
+                                   for key, entry in header.items() if key != "__metadata__"}
+        return self._layouts[path]
+
     def _open(self, path: Path):
         if path not in self._handles:
             self._handles[path] = self._stack.enter_context(safe_open(path, framework="pt"))
@@ -120,7 +163,7 @@ class SafetensorsReader:
         self._stack.close()
         self._handles.clear()
 
-    def __enter__(self) -> "SafetensorsReader":
+    def __enter__(self) -> SafetensorsReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -368,6 +411,24 @@ def import_checkpoint(source: str | Path, output: str | Path, exits: list[int] |
     Ruyi2 (model_type `ruyi_qwen3`): exits and branches come from the checkpoint itself.
     """
     source = Path(source)
+    config, model_type = read_import_config(source, exits, branch_layers, shared_head, member_names)
+    with SafetensorsReader(source) as reader:
+        mapping = plan_import(source, reader, config, model_type)
+        plan = {name: (lambda key=key: reader.get(key)) for name, key in mapping.items()}
+        sizes = {name: _numel(reader.shape_and_dtype(key)[0]) * _dtype_bytes(reader.shape_and_dtype(key)[1])
+                 for name, key in mapping.items()}
+        with atomic_directory(output, overwrite) as staging:
+            checksums = write_tensors(plan, sizes, staging, max_shard_bytes)
+            config.save(staging, checksums)
+            copy_tokenizer_files(source, staging)
+    return config
+
+
+def read_import_config(source: str | Path, exits: list[int] | None = None, branch_layers: int = 1,
+                       shared_head: bool = False, member_names: dict[str, int] | None = None
+                       ) -> tuple[FamilyConfig, str]:
+    """The family config an import of `source` (dense Qwen3 or Ruyi2) gives, and the model type."""
+    source = Path(source)
     config_path = source / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{source}: no config.json (expected a Hugging Face checkpoint directory)")
@@ -396,24 +457,20 @@ def import_checkpoint(source: str | Path, output: str | Path, exits: list[int] |
             raise ConfigError(f"exit {e} with a {config.branch_depth(e)}-layer branch needs trunk "
                               f"layers up to {e + config.branch_depth(e) - 1}, but the model has "
                               f"{config.num_hidden_layers}")
-    expected = family_parameter_names(config)
-    with SafetensorsReader(source) as reader:
-        mapping = (_ruyi2_sources(config) if model_type == "ruyi_qwen3"
-                   else _dense_sources(config))
-        plan, sizes = {}, {}
-        for name, shape in expected.items():
-            source_key = mapping(name)
-            if source_key not in reader:
-                raise CheckpointError(f"{source}: tensor '{source_key}' (needed for '{name}') is missing")
-            check_tensor(reader, source_key, shape, str(config_path))
-            _, dtype = reader.shape_and_dtype(source_key)
-            plan[name] = lambda key=source_key: reader.get(key)
-            sizes[name] = _numel(shape) * _dtype_bytes(dtype)
-        with atomic_directory(output, overwrite) as staging:
-            checksums = write_tensors(plan, sizes, staging, max_shard_bytes)
-            config.save(staging, checksums)
-            copy_tokenizer_files(source, staging)
-    return config
+    return config, model_type
+
+
+def plan_import(source: Path, reader: SafetensorsReader, config: FamilyConfig, model_type: str) -> dict[str, str]:
+    """{family tensor name: source tensor name} of an import, every source tensor checked."""
+    mapping = (_ruyi2_sources(config) if model_type == "ruyi_qwen3" else _dense_sources(config))
+    out = {}
+    for name, shape in family_parameter_names(config).items():
+        source_key = mapping(name)
+        if source_key not in reader:
+            raise CheckpointError(f"{source}: tensor '{source_key}' (needed for '{name}') is missing")
+        check_tensor(reader, source_key, shape, str(source / "config.json"))
+        out[name] = source_key
+    return out
 
 
 def _dense_sources(config: FamilyConfig) -> Callable[[str], str]:

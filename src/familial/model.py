@@ -26,6 +26,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The same arithmetic as below, in one fused kernel (training's float32 path).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 like Qwen3, then scale in the input dtype.
         dtype = x.dtype
         x = x.float()
@@ -82,8 +85,14 @@ def rotary_inverse_frequencies(config: FamilyConfig) -> tuple[torch.Tensor, floa
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: FamilyConfig) -> None:
         super().__init__()
+        self.config = config
         inv_freq, self.scale = rotary_inverse_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset(self) -> None:
+        """Recompute the table in place (after `to_empty` left it uninitialised)."""
+        with torch.no_grad():
+            self.inv_freq.copy_(rotary_inverse_frequencies(self.config)[0])
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids (B, T) -> cos, sin (B, T, head_dim), computed in float32.
@@ -309,7 +318,7 @@ class FamilyModel(nn.Module):
             return self.lm_head
         return self.branches[str(exit_layer)].lm_head
 
-    def member(self, member: int | str) -> "FamilyMember":
+    def member(self, member: int | str) -> FamilyMember:
         return FamilyMember(self, self.config.resolve_member(member))
 
     # Forward.
@@ -329,20 +338,44 @@ class FamilyModel(nn.Module):
         wanted = sorted({self.config.resolve_member(e) for e in (exits or self.config.exits)})
         hidden, rotary, mask = embed_inputs(self.model.embed_tokens, self.model.rotary_emb, input_ids,
                                             attention_mask, position_ids)
-        last = self.config.exits[-1]
-        trunk_end = last + 1 if last in wanted else wanted[-1]
         outputs: dict[int, torch.Tensor] = {}
-        for i in range(trunk_end + 1):
-            if i in wanted and i != last:
-                branch = hidden
-                for layer in self.branch_layers(i):
-                    branch = layer(branch, rotary, mask, cache)
-                outputs[i] = self._finish(i, branch, return_hidden)
-            if i < self.config.num_hidden_layers and i < trunk_end:
-                hidden = self.model.layers[str(i)](hidden, rotary, mask, cache)
+
+        def keep(exit_layer: int, branch: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+            outputs[exit_layer] = self._finish(exit_layer, branch, return_hidden)
+            return trunk
+
+        last = self.config.exits[-1]
+        # The trunk runs only as deep as the deepest wanted exit needs.
+        stop = self.config.num_hidden_layers if last in wanted else wanted[-1]
+        hidden = self.walk(hidden, rotary, 0, stop, wanted, keep, mask, cache)
         if last in wanted:
             outputs[last] = self._finish(last, hidden, return_hidden)
+        else:
+            keep(stop, self.run_branch(stop, hidden, rotary, mask, cache), hidden)
         return outputs
+
+    def walk(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], start: int, stop: int,
+             exits: list[int], at_exit, mask: torch.Tensor | None = None,
+             cache: KVStore | None = None) -> torch.Tensor:
+        """Trunk layers [start, stop) on `hidden`, the state entering layer `start`.
+
+        Before layer e, for each exit e in `exits` (the last exit excepted: its branch is the
+        trunk's own last layer), the exit's branch runs on that same state and
+        `at_exit(e, branch_output, trunk_state)` returns the trunk state to continue with: the
+        family's forward keeps the branch output; a pipeline stage attaches the exit's loss.
+        """
+        last = self.config.exits[-1]
+        for i in range(start, stop):
+            if i in exits and i != last:
+                hidden = at_exit(i, self.run_branch(i, hidden, rotary, mask, cache), hidden)
+            hidden = self.model.layers[str(i)](hidden, rotary, mask, cache)
+        return hidden
+
+    def run_branch(self, exit_layer: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                   mask: torch.Tensor | None = None, cache: KVStore | None = None) -> torch.Tensor:
+        for layer in self.branch_layers(exit_layer):
+            hidden = layer(hidden, rotary, mask, cache)
+        return hidden
 
     def _finish(self, exit_layer: int, hidden: torch.Tensor, return_hidden: bool) -> torch.Tensor:
         hidden = self.exit_norm(exit_layer)(hidden)

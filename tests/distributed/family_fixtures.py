@@ -1,10 +1,19 @@
 """The tiny family, data, optimizer and single-process reference shared by the distributed tests."""
 
+import contextlib
+import weakref
+
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from familial.config import FamilyConfig
 from familial.model import FamilyModel
-from familial.train.losses import IGNORE_INDEX, count_targets, family_loss_sums, total_objective
+from familial.train.losses import (
+    IGNORE_INDEX,
+    count_targets,
+    family_loss_sums,
+    total_objective,
+)
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, exits=[1, 3])
@@ -38,17 +47,18 @@ def optimizer_factory(lr: float):
 
 
 def reference_run(overrides: dict, steps: int, weights: dict[int, float] | None = None, lr: float = 1e-3,
-                  seed: int = 0, model=None, optimizer=None, skip: int = 0):
-    """Per-step {exit: mean CE}, and the first step's gradients, of plain single-process training."""
+                  seed: int = 0, model=None, optimizer=None, skip: int = 0, distill: dict[int, float] | None = None):
+    """Per-step {exit: mean CE} (and {exit: mean KL}), and the first step's gradients, of plain
+    single-process training."""
     torch.manual_seed(seed)
     model = model or make_family(overrides, seed)
     optimizer = optimizer or optimizer_factory(lr)(model)
     weights = weights or {e: 1.0 for e in model.config.exits}
-    losses, grads = [], None
+    losses, kds, grads = [], [], None
     for step, (input_ids, labels) in enumerate(batches(overrides, steps, seed=seed)):
         if step < skip:
             continue
-        sums = family_loss_sums(model, input_ids, labels, lambdas=weights)
+        sums = family_loss_sums(model, input_ids, labels, lambdas=weights, distill=distill)
         total_targets = count_targets(labels)
         total_objective(sums, total_targets).backward()
         if grads is None:
@@ -56,4 +66,54 @@ def reference_run(overrides: dict, steps: int, weights: dict[int, float] | None 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append({e: float(s.ce_sum) / total_targets for e, s in sums.items()})
-    return losses, grads, model, optimizer
+        kds.append({e: float(sums[e].kd_sum) / total_targets for e in (distill or {})})
+    return losses, grads, model, optimizer, kds
+
+
+def _storages(tensor: torch.Tensor):
+    """The plain storages behind a tensor (DTensors and other wrapper tensors unwrapped)."""
+    if is_traceable_wrapper_subclass(tensor):
+        for name in tensor.__tensor_flatten__()[0]:
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):
+                yield from _storages(inner)
+    else:
+        yield tensor.untyped_storage()
+
+
+class _Saved:
+    __slots__ = ("__weakref__", "tensor")
+
+
+@contextlib.contextmanager
+def saved_bytes(exclude: set[int] = frozenset()):
+    """Peak bytes of tensors autograd holds for backward inside the block (activation memory).
+
+    Each storage counts once while any saved tensor uses it; storages whose data pointers
+    are in `exclude` (e.g. the parameters') do not count. Gathered parameter copies (FSDP)
+    do, so compare runs with the same model and layout.
+    """
+    live: dict[int, list[int]] = {}
+    total, peak = [0], [0]
+
+    def release(key: int) -> None:
+        live[key][0] -= 1
+        if not live[key][0]:
+            total[0] -= live.pop(key)[1]
+
+    def pack(tensor: torch.Tensor):
+        holder = _Saved()
+        holder.tensor = tensor
+        for storage in _storages(tensor):
+            key = storage.data_ptr()
+            if key and key not in exclude:
+                entry = live.setdefault(key, [0, storage.nbytes()])
+                if not entry[0]:
+                    total[0] += entry[1]
+                    peak[0] = max(peak[0], total[0])
+                entry[0] += 1
+                weakref.finalize(holder, release, key)
+        return holder
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
+        yield lambda: peak[0]

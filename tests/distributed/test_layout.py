@@ -5,9 +5,14 @@ import itertools
 import pytest
 
 from familial.config import ConfigError, FamilyConfig
-from familial.parallel.mesh import ParallelDims
-from familial.parallel.pipeline import build_schedule, check_boundaries, layer_costs, split_layers
+from familial.parallel.pipeline import (
+    build_schedule,
+    check_boundaries,
+    layer_costs,
+    split_layers,
+)
 from familial.parallel.tensor_parallel import check_tensor_parallel
+from familial.train.config import ParallelConfig
 
 
 def family(**overrides) -> FamilyConfig:
@@ -68,12 +73,13 @@ def test_tensor_parallel_needs_whole_kv_heads():
     check_tensor_parallel(family(), 2)
 
 
-def test_parallel_dims_fill_and_check_the_world():
-    assert ParallelDims(dp_shard=-1, tp=2, pp=2).resolve(8).dp_shard == 2
+def test_parallel_layout_fills_and_checks_the_world():
+    assert ParallelConfig(tp=2, pp=2).resolve(8).dp_shard == 2  # dp_shard = -1 takes the rest
+    assert ParallelConfig().resolve(1).shape() == (1, 1, 1, 1)
     with pytest.raises(ConfigError, match="needs 12 ranks, but the world size is 8"):
-        ParallelDims(dp_shard=3, tp=2, pp=2).resolve(8)
+        ParallelConfig(dp_shard=3, tp=2, pp=2).resolve(8)
     with pytest.raises(ConfigError, match="parallel.tp = 0"):
-        ParallelDims(tp=0).resolve(8)
+        ParallelConfig(tp=0).resolve(8)
 
 
 def test_schedule_names_are_checked_and_zero_bubble_is_refused():
@@ -81,3 +87,53 @@ def test_schedule_names_are_checked_and_zero_bubble_is_refused():
         build_schedule("Looped", [], 4)
     with pytest.raises(ConfigError, match="zero-bubble schedules split backward"):
         build_schedule("ZBVZeroBubble", [], 4)
+
+
+def test_distillation_before_the_last_pipeline_stage_is_refused():
+    from familial.parallel.layout import check_distillation
+    from familial.train.config import InitConfig, LossConfig, TrainConfig
+
+    config = family()
+    train = TrainConfig(init=InitConfig(model=config), loss=LossConfig(distill={"5": 0.2}))
+    with pytest.raises(ConfigError, match=r"'loss.distill' key '5': exit 5 lies before the last pipeline stage"):
+        check_distillation(train, config, ParallelConfig(pp=2, stage_boundaries=[0, 6, 8]))
+    check_distillation(train, config, ParallelConfig(pp=2, stage_boundaries=[0, 4, 8]))
+    check_distillation(train, config, ParallelConfig(tp=2))
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+def test_activation_arithmetic_is_what_autograd_keeps(checkpointing, monkeypatch):
+    """docs/parallel.md's activations per token per block, against one block at small scale."""
+    import torch
+    from family_fixtures import saved_bytes
+
+    from familial.model import FamilyModel
+    from familial.parallel.memory import activation_elements
+    from familial.train import blocks
+
+    config = family(hidden_size=256, intermediate_size=640, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=64)
+    torch.manual_seed(0)
+    model = FamilyModel(config)
+    blocks.apply_block_options(model, checkpointing)
+    block, tokens = model.model.layers["0"], 256
+    x = torch.randn(2, tokens // 2, 256, requires_grad=True)
+    rotary = tuple(t.detach() for t in model.rotary(torch.arange(tokens // 2).expand(2, -1), x.dtype))
+    # Selective checkpointing keeps its matmul outputs itself: count what its policy keeps.
+    kept = []
+    policy = blocks._keep_matmuls
+
+    def counting(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        if decision == blocks.CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
+            outputs = ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else [ctx.op_output]
+            kept.append(sum(o.numel() for o in outputs if isinstance(o, torch.Tensor)))
+        return decision
+
+    monkeypatch.setattr(blocks, "_keep_matmuls", counting)
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *rotary]}
+    with saved_bytes(exclude=shared) as peak:
+        block(x, rotary)
+    measured = (peak() / 4 + sum(kept)) / tokens
+    heads = config.num_attention_heads + config.num_key_value_heads  # per-head statistics
+    assert activation_elements(config, checkpointing) <= measured <= activation_elements(config, checkpointing) + 2 * heads + 2

@@ -11,17 +11,19 @@ import os
 import signal
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from family_fixtures import make_family, optimizer_factory, reference_run  # noqa: E402
+from family_fixtures import family_config, make_family, optimizer_factory, reference_run
 
-from familial.checkpoint_io import load_family  # noqa: E402
-from familial.parallel.checkpoint import export_family, load_into_model  # noqa: E402
+from familial.checkpoint_io import load_family
+from familial.parallel.memory import state_bytes
+from familial.train import dcp
+from familial.train.config import ParallelConfig
 
 pytestmark = pytest.mark.distributed
 
@@ -37,7 +39,7 @@ TIMEOUT_S = 240
 def run_layout(tmp_path: Path, nproc: int, spec: dict) -> list[dict]:
     out = tmp_path / "out"
     out.mkdir()
-    spec = {"steps": STEPS, "family": {}, **spec, "out": str(out)}
+    spec = {"steps": STEPS, "family": {}, **spec, "out": str(out), "run_dir": str(tmp_path / "run")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(WORKER), json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -48,31 +50,37 @@ def run_layout(tmp_path: Path, nproc: int, spec: dict) -> list[dict]:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"{nproc}-process run {spec['dims']} hung for {TIMEOUT_S}s:\n{output[-3000:]}")
+        pytest.fail(f"{nproc}-process run {spec['parallel']} hung for {TIMEOUT_S}s:\n{output[-3000:]}")
     assert process.returncode == 0, output[-5000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
 
-@lru_cache(maxsize=None)
-def _reference(family_json: str, weights_json: str):
+@cache
+def _reference(family_json: str, weights_json: str, distill_json: str):
     weights = {int(k): v for k, v in json.loads(weights_json).items()} or None
-    losses, grads, _, _ = reference_run(json.loads(family_json), STEPS, weights=weights)
-    return losses, grads
+    distill = {int(k): v for k, v in json.loads(distill_json).items()} or None
+    losses, grads, _, _, kds = reference_run(json.loads(family_json), STEPS, weights=weights, distill=distill)
+    return losses, grads, kds
 
 
-def reference(family: dict, weights: dict | None = None):
-    return _reference(json.dumps(family, sort_keys=True), json.dumps(weights or {}, sort_keys=True))
+def reference(family: dict, weights: dict | None = None, distill: dict | None = None):
+    """Per-step {exit: mean CE}, first-step gradients and per-step {exit: mean KL} of one process."""
+    return _reference(json.dumps(family, sort_keys=True), json.dumps(weights or {}, sort_keys=True),
+                      json.dumps(distill or {}, sort_keys=True))
 
 
-def assert_matches(results: list[dict], family: dict, weights: dict | None = None) -> None:
-    ref_losses, ref_grads = reference(family, weights)
+def assert_matches(results: list[dict], family: dict, weights: dict | None = None,
+                   distill: dict | None = None) -> None:
+    ref_losses, ref_grads, ref_kds = reference(family, weights, distill)
+    curves = [("losses", ref_losses)] + ([("kd", ref_kds)] if distill else [])
     for rank, result in enumerate(results):
-        first = result["losses"][0]
-        for e, value in ref_losses[0].items():
-            assert abs(first[e] - value) <= 1e-5 * abs(value), (rank, e, first[e], value)
-        for step, (got, want) in enumerate(zip(result["losses"], ref_losses)):
-            for e in want:
-                assert abs(got[e] - want[e]) <= 1e-4, (rank, step, e, got[e], want[e])
+        for key, want_curve in curves:
+            first = result[key][0]
+            for e, value in want_curve[0].items():
+                assert abs(first[e] - value) <= 1e-5 * abs(value), (rank, key, e, first[e], value)
+            for step, (got, want) in enumerate(zip(result[key], want_curve)):
+                for e in want:
+                    assert abs(got[e] - want[e]) <= 1e-4, (rank, key, step, e, got[e], want[e])
     grads = {}
     for result in results:
         grads.update(result["grads"])
@@ -82,65 +90,94 @@ def assert_matches(results: list[dict], family: dict, weights: dict | None = Non
         assert error <= 1e-5, (name, float(error))
 
 
-def test_tensor_parallel_with_sequence_parallel(tmp_path):
-    results = run_layout(tmp_path, 2, {"dims": {"tp": 2, "dp_shard": 1},
-                                       "options": {"sequence_parallel": True}})
-    assert_matches(results, {})
+def test_tensor_parallel_with_sequence_parallel_distillation_selective_checkpointing_and_compile(tmp_path):
+    # The vocabulary-sharded loss, chunked (7 rows at a time) like the unsharded one, with a
+    # distilled exit; blocks checkpointed selectively and compiled: the single-process run's
+    # losses, KL terms and gradients.
+    results = run_layout(tmp_path, 2, {"parallel": {"tp": 2, "dp_shard": 1, "sequence_parallel": True},
+                                       "train": {"activation_checkpointing": "selective", "compile": True},
+                                       "chunk_size": 7, "distill": {1: 0.3}})
+    assert_matches(results, {}, distill={1: 0.3})
 
 
-@pytest.mark.parametrize("dims", [{"dp_shard": 2}, {"dp_replicate": 2, "dp_shard": 1}])
-def test_data_parallel_gradients_are_summed_over_ranks(tmp_path, dims):
+def test_gradient_accumulation_keeps_activation_memory_flat_and_equals_one_big_batch(tmp_path):
+    # FSDP over 2 ranks; 2 rows per rank per micro-batch, or the whole step's rows at once.
+    variants = [{"batch": 8, "grad_accum": 2}, {"batch": 32, "grad_accum": 8}, {"batch": 32, "grad_accum": 1}]
+    results = run_layout(tmp_path, 2, {"parallel": {"dp_shard": 2}, "steps": 1, "variants": variants})
+    for few, many, big in results:
+        few_peak, many_peak, big_peak = (r["peak_saved_bytes"][0] for r in (few, many, big))
+        assert many_peak <= 1.1 * few_peak, (few_peak, many_peak)
+        assert big_peak >= 3 * many_peak, (many_peak, big_peak)
+        for name, grad in big["grads"].items():
+            error = (many["grads"][name] - grad).abs().max() / grad.abs().max()
+            assert error <= 1e-5, (name, float(error))
+
+
+@pytest.mark.parametrize("layout", [{"dp_shard": 2}, {"dp_replicate": 2, "dp_shard": 1}])
+def test_data_parallel_gradients_are_summed_over_ranks(tmp_path, layout):
     # dp_shard: FSDP2; dp_replicate: full replicas (HSDP with one shard per group).
-    assert_matches(run_layout(tmp_path, 2, {"dims": dims}), {})
+    assert_matches(run_layout(tmp_path, 2, {"parallel": layout}), {})
 
 
 @pytest.mark.parametrize("schedule", ["GPipe", "1F1B"])
 def test_pipeline_exits_inside_at_boundary_and_shared_stage(tmp_path, schedule):
+    # Exit 3, distilled from exit 5, shares the last stage with its teacher.
     results = run_layout(tmp_path, 2, {
-        "dims": {"pp": 2, "dp_shard": 1}, "family": PLACED, "weights": PLACED_WEIGHTS,
-        "options": {"schedule": schedule, "microbatches": 4, "stage_boundaries": [0, 3, 6]}})
+        "parallel": {"pp": 2, "dp_shard": 1, "pp_schedule": schedule, "microbatches": 4,
+                     "stage_boundaries": [0, 3, 6]},
+        "family": PLACED, "weights": PLACED_WEIGHTS, "distill": {3: 0.2}, "chunk_size": 5})
     assert results[0]["boundaries"] == [0, 3, 6]
-    assert_matches(results, PLACED, PLACED_WEIGHTS)
+    assert_matches(results, PLACED, PLACED_WEIGHTS, distill={3: 0.2})
 
 
 def test_interleaved_pipeline_with_cost_balanced_split(tmp_path):
     results = run_layout(tmp_path, 2, {
-        "dims": {"pp": 2, "dp_shard": 1}, "family": PLACED, "weights": PLACED_WEIGHTS,
-        "options": {"schedule": "Interleaved1F1B", "microbatches": 4}})
+        "parallel": {"pp": 2, "dp_shard": 1, "pp_schedule": "Interleaved1F1B", "microbatches": 4},
+        "family": PLACED, "weights": PLACED_WEIGHTS})
     # Four stages over two ranks; the exits' branches and heads weigh on the split.
     assert len(results[0]["boundaries"]) == 5
     assert_matches(results, PLACED, PLACED_WEIGHTS)
 
 
+def assert_states_as_documented(results: list[dict], family: dict, layout: dict) -> None:
+    """Each rank holds the model-state bytes docs/parallel.md's arithmetic gives for its stage."""
+    config, parallel = family_config(family), ParallelConfig(**layout).resolve(len(results))
+    per_stage = state_bytes(config, parallel, results[0]["boundaries"])
+    for rank, result in enumerate(results):
+        want = per_stage[rank // (len(results) // parallel.pp)]
+        assert abs(result["state_bytes"] - want) <= 0.01 * want, (rank, result["state_bytes"], want)
+
+
 def test_fsdp_with_pipeline(tmp_path):
-    results = run_layout(tmp_path, 4, {
-        "dims": {"pp": 2, "dp_shard": 2}, "family": PLACED, "weights": PLACED_WEIGHTS,
-        "options": {"schedule": "1F1B", "microbatches": 2, "stage_boundaries": [0, 3, 6]}})
+    layout = {"pp": 2, "dp_shard": 2, "pp_schedule": "1F1B", "microbatches": 2, "stage_boundaries": [0, 3, 6]}
+    results = run_layout(tmp_path, 4, {"parallel": layout, "family": PLACED, "weights": PLACED_WEIGHTS})
     assert_matches(results, PLACED, PLACED_WEIGHTS)
+    assert_states_as_documented(results, PLACED, layout)
 
 
 def test_pipeline_with_tensor_parallel_resumes_in_one_process(tmp_path):
-    checkpoint = tmp_path / "checkpoint"
     saved_at = 5
-    results = run_layout(tmp_path, 4, {
-        "dims": {"pp": 2, "tp": 2, "dp_shard": 1}, "options": {"schedule": "1F1B", "microbatches": 2},
-        "save_at": saved_at, "checkpoint": str(checkpoint)})
+    layout = {"pp": 2, "tp": 2, "dp_shard": 1, "pp_schedule": "1F1B", "microbatches": 2}
+    results = run_layout(tmp_path, 4, {"parallel": layout, "save_at": saved_at})
     assert_matches(results, {})
+    assert_states_as_documented(results, {}, layout)
+    checkpoint = Path(results[0]["checkpoint"])
+    assert checkpoint.name == "dcp-00000005"
 
     # Continue from the pp=2 x tp=2 checkpoint in one plain process: the single-process
     # trajectory goes on (weights and AdamW state both resharded by DCP).
     model = make_family({}, seed=1)
     optimizer = optimizer_factory(1e-3)(model)
-    info = load_into_model(checkpoint, model, optimizer)
+    info = dcp.load(checkpoint, [model], [optimizer], no_dist=True)
     assert info["step"] == saved_at and info["layout"]["pp"] == 2 and info["layout"]["tp"] == 2
-    resumed, _, _, _ = reference_run({}, STEPS, model=model, optimizer=optimizer, skip=saved_at)
-    ref_losses, _ = reference({})
+    resumed, *_ = reference_run({}, STEPS, model=model, optimizer=optimizer, skip=saved_at)
+    ref_losses, *_ = reference({})
     for got, want in zip(resumed, ref_losses[saved_at:]):
         for e in want:
             assert abs(got[e] - want[e]) <= 1e-4, (e, got[e], want[e])
 
     # Export to a plain family checkpoint: exactly the weights the 4 ranks held at that step.
-    family = load_family(export_family(checkpoint, tmp_path / "family"))
+    family = load_family(dcp.export_family(checkpoint, tmp_path / "family"))
     held = {}
     for result in results:
         held.update(result["saved_parameters"])

@@ -1,51 +1,98 @@
 """Run by torchrun from the distributed tests: train a tiny family under one layout, dump results.
 
 argv[1] is a JSON spec (see `run_layout` in test_parallel.py); rank r writes OUT/rank{r}.pt
-with the per-step exit losses, the first step's full gradients of its stages, and its
-stage boundaries.
+with the per-step exit losses, the first step's full gradients of its parts, its stage
+boundaries, and what the spec asks to measure. The step is `ParallelLayout.forward_backward`,
+the one the trainer's loop runs.
 """
 
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-from familial.parallel.checkpoint import save_checkpoint
-from familial.parallel.mesh import ParallelDims, init_distributed
-from familial.parallel.train import ParallelOptions, ParallelTrainer
+from familial.config import FamilyConfig
+from familial.parallel.layout import ParallelLayout
+from familial.parallel.mesh import init_distributed
+from familial.train.config import InitConfig, ParallelConfig, TrainConfig
+from familial.train.init import ModelWeights
 
 sys.path.insert(0, os.path.dirname(__file__))
-from family_fixtures import batches, make_family, optimizer_factory  # noqa: E402
+from family_fixtures import batches, make_family, optimizer_factory, saved_bytes
+
+
+def build(spec: dict) -> ParallelLayout:
+    family = make_family(spec["family"], seed=spec.get("seed", 0))
+    train = TrainConfig(init=InitConfig(model=family.config), run_dir=spec.get("run_dir", "unused"),
+                        parallel=ParallelConfig(**spec["parallel"]), device="cpu", **spec.get("train", {}))
+    layout = ParallelLayout(train, FamilyConfig.from_dict(family.config.to_dict()))
+    layout.load_weights(ModelWeights(family))
+    # The single-process reference's optimizer: the same per-parameter arithmetic on shards.
+    layout.optimizers = [optimizer_factory(spec.get("lr", 1e-3))(part) for part in layout.parts]
+    return layout
+
+
+def state_bytes(layout: ParallelLayout) -> int:
+    """Bytes this rank holds for its parameters, their gradients and their AdamW state."""
+    def local(tensor):
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    total = 0
+    for optimizer in layout.optimizers:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                tensors = [p, p.grad, *(v for v in optimizer.state[p].values() if v.dim())]
+                total += sum(local(t).numel() * local(t).element_size() for t in tensors if t is not None)
+    return total
+
+
+def run(spec: dict) -> dict:
+    layout = build(spec)
+    exits = layout.config.exits
+    weights = {int(k): v for k, v in spec.get("weights", {}).items()} or {e: 1.0 for e in exits}
+    distill = {int(k): v for k, v in spec.get("distill", {}).items()}
+    accumulation = spec.get("grad_accum", 1)
+    result = {"losses": [], "boundaries": layout.boundaries, "peak_saved_bytes": []}
+    for step, (input_ids, labels) in enumerate(batches(spec["family"], spec["steps"], seed=spec.get("seed", 0),
+                                                       batch=spec.get("batch", 4))):
+        rows = input_ids.shape[0] // layout.dp_size
+        local = slice(layout.dp_rank * rows, (layout.dp_rank + 1) * rows)
+        ids, targets = input_ids[local], labels[local]
+        size = rows // accumulation
+        micro = [{"input_ids": ids[i * size:(i + 1) * size], "labels": targets[i * size:(i + 1) * size]}
+                 for i in range(accumulation)]
+        with saved_bytes() as peak:
+            sums = layout.forward_backward(micro, weights, distill, spec.get("chunk_size", 1024))
+        result["peak_saved_bytes"].append(peak())
+        if step == 0:
+            result["grads"] = layout.full_gradients()
+        layout.optimizer_step()
+        if step == 0:
+            result["state_bytes"] = state_bytes(layout)
+        layout.zero_grad()
+        result["losses"].append({e: v / sums.targets for e, v in sums.ce.items()})
+        if distill:
+            result.setdefault("kd", []).append({e: v / sums.targets for e, v in sums.kd.items()})
+        if spec.get("save_at") == step + 1:
+            result["checkpoint"] = str(layout.save(step + 1, {"step": step + 1}))
+            result["saved_parameters"] = layout.full_parameters()
+    layout.checkpointer.wait()
+    return result
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
     init_distributed(timeout_s=120)
-    rank = dist.get_rank()
-    dims = ParallelDims(**spec["dims"]).resolve(dist.get_world_size())
-    options = ParallelOptions(**spec.get("options", {}))
-    family = make_family(spec["family"], seed=spec.get("seed", 0))
-    trainer = ParallelTrainer(family, dims, options, optimizer=optimizer_factory(spec.get("lr", 1e-3)))
-    dp_rank = trainer.mesh["dp_replicate", "dp_shard"]._flatten("dp").get_local_rank() if dims.dp > 1 else 0
-    weights = {int(k): v for k, v in spec.get("weights", {}).items()} or {e: 1.0 for e in family.config.exits}
-    result = {"losses": [], "boundaries": trainer.boundaries}
-    for step, (input_ids, labels) in enumerate(batches(spec["family"], spec["steps"], seed=spec.get("seed", 0))):
-        rows = input_ids.shape[0] // dims.dp
-        local = slice(dp_rank * rows, (dp_rank + 1) * rows)
-        losses = trainer.forward_backward(input_ids[local], labels[local], weights)
-        if step == 0:
-            result["grads"] = trainer.full_gradients()
-        trainer.optimizer_step()
-        result["losses"].append(losses)
-        if spec.get("save_at") == step + 1:
-            save_checkpoint(spec["checkpoint"], trainer, step + 1)
-            result["saved_parameters"] = trainer.full_parameters()
-    torch.save(result, os.path.join(spec["out"], f"rank{rank}.pt"))
+    # Several runs in one launch share the process group (each builds its own mesh).
+    results = [run({**spec, **variant}) for variant in spec.get("variants", [{}])]
+    torch.save(results if "variants" in spec else results[0], Path(spec["out"]) / f"rank{dist.get_rank()}.pt")
+    dist.barrier()
     dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

@@ -14,14 +14,13 @@ import sys
 
 import torch.distributed as dist
 
-import familial.parallel.loop as parallel_loop
 from familial import cli
-from familial.parallel.train import ParallelTrainer
+from familial.parallel.layout import ParallelLayout
 
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
-    real_step, real_load = ParallelTrainer.forward_backward, parallel_loop.load_checkpoint
+    real_step, real_load = ParallelLayout.forward_backward, ParallelLayout.load
     calls = 0
 
     def forward_backward(self, *args, **kwargs):
@@ -31,12 +30,12 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_step(self, *args, **kwargs)
 
-    def load_checkpoint(path, trainer):
-        print(f"rank {dist.get_rank()} resumed from {path}", flush=True)
-        return real_load(path, trainer)
+    def load(self, checkpoint):
+        print(f"rank {dist.get_rank()} resumed from {checkpoint}", flush=True)
+        return real_load(self, checkpoint)
 
-    ParallelTrainer.forward_backward = forward_backward
-    parallel_loop.load_checkpoint = load_checkpoint
+    ParallelLayout.forward_backward = forward_backward
+    ParallelLayout.load = load
     return cli.main(["train", *sys.argv[2:]])
 
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from faults import leftovers, train_config_dict, write_toml
+
 from familial.checkpoint_io import CheckpointError
 from familial.train import checkpoint as ckpt
 from familial.train.config import load_config
@@ -59,14 +59,16 @@ class Injector:
         self.server.wait(timeout=60)
 
 
-def first_line(log: Path, seconds: float = 120) -> str:
+def start_line(log: Path, seconds: float = 120) -> str:
+    """The trainer's `start step N` line (after the lines it prints before training starts)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         text = Path(f"{log}.out").read_text() if Path(f"{log}.out").exists() else ""
-        if "\n" in text:
-            return text.splitlines()[0]
+        for line in text.splitlines(keepends=True):
+            if line.startswith("start step") and line.endswith("\n"):
+                return line.strip()
         time.sleep(0.02)
-    raise AssertionError(f"no output from the trainer in {seconds}s: {Path(f'{log}.err').read_text()[-3000:]}")
+    raise AssertionError(f"no start line from the trainer in {seconds}s: {Path(f'{log}.err').read_text()[-3000:]}")
 
 
 def logged(run_dir: Path) -> list[dict]:
@@ -113,7 +115,7 @@ def test_kill_9_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_pa
             latest = int(found[-1].name[len(ckpt.PREFIX):]) if found else 0
             at = rng.randint(1, 2)
             pid, log = injector.start(config, point, at, resume=bool(found))
-            assert first_line(log) == f"start step {latest}", point
+            assert start_line(log) == f"start step {latest}", point
             if point == "external":
                 # Lands anywhere in the next `at` steps and saves, or where the child holds.
                 time.sleep(rng.uniform(0.0, 0.5))

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from faults import train_config_dict
+
 from familial.train import checkpoint as ckpt
 from familial.train import loop
 from familial.train.config import load_config
@@ -44,12 +44,12 @@ def run_with_faults(monkeypatch, trainer: Trainer, kind: str, bad_steps: set[int
     real = loop.train_step
     history = []
 
-    def step(model, optimizer, *args, **kwargs):
+    def step(layout, *args, **kwargs):
         number = trainer.state.step + 1
         before = snapshot(trainer)
-        handles = poison(kind, model) if number in bad_steps else []
+        handles = poison(kind, layout.model) if number in bad_steps else []
         try:
-            result = real(model, optimizer, *args, **kwargs)
+            result = real(layout, *args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()

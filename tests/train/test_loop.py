@@ -13,7 +13,7 @@ from familial.config import ConfigError
 from familial.train import checkpoint as ckpt
 from familial.train import loop
 from familial.train.config import load_config
-from familial.train.loop import NonFiniteError, Trainer, build_batches, train_step
+from familial.train.loop import NonFiniteError, Trainer, build_batches
 from familial.train.metrics import read_metrics
 
 
@@ -149,30 +149,68 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, shards, make_config, 
     assert records[0]["loss"] is None
 
 
-def test_activation_checkpointing_gives_the_same_gradients(tmp_path, shards, make_config):
-    config = load_config(data=make_config(tmp_path, shards))
-    batches = build_batches(config.data, seed=0)
-    micro = [next(batches) for _ in range(2)]
-    results = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = loop.build_model(config.init, 0, tmp_path)
-        if checkpointing:
-            loop.apply_activation_checkpointing(model)
-        optimizer = loop.build_optimizer(model, config.optim, 1e-3)
-        result = train_step(model, optimizer, micro, {1: 0.5, 2: 1.0, 3: 1.0}, {1: 0.2}, 7)
-        results.append((result, {k: v.clone() for k, v in model.state_dict().items()}))
-    (plain, plain_state), (recomputed, recomputed_state) = results
-    assert plain.ce == pytest.approx(recomputed.ce, abs=1e-6)
-    assert plain.grad_norm == pytest.approx(recomputed.grad_norm, rel=1e-5)
-    for name in plain_state:
-        torch.testing.assert_close(plain_state[name], recomputed_state[name], atol=1e-6, rtol=1e-5)
+def first_step(tmp_path, shards, make_config, **top):
+    """Per-exit losses and every gradient of the first step of a fresh run."""
+    config = load_config(data=make_config(tmp_path, shards, **top))
+    trainer = Trainer(config)
+    stage = trainer.stages[0]
+    batches = build_batches(stage.data, config.seed)
+    lambdas, distill = loop.exit_weights(stage.loss, trainer.family_config, 0)
+    sums = trainer.layout.forward_backward([next(batches) for _ in range(stage.data.grad_accum)], lambdas,
+                                           distill, stage.loss.chunk_size)
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    return sums, grads
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path, shards, make_config, mode):
+    plain, plain_grads = first_step(tmp_path / "none", shards, make_config)
+    recomputed, grads = first_step(tmp_path / mode, shards, make_config, activation_checkpointing=mode)
+    assert recomputed.ce == pytest.approx(plain.ce, abs=1e-6) and recomputed.kd == pytest.approx(plain.kd, abs=1e-6)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=0, msg=name)
 
 
 def test_bf16_autocast_trains_and_checkpoints_stay_float32(tmp_path, shards, make_config):
-    config = load_config(data=make_config(tmp_path, shards, steps=3, autocast="bf16"))
+    config = load_config(data=make_config(tmp_path, shards, steps=3, precision="bf16"))
     trainer = Trainer(config)
     trainer.run()
     records = read_metrics(config.run_dir)
     assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in records)
     assert load_family(trainer.final_family()).lm_head.weight.dtype == torch.float32
+
+
+def test_compiled_blocks_match_eager(tmp_path, shards, make_config):
+    plain, plain_grads = first_step(tmp_path / "eager", shards, make_config)
+    compiled, grads = first_step(tmp_path / "compiled", shards, make_config, compile=True,
+                                 activation_checkpointing="selective")
+    assert compiled.ce == pytest.approx(plain.ce, rel=1e-5) and compiled.kd == pytest.approx(plain.kd, rel=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_device_and_precision_follow_the_machine(monkeypatch):
+    from familial.train.layout import compute_dtype, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3) == resolve_device("cuda")
+    assert compute_dtype("auto", torch.device("cuda", 3)) == torch.bfloat16
+    assert compute_dtype("fp32", torch.device("cuda", 3)) == torch.float32
+
+
+def test_thread_count_never_oversubscribes_a_busy_machine(monkeypatch):
+    from familial import threads
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.2, 0.0, 0.0))
+    assert threads.pick_threads(2048, 24) == (2, "8 core(s), load average 6.2")
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    assert threads.pick_threads(2048, 24)[0] == 1
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert threads.pick_threads(2048, 24)[0] == 8
+    assert threads.pick_threads(128, 8)[0] == 1  # a small model: its ops are too small to split

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from familial.config import FamilyConfig
 from familial.model import FamilyModel
-from familial.train.losses import IGNORE_INDEX, count_targets, exit_loss_sum, family_loss_sums, total_objective
+from familial.train.losses import (
+    IGNORE_INDEX,
+    count_targets,
+    exit_loss_sum,
+    family_loss_sums,
+    total_objective,
+)
 
 VOCAB = 61
 
@@ -146,3 +152,15 @@ def test_non_linear_head_takes_the_checkpointed_path_with_the_same_result():
     assert got.ce_sum.item() == pytest.approx(want.ce_sum.item(), abs=1e-8)
     torch.testing.assert_close(first.grad, second.grad)
     assert low_rank.up.weight.grad is not None and low_rank.down.weight.grad is not None
+
+
+def test_scaling_inside_the_loss_equals_dividing_after_it():
+    ids, labels = batch(pad=2)
+    lambdas, distill = {0: 0.5, 2: 0.8, 3: 1.0}, {0: 0.3}
+    divided, scaled = tiny_family(), tiny_family()
+    total = count_targets(labels)
+    total_objective(family_loss_sums(divided, ids, labels, lambdas, distill, chunk_size=7), total).backward()
+    losses = family_loss_sums(scaled, ids, labels, lambdas, distill, chunk_size=7, scale=1 / total)
+    sum(part.objective for part in losses.values()).backward()
+    for name, grad in grads(divided).items():
+        torch.testing.assert_close(grads(scaled)[name], grad, atol=1e-12, rtol=1e-10, msg=name)

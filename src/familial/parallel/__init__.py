@@ -1,1 +1,1 @@
-"""3D-parallel family training: mesh, tensor_parallel, fsdp, pipeline (stage), checkpoint, train, loop."""
+"""N-process training layouts: mesh, tensor_parallel, fsdp, pipeline and stage, assembled by layout."""

@@ -1,10 +1,13 @@
 """Data parallelism with FSDP2 (`fully_shard`): sharded, replicated (HSDP) or both.
 
 Every decoder layer (trunk and branch) is its own FSDP unit, so only one layer's full
-weights exist at a time; the embedding, norms and heads stay in the root unit, which is
-gathered for the whole forward/backward of the stage (the chunked exit losses use the head
-weights directly, outside any submodule's forward). Gradients are SUMMED over data-parallel
+weights exist at a time; the embedding, norms and heads stay in the root unit, which stays
+gathered from the forward until the backward has passed it (the chunked exit losses read
+the head weights directly, after the family's forward has returned). Gradients are SUMMED over data-parallel
 ranks, not averaged: every loss is already divided by the global target count of the step.
+
+Parameters stay float32 (the master weights, sharded with the AdamW state); the policy's
+`param_dtype` is the compute dtype FSDP gathers them in, and gradients are reduced in float32.
 """
 
 from __future__ import annotations
@@ -14,22 +17,13 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp32": torch.float32}
+from familial.train.blocks import decoder_blocks
 
 
-def fsdp_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"mixed precision dtype '{value}': expected one of {sorted(DTYPES)}")
-    return DTYPES[value]
-
-
-def mixed_precision(param_dtype: str | torch.dtype | None, reduce_dtype: str | torch.dtype | None = "float32"
-                    ) -> MixedPrecisionPolicy:
-    """Compute in `param_dtype` (e.g. bf16) while master weights and reductions stay float32."""
-    return MixedPrecisionPolicy(param_dtype=fsdp_dtype(param_dtype), reduce_dtype=fsdp_dtype(reduce_dtype))
+def mixed_precision(compute: torch.dtype) -> MixedPrecisionPolicy:
+    """Gather parameters in `compute` (e.g. bf16); reduce gradients in float32."""
+    return MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute,
+                                reduce_dtype=torch.float32)
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None,
@@ -40,12 +34,9 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionP
     otherwise gather each layer again for its backward.
     """
     mp_policy = mp_policy or MixedPrecisionPolicy()
-    layers = list(model.model.layers.values())
-    for branch in model.branches.values():
-        layers.extend(branch.layers)
-    for layer in layers:
+    for layer in decoder_blocks(model):
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -3,7 +3,8 @@
 Megatron's split, written as plans: q/k/v and gate/up are column-parallel (each rank keeps
 whole heads / a slice of the intermediate), o and down are row-parallel (one all-reduce per
 block). The embedding is vocabulary-parallel; every exit's head is column-parallel over the
-vocabulary and leaves its logits sharded so the loss runs on the shards (`loss_parallel()`).
+vocabulary: its weight is a DTensor sharded over the vocabulary, and the chunked exit loss
+(`familial.train.losses`) runs on each rank's vocabulary slice, never gathering logits.
 Qwen3's per-head q/k norms see only local heads, so their weights become replicated DTensors
 on the head dimension and their gradients are summed over the tensor ranks.
 
@@ -76,7 +77,7 @@ def layer_plan(sequence_parallel: bool) -> dict[str, object]:
 
 
 def _head_style(sequence_parallel: bool) -> ColwiseParallel:
-    # Logits stay vocabulary-sharded DTensors: the loss runs under loss_parallel().
+    # The loss reads the sharded weight directly; called as a module, logits stay vocabulary-sharded.
     return ColwiseParallel(input_layouts=Shard(1) if sequence_parallel else Replicate(),
                            output_layouts=Shard(-1), use_local_output=False)
 
@@ -114,6 +115,4 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             parallelize_module(norm, tp_mesh, SequenceParallel())
     for head in heads:
         parallelize_module(head, tp_mesh, _head_style(sequence_parallel))
-    if hasattr(model, "loss_parallel"):
-        model.loss_parallel = True
     return model

@@ -1,4 +1,6 @@
-"""Training checkpoints: written aside then renamed, checksummed, pruned to the last N.
+"""Training checkpoints of either kind, the one finder of "the latest", pruning, RUN_DIR/family.
+
+One process writes `step-N` checkpoints:
 
     RUN_DIR/checkpoints/step-00000020/
         family/          a family checkpoint (`familial export` works on it)
@@ -7,13 +9,21 @@
         manifest.json    sha256 of every file above, checked on load
 
 A save killed half-way leaves only a hidden `.step-*.tmp-*` directory, which discovery
-ignores, so the previous checkpoint stays the latest loadable one.
+ignores, so the previous checkpoint stays the latest loadable one. A parallel run writes
+`dcp-N` checkpoints (see `familial.train.dcp`). Either kind resumes under any layout:
+`find_checkpoint` picks the newest of both, and `keep` counts both.
+
+`RUN_DIR/family` is a relative symbolic link to the newest checkpoint's family, replaced
+atomically (a new link renamed over the old one) before older checkpoints are pruned. A
+link rather than a copy: the family of a 14B run is tens of GB, a rename is atomic, and a
+relative link survives moving or copying the whole run directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -22,11 +32,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from familial.checkpoint_io import CheckpointError, atomic_directory, load_family, save_family
+from familial.checkpoint_io import (
+    CheckpointError,
+    atomic_directory,
+    load_family,
+    save_family,
+)
 from familial.model import FamilyModel
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
+DCP_PREFIX = "dcp-"
+TRAINER_STATE = "trainer.json"
+FAMILY_LINK = "family"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -69,9 +87,53 @@ def save_checkpoint(run_dir: str | Path, step: int, model: FamilyModel,
         state = dict(trainer_state, step=step, rng=rng_state())
         (staging / "trainer.json").write_text(json.dumps(state) + "\n")
         _write_manifest(staging)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_family(run_dir, target / "family")
+    prune(run_dir, keep)
     return target
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+def is_complete(path: Path) -> bool:
+    """A renamed-into-place checkpoint of either kind (staging directories are hidden)."""
+    name = path.name
+    for prefix, marker in ((PREFIX, MANIFEST), (DCP_PREFIX, TRAINER_STATE)):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return path.is_dir() and (path / marker).is_file() and (
+                prefix == PREFIX or (path / ".metadata").is_file())
+    return False
+
+
+def is_distributed(path: Path) -> bool:
+    return path.name.startswith(DCP_PREFIX)
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Drop all but the newest `keep` checkpoints (both kinds), never leaving RUN_DIR/family dangling."""
+    link = Path(run_dir) / FAMILY_LINK
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if link.is_symlink() and (link.parent / os.readlink(link)).parent.name == old.name:
+            link.unlink()
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_family(run_dir: str | Path, family_dir: Path) -> Path:
+    """Point RUN_DIR/family at `family_dir` (a relative link, swapped in by one rename)."""
+    run_dir = Path(run_dir)
+    link = run_dir / FAMILY_LINK
+    if link.exists() and not link.is_symlink():
+        # A directory an earlier version exported there: the user's data, left alone.
+        print(f"{link} is a directory, not the link to the latest family: left as it is; the latest family "
+              f"is {family_dir}", flush=True)
+        return family_dir
+    for stale in run_dir.glob(f".{FAMILY_LINK}.link-*"):
+        stale.unlink()
+    temp = run_dir / f".{FAMILY_LINK}.link-{os.getpid()}"
+    os.symlink(os.path.relpath(family_dir, run_dir), temp)
+    os.replace(temp, link)
+    return link
 
 
 def _write_manifest(directory: Path) -> None:
@@ -89,26 +151,32 @@ def _sha256(path: Path) -> str:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (hidden staging directories excluded)."""
+    """Complete checkpoints of a run (both kinds), oldest first."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and p.name[len(PREFIX):].isdigit() and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted((p for p in root.iterdir() if is_complete(p)), key=checkpoint_step)
 
 
 def find_checkpoint(resume: str | Path, run_dir: str | Path) -> Path:
-    """`latest` (or "" / "auto") -> the run's newest checkpoint; otherwise a checkpoint path."""
+    """`latest` (or "" / "auto") -> the run's newest checkpoint of either kind; otherwise a path."""
     if str(resume) in ("", "latest", "auto"):
         found = list_checkpoints(run_dir)
         if not found:
             raise CheckpointError(f"{checkpoint_root(run_dir)}: no checkpoint to resume from")
         return found[-1]
     path = Path(resume)
-    if not (path / MANIFEST).is_file():
-        raise CheckpointError(f"{path}: not a training checkpoint (no {MANIFEST})")
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: not a training checkpoint (expected a complete {PREFIX}N directory with "
+                              f"{MANIFEST}, or a {DCP_PREFIX}N directory with .metadata and {TRAINER_STATE})")
     return path
+
+
+def trainer_state(path: Path) -> dict[str, Any]:
+    """trainer.json of a checkpoint of either kind (a step-N one is verified first)."""
+    if not is_distributed(path):
+        verify(path)
+    return json.loads((path / TRAINER_STATE).read_text())
 
 
 def verify(directory: Path) -> None:

@@ -10,11 +10,13 @@ import copy
 import dataclasses
 import json
 import os
-import tomllib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from familial.config import ConfigError, FamilyConfig, from_dict
 
@@ -116,9 +118,13 @@ class InitConfig:
 
 @dataclass
 class CheckpointConfig:
-    # save every N optimizer steps (0: only at the end of each stage), keeping the last `keep`.
+    # save every N optimizer steps (0: only at the end of each stage), keeping the newest `keep`
+    # checkpoints of either kind (step-N of one process, dcp-N of a parallel run).
     every: int = 0
     keep: int = 2
+    # parallel runs: write distributed checkpoints in a background thread while training goes on
+    # (a save is published only once complete; one process always saves synchronously).
+    async_save: bool = False
 
 
 @dataclass
@@ -130,14 +136,54 @@ class LogConfig:
 
 @dataclass
 class ParallelConfig:
-    # mesh sizes; the single-process loop accepts only 1s (parallel runs set these).
-    dp_shard: int = 1
-    dp_replicate: int = 1
-    tp: int = 1
+    """The layout: ranks per mesh dimension, outermost first; their product is the world size.
+
+    One process is the 1 x 1 x 1 x 1 layout. `dp_shard = -1` takes the ranks the other
+    dimensions leave, so a plain `torchrun --nproc-per-node N` run is FSDP over N ranks.
+    """
+
     pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
     pp_schedule: Literal["1F1B", "GPipe", "Interleaved1F1B"] = "1F1B"
+    # pipeline micro-batches per accumulation micro-batch; default: the number of stages.
     microbatches: int | None = None
+    # shard the residual stream along the sequence between tensor-parallel blocks.
     sequence_parallel: bool = False
+    # explicit pipeline stage boundaries [0, ..., L]; default: balanced by cost.
+    stage_boundaries: list[int] | None = None
+
+    def resolve(self, world_size: int) -> ParallelConfig:
+        """A copy with dp_shard filled in, checked against the world size."""
+        for name in ("dp_replicate", "tp", "pp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{name} = {value!r}: expected an integer >= 1")
+        fixed = self.dp_replicate * self.tp * self.pp
+        dp_shard = self.dp_shard
+        if dp_shard == -1:
+            if world_size % fixed:
+                raise ConfigError(f"world size {world_size} is not divisible by dp_replicate*tp*pp = {fixed}")
+            dp_shard = world_size // fixed
+        if isinstance(dp_shard, bool) or not isinstance(dp_shard, int) or dp_shard < 1:
+            raise ConfigError(f"parallel.dp_shard = {self.dp_shard!r}: expected an integer >= 1 or -1")
+        if dp_shard * fixed != world_size:
+            raise ConfigError(f"parallel layout pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard="
+                              f"{dp_shard} x tp={self.tp} needs {dp_shard * fixed} ranks, but the world size "
+                              f"is {world_size}")
+        return dataclasses.replace(self, dp_shard=dp_shard)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
 
 
 @dataclass
@@ -152,11 +198,17 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)
     stages: list[StageConfig] = field(default_factory=list)
     seed: int = 0
-    # float32 keeps master weights exact; bf16 autocast runs matmuls in bfloat16.
-    autocast: Literal["none", "bf16"] = "none"
-    activation_checkpointing: bool = False
+    # compute dtype; master weights, gradients reductions and optimizer state are always float32.
+    # auto: bf16 on CUDA, fp32 on CPU. Applied by FSDP2's MixedPrecisionPolicy where parameters
+    # are sharded over data-parallel ranks, by autocast where they are not.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # per decoder block: none; full (recompute the block in backward); selective (keep matmul
+    # and attention outputs, recompute norms, activations and rotary).
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # torch.compile each decoder block (trunk and branches), in every layout.
     compile: bool = False
-    device: str = "cpu"
+    # auto: one GPU per local rank when CUDA exists, else cpu; or "cpu", "cuda", "cuda:N".
+    device: str = "auto"
     # consecutive non-finite steps (skipped) before the run aborts.
     max_bad_steps: int = 5
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -192,13 +244,25 @@ class TrainConfig:
                 raise bad(name, value, "expected a positive integer")
         if self.checkpoint.every < 0:
             raise bad("checkpoint.every", self.checkpoint.every, "expected 0 or more")
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise bad("device", self.device, "expected auto, cpu, cuda or cuda:N")
         p = self.parallel
-        # Under torchrun (WORLD_SIZE > 1) familial.parallel checks the layout against the world.
-        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
-        for name in ("dp_shard", "dp_replicate", "tp", "pp"):
-            if getattr(p, name) != 1 and single:
-                raise bad(f"parallel.{name}", getattr(p, name),
-                          "the single-process trainer runs with 1 (launch a parallel run for more)")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        for name in ("dp_replicate", "tp", "pp"):
+            if getattr(p, name) < 1:
+                raise bad(f"parallel.{name}", getattr(p, name), "expected an integer >= 1")
+        if p.dp_shard < 1 and p.dp_shard != -1:
+            raise bad("parallel.dp_shard", p.dp_shard, "expected an integer >= 1, or -1 for the ranks left over")
+        if p.microbatches is not None and p.microbatches < 1:
+            raise bad("parallel.microbatches", p.microbatches, "expected a positive integer")
+        if world == 1:
+            for name in ("pp", "dp_replicate", "dp_shard", "tp"):
+                if getattr(p, name) > 1:
+                    raise bad(f"parallel.{name}", getattr(p, name),
+                              "one process runs the 1 x 1 x 1 x 1 layout: launch with torchrun --nproc-per-node N"
+                              " (N = pp x dp_replicate x dp_shard x tp) for more")
+        else:
+            p.resolve(world)
         if p.sequence_parallel and p.tp == 1:
             raise bad("parallel.sequence_parallel", True, "needs tp > 1")
         for i, stage in enumerate(self.resolved_stages()):

@@ -4,9 +4,14 @@
 
 Every term is a SUM over target tokens; the caller divides by the number of target tokens
 of the whole optimizer step (all micro-batches, all ranks), so the result is exact under
-gradient accumulation and padding. A head is applied chunk by chunk and the chunk's logits
-are recomputed in backward, so no exit ever holds its full (tokens, vocab) logits: peak
-memory with K exits stays close to one exit's, even at a 150k vocabulary.
+gradient accumulation and padding. A head is applied chunk by chunk and the gradients are
+formed chunk by chunk in the forward pass, so no exit ever holds its full (tokens, vocab)
+logits: peak memory with K exits stays close to one exit's, even at a 150k vocabulary.
+
+Under tensor parallelism a head's weight is a DTensor sharded over the vocabulary; the
+same loss then runs on this rank's vocabulary slice, with the softmax normaliser, the
+target logit and the hidden-state gradient summed over the tensor-parallel group, so the
+sharded loss is chunked exactly like the unsharded one and never gathers logits.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -29,38 +36,63 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     rows (zero without a teacher). The gradients are computed chunk by chunk during the
     forward pass (the logits' gradient is q - onehot for CE and q - p for KL), so the head
     runs once, no (M, V) tensor ever exists, and backward only scales them.
+
+    With a process `group`, `weight` and `teacher_weight` hold vocabulary rows
+    [vocab_start, vocab_start + V_local) of a head sharded over the group; every
+    collective runs here, in forward, so backward needs no communication.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, teacher_hidden, teacher_weight, ce_weight, kd_weight):
+    def forward(ctx, hidden, weight, targets, chunk, teacher_hidden, teacher_weight, ce_weight, kd_weight,
+                group, vocab_start):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         ce_sum = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
         kd_sum = torch.zeros_like(ce_sum)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=_loss_dtype(weight.dtype)) if need_weight else None
+        grad_weight = None
         w = weight.to(hidden.dtype)
+        local_targets = targets - vocab_start
+        mine = (local_targets >= 0) & (local_targets < weight.shape[0])
+        local_targets = local_targets.clamp(0, weight.shape[0] - 1)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            log_q = _log_probs(hidden[rows], w)                       # (chunk, V)
+            log_q = _log_probs(hidden[rows], w, group)                # (chunk, V_local)
             index = torch.arange(log_q.shape[0], device=log_q.device)
-            ce_sum += -log_q[index, targets[rows]].sum()
+            picked = log_q[index, local_targets[rows]]
+            ce_sum -= picked.sum() if group is None else picked[mine[rows]].sum()
             p = None
             if teacher_hidden is not None:
-                log_p = _log_probs(teacher_hidden[rows], teacher_weight.to(hidden.dtype))
+                log_p = _log_probs(teacher_hidden[rows], teacher_weight.to(hidden.dtype), group)
                 p = log_p.exp()
                 kd_sum += (p * (log_p - log_q)).sum()
                 del log_p
             if not (need_hidden or need_weight):
                 continue
             grad_logits = log_q.exp_().mul_(ce_weight + kd_weight)     # q, reusing log_q's memory
-            grad_logits[index, targets[rows]] -= ce_weight
+            if group is None:
+                grad_logits[index, local_targets[rows]] -= ce_weight
+            else:
+                grad_logits[index[mine[rows]], local_targets[rows][mine[rows]]] -= ce_weight
             if p is not None:
                 grad_logits.sub_(p, alpha=kd_weight)
             grad_logits = grad_logits.to(hidden.dtype)
             if need_hidden:
                 grad_hidden[rows] = grad_logits @ w
             if need_weight:
-                grad_weight += grad_logits.T @ hidden[rows]
+                part = grad_logits.T @ hidden[rows]
+                if grad_weight is None:
+                    grad_weight = part.to(_loss_dtype(weight.dtype))
+                else:
+                    grad_weight += part
+        if group is not None:
+            # Each rank holds its vocabulary slice's share of the sums and of dL/dhidden.
+            sums = torch.stack((ce_sum, kd_sum))
+            dist.all_reduce(sums, group=group)
+            ce_sum, kd_sum = sums[0].clone(), sums[1].clone()
+            if grad_hidden is not None:
+                dist.all_reduce(grad_hidden, group=group)
+        if need_weight and grad_weight is None:  # no target rows at all
+            grad_weight = torch.zeros_like(weight)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -76,7 +108,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             for grad in (grad_hidden, grad_weight):
                 if grad is not None:
                     grad.mul_(grad_objective.to(grad.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,10 +116,30 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _log_probs(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # (chunk, H) @ (H, V) in the activations' dtype.
-    logits = hidden @ weight.T
-    return torch.log_softmax(logits.to(_loss_dtype(logits.dtype)), dim=-1)
+def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, group=None) -> torch.Tensor:
+    # (chunk, H) @ (H, V) in the activations' dtype; the normaliser spans the whole group.
+    logits = (hidden @ weight.T).to(_loss_dtype(hidden.dtype))
+    if group is None:
+        return torch.log_softmax(logits, dim=-1)
+    top = logits.max(dim=-1, keepdim=True).values
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    total = (logits - top).exp_().sum(dim=-1, keepdim=True)
+    dist.all_reduce(total, group=group)
+    return logits.sub_(top + total.log_())
+
+
+def _vocab_shard(weight: torch.Tensor):
+    """(local weight, process group, first vocabulary row) of a head weight, sharded or not."""
+    if not isinstance(weight, DTensor):
+        return weight, None, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if weight.device_mesh.ndim != 1 or not isinstance(weight.placements[0], Shard) \
+            or weight.placements[0].dim != 0:
+        raise ValueError(f"a head weight sharded as {weight.placements} on a {weight.device_mesh.ndim}-D mesh:"
+                         " expected the vocabulary (dim 0) sharded over one tensor-parallel dimension")
+    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return weight.to_local(), weight.device_mesh.get_group(), int(offset[0])
 
 
 def _module_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
@@ -111,16 +163,22 @@ class ExitLoss:
 def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                   chunk_size: int = DEFAULT_CHUNK, teacher_hidden: torch.Tensor | None = None,
                   teacher_head: nn.Module | None = None, ce_weight: float = 1.0,
-                  kd_weight: float = 0.0) -> ExitLoss:
+                  kd_weight: float = 0.0, scale: float = 1.0) -> ExitLoss:
     """Token-loss sums of one exit from its normed hidden state (B, T, H) and its head.
 
     labels (B, T) are already shifted; IGNORE_INDEX marks positions without a target. With a
     teacher (the deepest exit's hidden state and head), the KL term is computed too; the
-    teacher is always detached. Divide `objective` by the step's global target count before
-    backward. Usable on its own by a pipeline stage holding one exit.
+    teacher is always detached. `objective` is scaled by `scale`: pass 1 / (the step's global
+    target count), or divide it yourself before backward (scaling here is free: the
+    gradients are formed with it, instead of rescaled in backward). Usable on its own by a
+    pipeline stage holding one exit.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size = {chunk_size}: expected a positive integer")
+    # A sequence-parallel hidden state is gathered first: the loss needs every row on every rank.
+    hidden = hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
+    if isinstance(teacher_hidden, DTensor):
+        teacher_hidden = teacher_hidden.full_tensor()
     flat = hidden.reshape(-1, hidden.shape[-1])
     keep = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
     rows, targets = flat.index_select(0, keep), labels.reshape(-1).index_select(0, keep)
@@ -130,9 +188,11 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
             raise ValueError("a teacher hidden state needs its head (teacher_head)")
         teacher_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, keep)
     if _is_plain_linear(head) and (teacher_head is None or _is_plain_linear(teacher_head)):
-        teacher_weight = None if teacher_head is None else teacher_head.weight.detach()
-        objective, ce, kd = _ChunkedLinearLoss.apply(rows, head.weight, targets, chunk_size, teacher_rows,
-                                                     teacher_weight, float(ce_weight), float(kd_weight))
+        weight, group, vocab_start = _vocab_shard(head.weight)
+        teacher_weight = None if teacher_head is None else _vocab_shard(teacher_head.weight.detach())[0]
+        objective, ce, kd = _ChunkedLinearLoss.apply(rows, weight, targets, chunk_size, teacher_rows, teacher_weight,
+                                                     float(ce_weight) * scale, float(kd_weight) * scale, group,
+                                                     vocab_start)
         return ExitLoss(objective, ce, kd, int(keep.numel()))
     # Any other head (e.g. a low-rank one): the same chunking through activation checkpointing.
     ce = rows.new_zeros((), dtype=_loss_dtype(rows.dtype))
@@ -147,7 +207,7 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         chunk_ce, chunk_kd = checkpoint(_module_loss, head, rows[part], targets[part], teacher,
                                         use_reentrant=False)
         ce, kd = ce + chunk_ce, kd + chunk_kd
-    return ExitLoss(ce * ce_weight + kd * kd_weight, ce.detach(), kd.detach(), int(keep.numel()))
+    return ExitLoss((ce * ce_weight + kd * kd_weight) * scale, ce.detach(), kd.detach(), int(keep.numel()))
 
 
 def _is_plain_linear(head: nn.Module) -> bool:
@@ -156,12 +216,13 @@ def _is_plain_linear(head: nn.Module) -> bool:
 
 def family_loss_sums(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                      lambdas: dict[int, float] | None = None, distill: dict[int, float] | None = None,
-                     chunk_size: int = DEFAULT_CHUNK,
-                     attention_mask: torch.Tensor | None = None) -> dict[int, ExitLoss]:
+                     chunk_size: int = DEFAULT_CHUNK, attention_mask: torch.Tensor | None = None,
+                     scale: float = 1.0) -> dict[int, ExitLoss]:
     """One trunk pass of a FamilyModel -> {exit: ExitLoss} for the exits with a weight.
 
     `lambdas` weighs each exit's CE (default: every exit, weight 1); `distill` weighs the KL
     of shallower exits against the deepest one. Exits without any weight are not computed.
+    Objectives are multiplied by `scale` (see `exit_loss_sum`).
     """
     config = model.config
     lambdas = {e: 1.0 for e in config.exits} if lambdas is None else lambdas
@@ -176,7 +237,7 @@ def family_loss_sums(model: nn.Module, input_ids: torch.Tensor, labels: torch.Te
         out[e] = exit_loss_sum(hidden[e], model.exit_head(e), labels, chunk_size,
                                hidden[deepest] if teacher else None,
                                model.exit_head(deepest) if teacher else None,
-                               lambdas.get(e, 0.0), distill.get(e, 0.0))
+                               lambdas.get(e, 0.0), distill.get(e, 0.0), scale)
     return out
 
 

@@ -1,0 +1,140 @@
+"""Memory per GPU of a layout, as the code allocates it: model states and activations.
+
+The arithmetic in docs/parallel.md comes from these functions; tests check them against
+what the trainer actually holds at small scale (states: every local parameter, gradient
+and AdamW moment after a step; activations: what autograd keeps per decoder block in each
+checkpointing mode).
+
+Model states: float32 weights + float32 gradients + two float32 AdamW moments = 16 bytes per
+parameter, sharded over dp_shard; tensor parallelism also divides every matrix (its
+q/k/v/gate/up/o/down/embedding/head) but not the RMSNorm weights, which each tp rank keeps
+whole. One exception, measured: with tp > 1 and no FSDP, the embedding's gradient is whole
+on every tp rank.
+
+Activations kept per token per decoder block (elements, plus a few per-head scalars; h
+hidden, q = heads x head_dim, kv = kv_heads x head_dim, i intermediate):
+  none       6h + 4q + 4kv + 4i   (each RMSNorm's input, normalised input and output; q/k before
+                                   and after their norms, attention's q, k, v and output, o's
+                                   input; gate, SiLU and up outputs, down's input)
+  selective  3h + 2q + 2kv + 2i   (the block input and every matmul and attention output)
+  full       h                    (the block input; one block's activations are rebuilt in backward)
+Tensor parallelism divides the q/kv/i terms by tp, sequence parallelism the h terms too.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+from familial.config import FamilyConfig
+from familial.parallel.pipeline import split_layers
+from familial.train.config import ParallelConfig
+
+STATE_BYTES = 16  # float32 weight, gradient, and two AdamW moments
+
+
+def layer_parameters(config: FamilyConfig) -> tuple[int, int]:
+    """(matrix parameters, norm parameters) of one decoder layer."""
+    h, d = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    return h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size, 2 * h + 2 * d
+
+
+def stage_parameters(config: FamilyConfig, start: int, stop: int) -> tuple[int, int]:
+    """(matrix, norm) parameters of the pipeline stage holding trunk layers [start, stop)."""
+    matrices, norms = layer_parameters(config)
+    head = config.hidden_size * config.vocab_size
+    layers = stop - start
+    total_matrices, total_norms = layers * matrices, layers * norms
+    if start == 0:
+        total_matrices += head  # the embedding
+    for e in config.exits[:-1]:
+        if start <= e < stop:
+            depth = config.branch_depth(e)
+            total_matrices += depth * matrices + (0 if config.shared_head else head)
+            total_norms += depth * norms + config.hidden_size
+    if stop == config.num_hidden_layers:
+        total_matrices += head
+        total_norms += config.hidden_size
+    return total_matrices, total_norms
+
+
+def state_bytes(config: FamilyConfig, layout: ParallelConfig, boundaries: list[int] | None = None) -> list[int]:
+    """Model-state bytes per rank of each pipeline stage (weights, gradients, AdamW moments)."""
+    bounds = boundaries or ([0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp))
+    out = []
+    for start, stop in pairwise(bounds):
+        matrices, norms = stage_parameters(config, start, stop)
+        total = STATE_BYTES * (matrices / layout.tp + norms) / layout.dp_shard
+        if start == 0 and layout.tp > 1 and layout.dp_shard == 1:
+            # DTensor's embedding backward returns the gradient replicated: each tp rank holds
+            # the whole float32 embedding gradient, not its vocabulary slice (FSDP re-shards it).
+            total += 4 * config.vocab_size * config.hidden_size * (1 - 1 / layout.tp)
+        out.append(total)
+    return out
+
+
+def activation_elements(config: FamilyConfig, checkpointing: str, tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Elements autograd keeps per token per decoder block (see the module docstring)."""
+    h, d = config.hidden_size, config.head_dim
+    q, kv, i = config.num_attention_heads * d, config.num_key_value_heads * d, config.intermediate_size
+    split = tp if sequence_parallel else 1
+    if checkpointing == "full":
+        return h / split
+    if checkpointing == "selective":
+        return 3 * h / split + (2 * q + 2 * kv + 2 * i) / tp
+    return 6 * h / split + (4 * q + 4 * kv + 4 * i) / tp
+
+
+def activation_bytes_bf16(config: FamilyConfig, checkpointing: str, tp: int = 1, sequence_parallel: bool = False
+                          ) -> float:
+    """Bytes kept per token per block when computing in bf16 (FSDP's bf16 gather): two per element,
+    except that an RMSNorm on bf16 input keeps its input upcast to float32 (none only)."""
+    elements = activation_elements(config, checkpointing, tp, sequence_parallel)
+    if checkpointing == "none":
+        elements += 2 * config.hidden_size / (tp if sequence_parallel else 1)
+    return 2 * elements
+
+
+def per_gpu(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpointing: str,
+            microbatches: int | None = None) -> dict[str, float]:
+    """GB per GPU on the busiest pipeline stage: model states, activations of the micro-batches
+    1F1B keeps in flight there (min(pp, microbatches) on the first stage), and the bf16 root unit
+    FSDP keeps gathered (embedding and heads on the stage, / tp)."""
+    bounds = [0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp)
+    states = state_bytes(config, layout, bounds)
+    in_flight = min(layout.pp, microbatches or layout.pp)
+    per_token = activation_bytes_bf16(config, checkpointing, layout.tp, layout.sequence_parallel)
+    head = config.hidden_size * config.vocab_size
+    best = None
+    for index, (start, stop) in enumerate(pairwise(bounds)):
+        blocks = (stop - start) + sum(config.branch_depth(e) for e in config.exits[:-1] if start <= e < stop)
+        heads = sum(1 for e in config.exits if start <= e < stop) + (start == 0)
+        figures = {"states": states[index], "activations": tokens * blocks * per_token * (in_flight - index),
+                   "root_gathered": 2 * heads * head / layout.tp if layout.dp_shard > 1 else 0.0}
+        figures["total"] = sum(figures.values())
+        if best is None or figures["total"] > best["total"]:
+            best = figures
+    return {k: round(v / 1e9, 1) for k, v in best.items()}
+
+
+def main() -> None:
+    """The 14B family's memory per GPU under common layouts (docs/parallel.md's table)."""
+    config = FamilyConfig(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                          num_attention_heads=40, num_key_value_heads=8, head_dim=128, exits=[2, 21, 39])
+    layouts = [("dp_shard 8", ParallelConfig(dp_shard=8)), ("tp 2 x dp_shard 4", ParallelConfig(tp=2, dp_shard=4)),
+               ("tp 2 (sp) x dp_shard 4", ParallelConfig(tp=2, dp_shard=4, sequence_parallel=True)),
+               ("pp 2 x dp_shard 4", ParallelConfig(pp=2, dp_shard=4)),
+               ("dp_replicate 2 x dp_shard 8", ParallelConfig(dp_replicate=2, dp_shard=8)),
+               ("pp 2 x dp_shard 8", ParallelConfig(pp=2, dp_shard=8)),
+               ("pp 4 x tp 2 x dp_shard 4", ParallelConfig(pp=4, tp=2, dp_shard=4))]
+    print("layout | GPUs | states | activations none / selective / full | gathered root | total none / selective")
+    for name, layout in layouts:
+        figures = {mode: per_gpu(config, layout, 8192, mode) for mode in ("none", "selective", "full")}
+        none, selective = figures["none"], figures["selective"]
+        print(f"{name} | {layout.world_size} | {none['states']} | {none['activations']} / "
+              f"{selective['activations']} / {figures['full']['activations']} | {none['root_gathered']} | "
+              f"{none['total']} / {selective['total']}")
+
+
+if __name__ == "__main__":
+    main()

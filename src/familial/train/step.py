@@ -1,0 +1,75 @@
+"""One optimizer step's forward/backward over its micro-batches, shared by every layout.
+
+Micro-batches run one after another (activation memory is one micro-batch's, whatever
+`grad_accum` is), each loss divided by the step's global target count so the summed
+gradients are exactly one big batch's. `sync(last)` lets a data-parallel layout skip the
+gradient reduction until the last micro-batch (FSDP2's `set_requires_gradient_sync`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from familial.train.losses import family_loss_sums
+
+
+@dataclass
+class StepSums:
+    """Token-loss sums of one step, over every micro-batch (and, once reduced, every rank)."""
+
+    ce: dict[int, float]      # sum of token cross-entropy per computed exit
+    kd: dict[int, float]      # sum of token KL per distilled exit
+    targets: int              # target tokens of the global batch
+    tokens: int               # input tokens of the global batch
+
+    def objective(self, lambdas: dict[int, float], distill: dict[int, float]) -> float:
+        """sum_k lambda_k CE_k + mu_k KL_k, per target token (the loss that was backpropagated)."""
+        total = sum(lambdas.get(e, 0.0) * v for e, v in self.ce.items())
+        total += sum(distill.get(e, 0.0) * v for e, v in self.kd.items())
+        return total / max(self.targets, 1)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], lambdas: dict[int, float],
+               distill: dict[int, float], chunk_size: int, total_targets: int, device: torch.device,
+               autocast: torch.dtype | None = None,
+               sync: Callable[[bool], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of every micro-batch of a FamilyModel; returns this process's (ce, kd) sums per exit.
+
+    The sums are float64 tensors indexed like `model.config.exits`, left on the device until
+    the caller reduces them (no host synchronisation per micro-batch).
+    """
+    exits = model.config.exits
+    ce = torch.zeros(len(exits), dtype=torch.float64, device=device)
+    kd = torch.zeros_like(ce)
+    for i, batch in enumerate(micro_batches):
+        if sync is not None:
+            sync(i == len(micro_batches) - 1)
+        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        with autocast_context(device, autocast):
+            losses = family_loss_sums(model, input_ids, labels, lambdas, distill, chunk_size,
+                                      scale=1.0 / max(total_targets, 1))
+            loss = sum(part.objective for part in losses.values())
+        loss.backward()
+        for e, part in losses.items():
+            ce[exits.index(e)] += part.ce_sum.double()
+            kd[exits.index(e)] += part.kd_sum.double()
+        del losses, loss
+    return ce, kd
+
+
+def as_sums(config, ce: torch.Tensor, kd: torch.Tensor, lambdas: dict[int, float], distill: dict[int, float],
+            targets: int, tokens: int) -> StepSums:
+    """Host-side StepSums for the exits that were computed."""
+    ce_values, kd_values = ce.tolist(), kd.tolist()
+    computed = {e for e in config.exits if lambdas.get(e) or distill.get(e)}
+    return StepSums({e: ce_values[i] for i, e in enumerate(config.exits) if e in computed},
+                    {e: kd_values[i] for i, e in enumerate(config.exits) if distill.get(e)}, targets, tokens)
