@@ -53,9 +53,10 @@ class LowRankLinear(nn.Module):
 
 
 def rotary_inverse_frequencies(config: FamilyConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and the cos/sin scale for the configured RoPE variant."""
+    """Inverse frequencies and the cos/sin scale for the configured RoPE variant, computed on
+    the CPU even while a model is built on the meta device (whose ops load torch's compiler)."""
     dim, base = config.head_dim, config.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
@@ -72,7 +73,7 @@ def rotary_inverse_frequencies(config: FamilyConfig) -> tuple[torch.Tensor, floa
         high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
         extrapolation = 1 - ramp
         inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
         attention_factor = scaling.get("attention_factor")
@@ -218,7 +219,11 @@ class Trunk(nn.Module):
 
     def __init__(self, config: FamilyConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Given storage, nn.Embedding skips its own initialiser (FamilyModel initialises every
+        # weight once): on the meta device that initialiser imports torch's compiler, seconds
+        # added to every command that only reads a family.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         # Keyed by layer number so names stay stable when a pipeline stage keeps only some.
         self.layers = nn.ModuleDict(
             {str(i): DecoderLayer(config, f"layers.{i}") for i in range(config.num_hidden_layers)})
@@ -281,6 +286,8 @@ class FamilyModel(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
+        if getattr(module, "weight", None) is not None and module.weight.is_meta:
+            return  # shapes only: nothing to initialise, and meta init loads torch's compiler
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
