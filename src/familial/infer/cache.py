@@ -1,17 +1,29 @@
-"""A KV cache of preallocated per-slot buffers for continuous batching.
+"""The KV cache: one slot per running sequence, written in place and never copied.
 
 Every layer (trunk and branch, keyed by `DecoderLayer.cache_name`) gets a buffer
-(slots, kv_heads, max_len, head_dim). A sequence owns one slot and its tokens sit left-aligned
-at positions 0..n-1. The cache does not track lengths: the caller says where new keys go
-(`starts`) and builds the mask, so rolling back rejected speculative tokens in every layer is
-just writing the next tokens over them, and a sequence leaving frees its slot for the next.
+(slots, kv_heads, max_len, head_dim). A sequence owns one slot and its tokens sit at positions
+0..n-1 of it. The cache does not track lengths: each call says where its new keys go, so
+rolling back rejected speculative tokens in every layer is just writing the next tokens over
+them, and a sequence leaving frees its slot for the next.
+
+A call is a packed batch (`CacheBatch`): rows of different lengths laid end to end as one
+sequence of N tokens, so projections and MLPs run once over all of them. Attention then runs
+per kind of row, reading the cache in place:
+- single-token rows (decoding) attend together in one call over the slice of slots they span
+  (their queries are scattered into that slice, not the keys gathered out of it), each row
+  masked to its own length; with grouped-query attention the query heads of one KV head ride
+  as extra query positions, so no key is repeated;
+- a multi-token row (a prompt chunk, speculative verification) attends over its own slot's
+  prefix, with the kernel's causal fast path when it starts at position 0.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from familial.config import FamilyConfig
+from familial.model import causal_mask
 
 
 class SlotCache:
@@ -30,59 +42,120 @@ class SlotCache:
             self.values[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return self.keys[layer], self.values[layer]
 
-    def view(self, slots: list[int], starts: list[int], length: int) -> "CacheView":
-        """A KVStore writing `length` new positions per row at `starts` of `slots`."""
-        end = max(starts) + length
-        if end > self.max_len:
-            raise ValueError(f"sequence needs {end} positions but the cache holds {self.max_len} "
-                             f"(raise max_seq_len)")
-        return CacheView(self, slots, starts, length)
+    def batch(self, slots: list[int], starts: list[int], lengths: list[int]) -> CacheBatch:
+        """A KVStore for rows writing `lengths[i]` positions from `starts[i]` of `slots[i]`."""
+        for slot, start, length in zip(slots, starts, lengths):
+            if start + length > self.max_len:
+                raise ValueError(f"sequence needs {start + length} positions but the cache holds "
+                                 f"{self.max_len} (raise max_seq_len)")
+            if not 0 <= slot < self.num_slots:
+                raise ValueError(f"slot {slot} is not in [0, {self.num_slots})")
+        return CacheBatch(self, slots, starts, lengths)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
 
-class CacheView:
-    """The rows of one batched call: implements the model's KVStore protocol."""
+class CacheBatch:
+    """The rows of one packed call: implements the model's KVStore protocol."""
 
-    def __init__(self, cache: SlotCache, slots: list[int], starts: list[int], length: int) -> None:
-        self.cache, self.slots, self.starts, self.length = cache, slots, starts, length
-        self.kv_length = max(starts) + length
+    def __init__(self, cache: SlotCache, slots: list[int], starts: list[int], lengths: list[int]) -> None:
+        self.cache, self.slots, self.starts, self.lengths = cache, slots, starts, lengths
         device = cache.device
-        self.slot_index = torch.tensor(slots, dtype=torch.long, device=device)
-        offsets = torch.arange(length, device=device)
-        self.positions = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + offsets
-        # Consecutive slots read their keys as a slice (no copy), as at batch size 1.
-        self.contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.offsets = [0]
+        for length in lengths:
+            self.offsets.append(self.offsets[-1] + length)
+        self.tokens = self.offsets[-1]
+        slot_of, position = [], []
+        for slot, start, length in zip(slots, starts, lengths):
+            slot_of += [slot] * length
+            position += range(start, start + length)
+        self.slot_index = torch.tensor(slot_of, dtype=torch.long, device=device)
+        self.positions = torch.tensor(position, dtype=torch.long, device=device)
+        self._plan_decode([i for i, n in enumerate(lengths) if n == 1])
+        self.spans = [i for i, n in enumerate(lengths) if n > 1]
+        # Causal masks of rows that start after cached positions (built once, used by every layer).
+        self.span_masks = {i: causal_mask(lengths[i], starts[i] + lengths[i], device) if starts[i] else None
+                           for i in self.spans}
 
-    def rows(self, index: list[int]) -> "CacheView":
-        return CacheView(self.cache, [self.slots[i] for i in index], [self.starts[i] for i in index],
-                         self.length)
+    def _plan_decode(self, rows: list[int]) -> None:
+        """Single-token rows attend in one call over the slots lo..hi-1 they span."""
+        self.decode_rows = rows
+        if not rows:
+            return
+        device = self.cache.device
+        slots = [self.slots[i] for i in rows]
+        self.lo, hi = min(slots), max(slots) + 1
+        self.span = hi - self.lo
+        self.kv_length = max(self.starts[i] for i in rows) + 1
+        # Row i's token sits at offset i when every single-token row comes first, in slot order.
+        self.decode_tokens = torch.tensor([self.offsets[i] for i in rows], dtype=torch.long, device=device)
+        self.decode_prefix = [self.offsets[i] for i in rows] == list(range(len(rows)))
+        self.in_place = slots == list(range(self.lo, hi))
+        self.slot_rows = torch.tensor([s - self.lo for s in slots], dtype=torch.long, device=device)
+        # Slots between the rows' own see position 0 only (their output is never read).
+        visible = torch.ones(hi - self.lo, dtype=torch.long, device=device)
+        visible[self.slot_rows] = torch.tensor([self.starts[i] + 1 for i in rows], device=device)
+        keys = torch.arange(self.kv_length, device=device)
+        self.decode_mask = (keys[None, :] < visible[:, None])[:, None, None, :]
+        if bool(self.decode_mask.all()):
+            self.decode_mask = None
 
-    def update(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, index: list[int]) -> CacheBatch:
+        """The same call restricted to rows `index` (rows leaving at an exit)."""
+        return CacheBatch(self.cache, [self.slots[i] for i in index], [self.starts[i] for i in index],
+                          [self.lengths[i] for i in index])
+
+    def write(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store (1, kv_heads, N, D) keys/values of this call's tokens at their positions."""
         keys, values = self.cache.buffers(layer)
-        if self.contiguous and len(set(self.starts)) == 1:
-            rows = slice(self.slots[0], self.slots[0] + len(self.slots))
-            start = self.starts[0]
-            keys[rows, :, start:start + self.length] = key
-            values[rows, :, start:start + self.length] = value
-            return keys[rows, :, :self.kv_length], values[rows, :, :self.kv_length]
-        # (B, kv_heads, T, D) -> (B, T, kv_heads, D): advanced indices come first.
-        keys[self.slot_index[:, None], :, self.positions] = key.transpose(1, 2)
-        values[self.slot_index[:, None], :, self.positions] = value.transpose(1, 2)
-        if self.contiguous:
-            rows = slice(self.slots[0], self.slots[0] + len(self.slots))
-            return keys[rows, :, :self.kv_length], values[rows, :, :self.kv_length]
-        return (keys[:, :, :self.kv_length].index_select(0, self.slot_index),
-                values[:, :, :self.kv_length].index_select(0, self.slot_index))
+        # (kv_heads, N, D) -> (N, kv_heads, D): advanced indices come first.
+        keys[self.slot_index, :, self.positions] = key[0].transpose(0, 1)
+        values[self.slot_index, :, self.positions] = value[0].transpose(0, 1)
 
-    def mask(self) -> torch.Tensor | None:
-        """Boolean (B, 1, T, kv_length): query t of a row sees its keys up to starts + t.
+    def attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q (1, heads, N, D) of this call's tokens -> attention output (1, heads, N, D)."""
+        self.write(layer, k, v)
+        keys, values = self.cache.buffers(layer)
+        heads, dim = q.shape[1], q.shape[3]
+        # (1, N, heads, D) underneath, so the caller's transpose back is free.
+        out = q.new_empty(1, self.tokens, heads, dim)
+        if self.decode_rows:
+            self._attend_decode(q, keys, values, out)
+        for i in self.spans:
+            start, length, begin = self.starts[i], self.lengths[i], self.offsets[i]
+            slot = self.slots[i]
+            rows = slice(begin, begin + length)
+            k_row = keys[slot:slot + 1, :, :start + length]
+            v_row = values[slot:slot + 1, :, :start + length]
+            mask_row = self.span_masks[i]
+            result = F.scaled_dot_product_attention(
+                q[:, :, rows], k_row, v_row, attn_mask=mask_row, is_causal=mask_row is None,
+                enable_gqa=heads != k_row.shape[1])
+            out[0, rows] = result[0].transpose(0, 1)
+        return out.transpose(1, 2)
 
-        None when every row starts at the same position: the model's own causal handling
-        is then exact and lets attention use its fast path.
-        """
-        if len(set(self.starts)) == 1:
-            return None
-        keys = torch.arange(self.kv_length, device=self.cache.device)
-        return (keys[None, None, :] <= self.positions[:, :, None])[:, None]
+    def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       out: torch.Tensor) -> None:
+        count = len(self.decode_rows)
+        kv_heads, dim = keys.shape[1], keys.shape[3]
+        if self.decode_prefix:
+            query = q[0, :, :count].transpose(0, 1)
+        else:
+            query = q[0].index_select(1, self.decode_tokens).transpose(0, 1)
+        # (rows, heads, D) -> (rows, kv_heads, heads per KV head, D): the group rides as positions.
+        query = query.reshape(count, kv_heads, -1, dim)
+        if not self.in_place:
+            scattered = query.new_zeros(self.span, *query.shape[1:])
+            query = scattered.index_copy_(0, self.slot_rows, query)
+        k_span = keys[self.lo:self.lo + self.span, :, :self.kv_length]
+        v_span = values[self.lo:self.lo + self.span, :, :self.kv_length]
+        result = F.scaled_dot_product_attention(query, k_span, v_span, attn_mask=self.decode_mask)
+        if not self.in_place:
+            result = result.index_select(0, self.slot_rows)
+        result = result.reshape(count, -1, dim)
+        if self.decode_prefix:
+            out[0, :count] = result
+        else:
+            out[0].index_copy_(0, self.decode_tokens, result)
