@@ -70,8 +70,15 @@ class CacheBatch:
         for slot, start, length in zip(slots, starts, lengths):
             slot_of += [slot] * length
             position += range(start, start + length)
-        self.slot_index = torch.tensor(slot_of, dtype=torch.long, device=device)
         self.positions = torch.tensor(position, dtype=torch.long, device=device)
+        # One row, or a run of single-token rows at one position in consecutive slots, is a
+        # plain slice of the cache: written by slicing, not scattering.
+        self.slice = None
+        if len(slots) == 1:
+            self.slice = (slice(slots[0], slots[0] + 1), slice(starts[0], starts[0] + lengths[0]))
+        elif slots and max(lengths) == 1 and len(set(starts)) == 1 and slots == list(range(slots[0], slots[0] + len(slots))):
+            self.slice = (slice(slots[0], slots[0] + len(slots)), starts[0])
+        self.slot_index = None if self.slice else torch.tensor(slot_of, dtype=torch.long, device=device)
         self._plan_decode([i for i, n in enumerate(lengths) if n == 1])
         self.spans = [i for i, n in enumerate(lengths) if n > 1]
         # Causal masks of rows that start after cached positions (built once, used by every layer).
@@ -87,19 +94,23 @@ class CacheBatch:
         slots = [self.slots[i] for i in rows]
         self.lo, hi = min(slots), max(slots) + 1
         self.span = hi - self.lo
-        self.kv_length = max(self.starts[i] for i in rows) + 1
-        # Row i's token sits at offset i when every single-token row comes first, in slot order.
-        self.decode_tokens = torch.tensor([self.offsets[i] for i in rows], dtype=torch.long, device=device)
-        self.decode_prefix = [self.offsets[i] for i in rows] == list(range(len(rows)))
+        visible = [1] * self.span
+        for i, slot in zip(rows, slots):
+            visible[slot - self.lo] = self.starts[i] + 1
+        self.kv_length = max(visible)
+        # Row i's token sits at offset i when every single-token row comes first.
+        tokens = [self.offsets[i] for i in rows]
+        self.decode_prefix = tokens == list(range(len(rows)))
+        self.decode_tokens = None if self.decode_prefix else torch.tensor(tokens, dtype=torch.long, device=device)
         self.in_place = slots == list(range(self.lo, hi))
-        self.slot_rows = torch.tensor([s - self.lo for s in slots], dtype=torch.long, device=device)
+        self.slot_rows = None if self.in_place else torch.tensor(
+            [s - self.lo for s in slots], dtype=torch.long, device=device)
+        self.decode_mask = None
         # Slots between the rows' own see position 0 only (their output is never read).
-        visible = torch.ones(hi - self.lo, dtype=torch.long, device=device)
-        visible[self.slot_rows] = torch.tensor([self.starts[i] + 1 for i in rows], device=device)
-        keys = torch.arange(self.kv_length, device=device)
-        self.decode_mask = (keys[None, :] < visible[:, None])[:, None, None, :]
-        if bool(self.decode_mask.all()):
-            self.decode_mask = None
+        if min(visible) < self.kv_length:
+            keys = torch.arange(self.kv_length, device=device)
+            limit = torch.tensor(visible, device=device)
+            self.decode_mask = (keys[None, :] < limit[:, None])[:, None, None, :]
 
     def rows(self, index: list[int]) -> CacheBatch:
         """The same call restricted to rows `index` (rows leaving at an exit)."""
@@ -109,6 +120,14 @@ class CacheBatch:
     def write(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store (1, kv_heads, N, D) keys/values of this call's tokens at their positions."""
         keys, values = self.cache.buffers(layer)
+        if self.slice is not None:
+            slots, positions = self.slice
+            # (1, kv_heads, N, D) -> (rows, kv_heads, D) for a run of single tokens at one position.
+            key, value = (key, value) if isinstance(positions, slice) else (key[0].transpose(0, 1),
+                                                                           value[0].transpose(0, 1))
+            keys[slots, :, positions] = key
+            values[slots, :, positions] = value
+            return
         # (kv_heads, N, D) -> (N, kv_heads, D): advanced indices come first.
         keys[self.slot_index, :, self.positions] = key[0].transpose(0, 1)
         values[self.slot_index, :, self.positions] = value[0].transpose(0, 1)
@@ -118,26 +137,33 @@ class CacheBatch:
         """q (1, heads, N, D) of this call's tokens -> attention output (1, heads, N, D)."""
         self.write(layer, k, v)
         keys, values = self.cache.buffers(layer)
-        heads, dim = q.shape[1], q.shape[3]
+        if not self.spans and self.decode_prefix:
+            return self._attend_decode(q, keys, values)[None].transpose(1, 2)
+        if not self.decode_rows and len(self.spans) == 1:
+            return self._attend_span(self.spans[0], q, keys, values)
         # (1, N, heads, D) underneath, so the caller's transpose back is free.
-        out = q.new_empty(1, self.tokens, heads, dim)
+        out = q.new_empty(1, self.tokens, q.shape[1], q.shape[3])
         if self.decode_rows:
-            self._attend_decode(q, keys, values, out)
+            result = self._attend_decode(q, keys, values)
+            if self.decode_prefix:
+                out[0, :len(self.decode_rows)] = result
+            else:
+                out[0].index_copy_(0, self.decode_tokens, result)
         for i in self.spans:
-            start, length, begin = self.starts[i], self.lengths[i], self.offsets[i]
-            slot = self.slots[i]
-            rows = slice(begin, begin + length)
-            k_row = keys[slot:slot + 1, :, :start + length]
-            v_row = values[slot:slot + 1, :, :start + length]
-            mask_row = self.span_masks[i]
-            result = F.scaled_dot_product_attention(
-                q[:, :, rows], k_row, v_row, attn_mask=mask_row, is_causal=mask_row is None,
-                enable_gqa=heads != k_row.shape[1])
-            out[0, rows] = result[0].transpose(0, 1)
+            out[0, self.offsets[i]:self.offsets[i + 1]] = self._attend_span(i, q, keys, values)[0].transpose(0, 1)
         return out.transpose(1, 2)
 
-    def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                       out: torch.Tensor) -> None:
+    def _attend_span(self, i: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Row i's tokens over its own slot: (1, heads, T, D)."""
+        slot, end = self.slots[i], self.starts[i] + self.lengths[i]
+        k_row, v_row = keys[slot:slot + 1, :, :end], values[slot:slot + 1, :, :end]
+        mask = self.span_masks[i]
+        return F.scaled_dot_product_attention(q[:, :, self.offsets[i]:self.offsets[i + 1]], k_row, v_row,
+                                              attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=q.shape[1] != k_row.shape[1])
+
+    def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The single-token rows over their slots: (rows, heads, D)."""
         count = len(self.decode_rows)
         kv_heads, dim = keys.shape[1], keys.shape[3]
         if self.decode_prefix:
@@ -154,8 +180,4 @@ class CacheBatch:
         result = F.scaled_dot_product_attention(query, k_span, v_span, attn_mask=self.decode_mask)
         if not self.in_place:
             result = result.index_select(0, self.slot_rows)
-        result = result.reshape(count, -1, dim)
-        if self.decode_prefix:
-            out[0, :count] = result
-        else:
-            out[0].index_copy_(0, self.decode_tokens, result)
+        return result.reshape(count, -1, dim)

@@ -47,7 +47,7 @@ from familial.infer.sampling import Draw, SamplingParams, choose, request_seed
 from familial.infer.speculative import Proposal, Speculator
 from familial.model import FamilyModel
 
-__all__ = ["Engine", "GenerationResult", "QueueFull", "RequestHandle", "TokenEvent", "suggested_threads"]
+__all__ = ["DTYPES", "Engine", "GenerationResult", "QueueFull", "RequestHandle", "TokenEvent", "suggested_threads"]
 
 
 @dataclass
@@ -86,6 +86,10 @@ class _Sequence:
 
     def tokens(self) -> list[int]:
         return self.prompt + self.generated
+
+
+# `--dtype` of `generate` and `serve` (absent: the checkpoint's own).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def suggested_threads(config) -> int | None:
@@ -128,10 +132,13 @@ class Engine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_checkpoint(cls, family_dir: str | Path, dtype: torch.dtype | None = None, **kwargs) -> Engine:
+    def from_checkpoint(cls, family_dir: str | Path, dtype: torch.dtype | str | None = None, **kwargs) -> Engine:
+        """Load a family checkpoint (and its tokenizer); `dtype` (a torch dtype or a name in
+        DTYPES) converts the weights, and with them the KV cache."""
         from familial.checkpoint_io import load_family
 
         family_dir = Path(family_dir)
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         model = load_family(family_dir, dtype=dtype, device=kwargs.get("device", "cpu"))
         tokenizer = None
         if (family_dir / "tokenizer.json").exists():
@@ -444,10 +451,7 @@ class Engine:
             self._accept(sequence, token, sequence.member)
 
     def _choose(self, logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
-        tokens = choose(logits, draws, self.seen)
-        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.config.vocab_size:
-            raise RuntimeError(f"sampling chose a token outside the vocabulary: {tokens.tolist()}")
-        return tokens
+        return choose(logits, draws, self.seen)
 
     def _draw(self, sequence: _Sequence) -> Draw:
         return Draw(sequence.params, sequence.seed, len(sequence.prompt) + len(sequence.generated), sequence.slot)
@@ -461,6 +465,8 @@ class Engine:
 
     def _accept(self, sequence: _Sequence, token: int, exit_layer: int) -> None:
         """Commit one token: stream it, and finish the request on eos, stop string or length."""
+        if not 0 <= token < self.config.vocab_size:
+            raise RuntimeError(f"token {token} chosen outside the vocabulary [0, {self.config.vocab_size})")
         if sequence.adaptive:
             sequence.adaptive.record(exit_layer)
         sequence.generated.append(token)

@@ -108,10 +108,12 @@ class Runner:
         rotary = model.rotary(batch.positions[None], x.dtype)
         active = _Active(list(range(len(rows))), x, batch, rotary)
         outputs = [RowOutput() for _ in rows]
+        keep = {r.keep_hidden for r in rows}
         for i in range(start_layer, self.config.num_hidden_layers):
-            for j, b in enumerate(active.index):
-                if rows[b].keep_hidden == i:
-                    outputs[b].hidden = active.x[0, active.tokens(j)]
+            if i in keep:
+                for j, b in enumerate(active.index):
+                    if rows[b].keep_hidden == i:
+                        outputs[b].hidden = active.x[0, active.tokens(j)]
             if i in self.early:
                 active = self._exit_point(i, rows, active, outputs)
                 if not active.index:

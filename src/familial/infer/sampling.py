@@ -114,11 +114,11 @@ def choose(logits: torch.Tensor, draws: list[Draw], seen: torch.Tensor | None = 
     z = logits.float()
     if any(d.params.repetition_penalty != 1.0 for d in draws):
         z = _penalise(z, draws, seen)
+    if all(d.params.is_greedy for d in draws):
+        return z.argmax(-1)
     # Finite from here on: inf/nan logits (an overflowing half-precision model) cannot poison a row.
     z = torch.nan_to_num(z, nan=-F32.max, posinf=F32.max, neginf=-F32.max)
     most_likely = z.argmax(-1)
-    if all(d.params.is_greedy for d in draws):
-        return most_likely
     temperature = _column([1.0 if d.params.is_greedy else max(d.params.temperature, F32.tiny) for d in draws], z)
     # Each row's maximum becomes exactly 0, so dividing by any positive temperature is safe
     # (others may go to -inf, which softmax takes as probability 0).

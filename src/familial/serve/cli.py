@@ -19,6 +19,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="prompt plus answer tokens per request (default: the model's, at most 4096)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights and KV cache precision (default: the checkpoint's)")
     parser.add_argument("--threads", type=int,
                         help="torch intra-op threads (default: 1 for small families, else torch's)")
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: expected a port number in 1..65535")
     engine = Engine.from_checkpoint(family, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                                    max_seq_len=args.max_seq_len, device=args.device)
+                                    max_seq_len=args.max_seq_len, device=args.device,
+                                    dtype=args.dtype)
     threads = args.threads or suggested_threads(engine.config)
     if threads:
         torch.set_num_threads(threads)
