@@ -36,7 +36,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--seed", type=int)
         parser.add_argument("--speculative", nargs="?", const="true",
                             help="self-speculative decoding: no value = the smallest member drafts; "
-                                 "a member (or 'a,b') drafts; 'cascade' = every smaller member")
+                                 "a member (or 'a,b') drafts; 'cascade' = every smaller member, alone or "
+                                 "in a chain, as measured acceptance favours (drafting pauses while it "
+                                 "does not pay)")
         parser.add_argument("--show-exits", action="store_true", help="print the exit after each token")
         parser.add_argument("--threads", type=int,
                             help="torch intra-op threads (default: 1 for small families, else torch's)")
