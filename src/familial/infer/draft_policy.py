@@ -5,10 +5,12 @@ drafting, and how often depends on the prompt, the members and the sampling sett
 speculative sequence keeps its own acceptance rate per (drafter, verifier) pair, and the engine
 keeps the measured cost of each kind of forward call (`CallCosts`). Every round the sequence's
 `DraftPolicy` estimates, for each candidate chain of drafters and the best draft length at each
-level, the cost per token against plain decoding with the verifier, and drafts only when that
-is clearly cheaper. Otherwise it decodes plainly for a while (16 tokens, doubling up to 256
-while drafting keeps losing) and then tries one round again, so a sequence whose acceptance
-recovers speculates again and one whose acceptance stays low loses at most a few percent.
+level, the cost per token against plain decoding with the verifier. It starts drafting only
+when that is clearly cheaper, and keeps drafting only while its rounds, timed as they really
+went, stay cheaper than plain steps. Otherwise it decodes plainly for a while (16 tokens,
+doubling up to 256 while drafting keeps losing) and then probes with one short round, so a
+sequence whose acceptance recovers speculates again and one whose acceptance stays low loses
+only its probes and the KV catch-up before each.
 
 With k tokens drafted and each accepted with probability a, a round yields (1 - a^k)/(1 - a)
 tokens on average (the accepted ones plus the verifier's correction).
@@ -16,31 +18,41 @@ tokens on average (the accepted ones plus the verifier's correction).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 from familial.config import FamilyConfig
 
 MAX_DRAFT = 16
-# Draft only when the estimate is this much cheaper than plain decoding (estimates are noisy).
-MIN_GAIN = 1.1
+# Start drafting when the estimate is this much cheaper than plain decoding, and keep drafting
+# while it is still cheaper at all (estimates are noisy; a gap between the two stops a sequence
+# near the threshold from switching back and forth, which costs a KV catch-up each time).
+START_GAIN, KEEP_GAIN = 1.1, 1.0
 MIN_BACKOFF, MAX_BACKOFF = 16, 256
+# A probe drafts at most this many tokens: it is a measurement, likely to lose.
+PROBE_DRAFT = 3
 # Starting acceptance (as counts): optimistic enough that a fresh sequence tries drafting.
 PRIOR_ACCEPTED, PRIOR_COMPARED = 1.6, 2.0
 # Weight of older rounds: acceptance follows the text as it changes.
 DECAY = 0.8
+# Recent calls of each kind that its cost is taken from.
+WINDOW = 32
 
 
 class CallCosts:
     """Seconds per row of each kind of forward call, measured as the engine runs.
 
-    Kinds: ("step", exit), one token from the embeddings to `exit` (plain decoding, drafting);
-    ("verify", drafter, verifier), drafted tokens from the drafter's exit to the verifier's.
-    Until a kind is measured it is estimated from its layer count, in seconds per layer learnt
-    from the kinds that were.
+    Kinds: ("step", exit), one token from the embeddings to `exit` with its token choice
+    (plain decoding, drafting); ("verify", drafter, verifier), drafted tokens from the drafter's
+    exit to the verifier's. A kind's cost is a low quantile of its recent samples: on a busy
+    machine a call is sometimes descheduled, and the quiet calls show what it costs. Until a
+    kind is measured it is estimated from its layer count, in seconds per layer learnt from the
+    kinds that were.
     """
 
     def __init__(self, config: FamilyConfig) -> None:
         self.config = config
+        self.samples: dict[tuple, deque[float]] = {}
         self.seconds: dict[tuple, float] = {}
         self.per_unit: float | None = None
 
@@ -51,12 +63,11 @@ class CallCosts:
         return self.config.member_layers(kind[2]) - kind[1] + 2
 
     def record(self, kind: tuple, seconds: float, rows: int) -> None:
-        per_row = seconds / max(rows, 1)
-        old = self.seconds.get(kind)
-        # A descheduled call can take many times longer: bound one sample's pull.
-        self.seconds[kind] = per_row if old is None else 0.8 * old + 0.2 * min(per_row, 3 * old)
-        unit = self.seconds[kind] / self.units(kind)
-        self.per_unit = unit if self.per_unit is None else 0.8 * self.per_unit + 0.2 * unit
+        samples = self.samples.setdefault(kind, deque(maxlen=WINDOW))
+        samples.append(seconds / max(rows, 1))
+        self.seconds[kind] = sorted(samples)[len(samples) // 4]
+        per_unit = sorted(cost / self.units(k) for k, cost in self.seconds.items())
+        self.per_unit = per_unit[len(per_unit) // 2]
 
     def estimate(self, kind: tuple) -> float:
         if kind in self.seconds:
@@ -88,6 +99,9 @@ class DraftPolicy:
     backoff: int = MIN_BACKOFF
     # the first round measures acceptance whatever the prior says.
     probe_due: bool = True
+    drafting: bool = False
+    # rounds as they really went while drafting (decayed): seconds, and tokens they verified.
+    spent: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def rate(self, drafter: int, verifier: int) -> float:
         accepted, compared = self.acceptance.get((drafter, verifier), (0.0, 0.0))
@@ -97,6 +111,10 @@ class DraftPolicy:
         counts = self.acceptance.setdefault((drafter, verifier), [0.0, 0.0])
         counts[0] = DECAY * counts[0] + accepted
         counts[1] = DECAY * counts[1] + compared
+
+    def record_round(self, seconds: float, tokens: int) -> None:
+        self.spent[0] = DECAY * self.spent[0] + seconds
+        self.spent[1] = DECAY * self.spent[1] + tokens
 
     def cost(self, chain: list[int], costs: CallCosts) -> tuple[float, list[int]]:
         """Seconds per verified token with this chain, and the best draft length per level."""
@@ -117,14 +135,21 @@ class DraftPolicy:
             return None
         plain = costs.estimate(("step", self.candidates[0][-1]))
         per_token, chain, draft = self._best(costs)
-        if plain / per_token >= MIN_GAIN:
-            self.backoff = MIN_BACKOFF
-            self.probe_due = False
+        if self.drafting and self.spent[1] >= 2 * PROBE_DRAFT:
+            # Keep drafting only while the rounds themselves (every overhead included) beat
+            # plain decoding; the estimate above chooses the chain and draft lengths.
+            per_token = max(per_token, self.spent[0] / self.spent[1])
+        if plain / per_token >= (KEEP_GAIN if self.drafting else START_GAIN):
+            if not self.drafting:
+                self.backoff = max(MIN_BACKOFF, self.backoff // 2)
+                self.spent = [0.0, 0.0]
+            self.drafting, self.probe_due = True, False
             return Plan(chain, draft)
+        self.drafting = False
         if self.probe_due:
             # Measure again after a plain spell: acceptance may have changed with the text.
             self.probe_due = False
-            return Plan(chain, draft)
+            return Plan(chain, [min(k, PROBE_DRAFT) for k in draft])
         self.plain_left = self.backoff
         self.backoff = min(2 * self.backoff, MAX_BACKOFF)
         self.probe_due = True

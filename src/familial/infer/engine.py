@@ -76,9 +76,11 @@ class _Sequence:
     length: int = 0
     pending: int = -1
     generated: list[int] = field(default_factory=list)
-    # tokens this step's packed call brings for this sequence, from position `start`.
-    start: int = 0
+    # this step's packed call: `chunk` tokens from position `length` (a prompt chunk or the
+    # pending token), and drafters' KV filled in from position `behind` up to `length`
+    # (a speculative sequence resuming after plain steps).
     chunk: int = 0
+    behind: int | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -325,37 +327,38 @@ class Engine:
                     self.seen[sequence.slot, sequence.prompt] = True
 
     def _schedule(self) -> tuple[list[_Sequence], list[_Sequence]]:
-        """This step's work: rows of the packed call (decoding first, in slot order, then
-        prompt chunks within the budget) and the sequences taking a speculative round."""
+        """This step's work: sequences in the packed call (decoding ones first, in slot order,
+        then prompt chunks within the budget) and those taking a speculative round."""
         budget = self.max_prefill_tokens
         main, speculating = [], []
         for sequence in sorted(self._active.values(), key=lambda s: s.slot):
             if sequence.handle.done:
                 continue
-            sequence.start, sequence.chunk = sequence.length, 1
+            sequence.chunk, sequence.behind = 1, None
+            speculation = sequence.speculation
             if sequence.prefilling:
                 if budget == 0:
                     continue
                 sequence.chunk = min(len(sequence.prompt) - sequence.length, budget)
                 budget -= sequence.chunk
                 main.append(sequence)
-            elif sequence.speculation is None:
-                main.append(sequence)
-            else:
-                speculation = sequence.speculation
+                continue
+            plan = None
+            if speculation is not None:
                 plan = speculation.waiting or speculation.policy.plan(self.costs)
                 speculation.waiting = speculation.plan = None
-                behind = min((speculation.filled[e] for e in plan.chain[:-1]), default=0) if plan else 0
-                if plan is None:
-                    main.append(sequence)
-                elif behind < sequence.length:
-                    # Plain steps left these drafters' KV behind: fill it in with this step's token.
-                    speculation.waiting = plan
-                    sequence.start, sequence.chunk = behind, sequence.length - behind + 1
-                    main.append(sequence)
-                else:
-                    speculation.plan = plan
-                    speculating.append(sequence)
+            if plan is None:
+                main.append(sequence)
+                continue
+            behind = min(speculation.filled[e] for e in plan.chain[:-1])
+            if behind < sequence.length:
+                # Plain steps left the drafters' KV behind: fill it in alongside this step's
+                # token, and speculate from the next step on.
+                speculation.waiting, sequence.behind = plan, behind
+                main.append(sequence)
+            else:
+                speculation.plan = plan
+                speculating.append(sequence)
         main.sort(key=lambda s: (s.chunk > 1, s.slot))
         return main, speculating
 
@@ -375,38 +378,52 @@ class Engine:
     def _row(self, sequence: _Sequence) -> Row:
         adaptive, speculation = sequence.adaptive, sequence.speculation
         if sequence.prefilling:
-            last = sequence.start + sequence.chunk == len(sequence.prompt)
+            last = sequence.length + sequence.chunk == len(sequence.prompt)
             # Prompt KV for every branch the request may use later: all earlier exits when
             # adaptive, the drafters' when speculative.
             extra = frozenset(speculation.filled) if speculation else frozenset(
                 e for e in self.config.exits[:-1] if e < sequence.member) if adaptive else frozenset()
-            return Row(sequence.slot, sequence.start, sequence.member, length=sequence.chunk, logits=last,
+            return Row(sequence.slot, sequence.length, sequence.member, length=sequence.chunk, logits=last,
                        decide=adaptive.decide if adaptive and last else None, extra_branches=extra,
                        full_kv=adaptive is not None)
-        if sequence.chunk > 1:
-            return Row(sequence.slot, sequence.start, sequence.member, length=sequence.chunk,
-                       extra_branches=frozenset(speculation.waiting.chain[:-1]))
-        return Row(sequence.slot, sequence.start, sequence.member,
+        extra = frozenset(speculation.waiting.chain[:-1]) if sequence.behind is not None else frozenset()
+        return Row(sequence.slot, sequence.length, sequence.member, extra_branches=extra,
                    decide=adaptive.decide if adaptive else None)
 
     def _inputs(self, sequence: _Sequence) -> list[int]:
         if sequence.prefilling:
-            return sequence.prompt[sequence.start:sequence.start + sequence.chunk]
-        return sequence.tokens()[sequence.start:sequence.length] + [sequence.pending]
+            return sequence.prompt[sequence.length:sequence.length + sequence.chunk]
+        return [sequence.pending]
+
+    def _catch_up(self, sequence: _Sequence) -> tuple[Row, list[int]]:
+        """A row writing the drafters' KV of positions behind..length-1 (through the trunk up to
+        the deepest drafter and every drafter's branch), and its tokens."""
+        drafters = sequence.speculation.waiting.chain[:-1]
+        row = Row(sequence.slot, sequence.behind, drafters[-1], length=sequence.length - sequence.behind,
+                  logits=False, extra_branches=frozenset(drafters[:-1]))
+        return row, sequence.tokens()[sequence.behind:sequence.length]
 
     def _advance(self, sequences: list[_Sequence]) -> None:
         """One packed call for these sequences, then their next tokens."""
-        rows = [self._row(s) for s in sequences]
         started = time.perf_counter()
-        outputs = self.runner.forward(rows, tokens=[t for s in sequences for t in self._inputs(s)])
-        exits = {s.member for s in sequences}
-        if all(s.chunk == 1 and not s.prefilling for s in sequences) and len(exits) == 1:
-            self.costs.record(("step", exits.pop()), time.perf_counter() - started, len(rows))
+        rows = [self._row(s) for s in sequences]
+        inputs = [t for s in sequences for t in self._inputs(s)]
+        for sequence in sequences:
+            if sequence.behind is not None:
+                row, tokens = self._catch_up(sequence)
+                rows.append(row)
+                inputs += tokens
+        outputs = self.runner.forward(rows, tokens=inputs)[:len(sequences)]
         choosing = [i for i, out in enumerate(outputs) if out.logits is not None]
         chosen = []
         if choosing:
             logits = torch.cat([outputs[i].logits[-1:] for i in choosing])
             chosen = self._choose(logits, [self._draw(sequences[i]) for i in choosing]).tolist()
+        exits = {s.member for s in sequences}
+        if len(rows) == len(sequences) and all(s.chunk == 1 and not s.prefilling for s in sequences) \
+                and len(exits) == 1:
+            # A decoding step's cost per row (the call and the token choice), for the draft policy.
+            self.costs.record(("step", exits.pop()), time.perf_counter() - started, len(rows))
         tokens = dict(zip(choosing, chosen))
         for i, sequence in enumerate(sequences):
             self._guard(sequence, self._commit, sequence, tokens.get(i), outputs[i].exit)
@@ -418,7 +435,7 @@ class Engine:
             filled = list(speculation.filled) if speculation else []
         else:
             sequence.length += 1
-            filled = speculation.waiting.chain[:-1] if sequence.chunk > 1 else []
+            filled = speculation.waiting.chain[:-1] if sequence.behind is not None else []
         for e in filled:
             speculation.filled[e] = sequence.length
         if token is not None:
@@ -440,6 +457,7 @@ class Engine:
         chain = speculation.plan.chain
         for level, (drafter, verifier) in enumerate(zip(chain, chain[1:])):
             speculation.policy.record(drafter, verifier, outcome.accepted[level], outcome.compared[level])
+        speculation.policy.record_round(outcome.seconds, len(outcome.tokens))
         sequence.handle.drafted += outcome.drafted[-1]
         sequence.handle.accepted += outcome.accepted[-1]
         for token in outcome.tokens:

@@ -57,6 +57,8 @@ class Outcome:
     drafted: list[int] = field(default_factory=list)
     compared: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    # the round's time, shared equally among its sequences.
+    seconds: float = 0.0
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Speculator:
         On return the cache holds every chain layer's KV for positions length..length+n-1 (the
         inputs pending, t1..t_{n-1}) and each proposal's last token is its new pending one.
         """
+        started = time.perf_counter()
         self.proposals = proposals
         self.outcomes = [Outcome(drafted=[0] * (len(p.plan.chain) - 1), compared=[0] * (len(p.plan.chain) - 1),
                                  accepted=[0] * (len(p.plan.chain) - 1)) for p in proposals]
@@ -91,6 +94,7 @@ class Speculator:
                  for i, p in enumerate(proposals)]
         for outcome, (tokens, _) in zip(self.outcomes, self._verify(items)):
             outcome.tokens = tokens
+            outcome.seconds = (time.perf_counter() - started) / len(proposals)
         return self.outcomes
 
     def _draw(self, item: _Item, offset: int, drafted: list[int]) -> Draw:
@@ -99,13 +103,11 @@ class Speculator:
         return Draw(proposal.params, proposal.seed, proposal.position + len(item.prefix) + offset,
                     proposal.slot, extra)
 
-    def _forward(self, kind: tuple | None, rows: list[Row], **inputs) -> list[RowOutput]:
-        """A runner call, timed for the draft policy when all its rows are of one kind."""
-        started = time.perf_counter()
-        outputs = self.runner.forward(rows, **inputs)
+    def _record(self, kind: tuple | None, started: float, rows: int) -> None:
+        """Time a call and the token choice after it, for the draft policy, when all its rows are
+        of one kind."""
         if kind is not None:
-            self.costs.record(kind, time.perf_counter() - started, len(rows))
-        return outputs
+            self.costs.record(kind, time.perf_counter() - started, rows)
 
     def _draft(self, items: list[_Item], counts: list[int]) -> list[tuple[list[int], torch.Tensor]]:
         """counts[i] tokens of member chain[level] for each item, and the hidden states entering
@@ -133,14 +135,16 @@ class Speculator:
 
     def _draft_step(self, items: list[_Item], tokens: list[list[int]], hidden: list[list[torch.Tensor]]) -> None:
         """One token for each bottom-level item, in one batched call."""
+        started = time.perf_counter()
         chains = [self.proposals[item.index].plan.chain for item in items]
         rows = [Row(self.proposals[item.index].slot, item.pos + len(done), chain[0], keep_hidden=chain[0])
                 for item, done, chain in zip(items, tokens, chains)]
         inputs = [done[-1] if done else item.pending for item, done in zip(items, tokens)]
-        exits = {chain[0] for chain in chains}
-        outputs = self._forward(("step", min(exits)) if len(exits) == 1 else None, rows, tokens=inputs)
+        outputs = self.runner.forward(rows, tokens=inputs)
         draws = [self._draw(item, len(done), done) for item, done in zip(items, tokens)]
         chosen = self.choose(torch.cat([out.logits[-1:] for out in outputs]), draws).tolist()
+        exits = {chain[0] for chain in chains}
+        self._record(("step", min(exits)) if len(exits) == 1 else None, started, len(rows))
         for done, states, out, token in zip(tokens, hidden, outputs, chosen):
             done.append(token)
             states.append(out.hidden)
@@ -156,6 +160,7 @@ class Speculator:
         for i, (item, plan) in enumerate(zip(items, plans)):
             groups.setdefault(plan.chain[item.level - 1], []).append(i)
         for start, group in groups.items():
+            started = time.perf_counter()
             rows = []
             for i in group:
                 item, chain = items[i], plans[i].chain
@@ -163,10 +168,8 @@ class Speculator:
                 top = item.level == len(chain) - 1
                 rows.append(Row(self.proposals[item.index].slot, item.pos, verifier, length=counts[i],
                                 all_logits=True, keep_hidden=None if top else verifier))
-            exits = {row.exit for row in rows}
-            kind = ("verify", start, min(exits)) if len(exits) == 1 else None
-            outputs = self._forward(kind, rows, hidden=torch.cat([drafts[i][1] for i in group]),
-                                    start_layer=start)
+            outputs = self.runner.forward(rows, hidden=torch.cat([drafts[i][1] for i in group]),
+                                          start_layer=start)
             draws = [self._draw(items[i], j, drafts[i][0][:j]) for i in group for j in range(counts[i])]
             chosen = self.choose(torch.cat([out.logits for out in outputs]), draws).tolist()
             begin = 0
@@ -174,6 +177,8 @@ class Speculator:
                 picks = chosen[begin:begin + counts[i]]
                 begin += counts[i]
                 results[i] = self._keep(items[i], drafts[i][0], picks, out)
+            exits = {row.exit for row in rows}
+            self._record(("verify", start, min(exits)) if len(exits) == 1 else None, started, len(rows))
         return results
 
     def _keep(self, item: _Item, drafted: list[int], picks: list[int],
