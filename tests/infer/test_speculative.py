@@ -137,3 +137,18 @@ def test_expected_tokens_of_a_round():
 @pytest.fixture
 def tiny_config(family):
     return family.config
+
+
+def test_switching_chains_and_plain_steps_keeps_the_output_exact(family, greedy_reference, monkeypatch):
+    """Whatever the policy picks round by round (plain steps, one drafter, a cascade), drafters
+    whose KV fell behind during plain steps are caught up first and the tokens stay exact."""
+    pattern = [None, None, Plan([1, 3, 5], [2, 2]), None, Plan([3, 5], [3]), None, None, None,
+               Plan([1, 5], [4]), Plan([1, 3, 5], [3, 1])]
+    calls = iter(range(10**6))
+    monkeypatch.setattr(DraftPolicy, "plan", lambda self, costs: pattern[next(calls) % len(pattern)])
+    engine = Engine(family, max_batch_size=2, max_seq_len=96)
+    results = engine.generate(PROMPTS[:2], member=5, params=SamplingParams(max_new_tokens=40, greedy=True),
+                              speculative="cascade")
+    for prompt, result in zip(PROMPTS[:2], results):
+        assert result.token_ids == greedy_reference(family, prompt, 5, 40)
+    assert all(r.drafted > 0 for r in results)

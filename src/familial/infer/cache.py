@@ -79,8 +79,16 @@ class CacheBatch:
         elif slots and max(lengths) == 1 and len(set(starts)) == 1 and slots == list(range(slots[0], slots[0] + len(slots))):
             self.slice = (slice(slots[0], slots[0] + len(slots)), starts[0])
         self.slot_index = None if self.slice else torch.tensor(slot_of, dtype=torch.long, device=device)
-        self._plan_decode([i for i, n in enumerate(lengths) if n == 1])
-        self.spans = [i for i, n in enumerate(lengths) if n > 1]
+        # Single-token rows attend together, one per slot (a slot's second row, such as a
+        # speculative sequence's KV catch-up beside its decoding step, attends on its own).
+        decode, taken = [], set()
+        for i, (slot, length) in enumerate(zip(slots, lengths)):
+            if length == 1 and slot not in taken:
+                decode.append(i)
+                taken.add(slot)
+        self._plan_decode(decode)
+        single = set(decode)
+        self.spans = [i for i in range(len(slots)) if i not in single]
         # Causal masks of rows that start after cached positions (built once, used by every layer).
         self.span_masks = {i: causal_mask(lengths[i], starts[i] + lengths[i], device) if starts[i] else None
                            for i in self.spans}
