@@ -114,11 +114,13 @@ class CacheBatch:
         self.slot_rows = None if self.in_place else torch.tensor(
             [s - self.lo for s in slots], dtype=torch.long, device=device)
         self.decode_mask = None
-        # Slots between the rows' own see position 0 only (their output is never read).
+        # Slots between the rows' own see position 0 only (their output is never read). An
+        # additive mask: SDPA's CPU kernel runs it as fast as no mask, a boolean one ~10% slower.
         if min(visible) < self.kv_length:
             keys = torch.arange(self.kv_length, device=device)
-            limit = torch.tensor(visible, device=device)
-            self.decode_mask = (keys[None, :] < limit[:, None])[:, None, None, :]
+            hidden = keys[None, :] >= torch.tensor(visible, device=device)[:, None]
+            self.decode_mask = torch.zeros(hidden.shape, dtype=self.cache.dtype, device=device).masked_fill_(
+                hidden, -float("inf"))[:, None, None, :]
 
     def rows(self, index: list[int]) -> CacheBatch:
         """The same call restricted to rows `index` (rows leaving at an exit)."""
