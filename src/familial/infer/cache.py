@@ -13,8 +13,8 @@ per kind of row, reading the cache in place:
   (their queries are scattered into that slice, not the keys gathered out of it), each row
   masked to its own length; with grouped-query attention the query heads of one KV head ride
   as extra query positions, so no key is repeated;
-- a multi-token row (a prompt chunk, speculative verification) attends over its own slot's
-  prefix, with the kernel's causal fast path when it starts at position 0.
+- any other row (a prompt chunk, speculative verification, a slot's second row) attends over
+  its own slot's prefix, with the kernel's causal fast path when it starts at position 0.
 """
 
 from __future__ import annotations
