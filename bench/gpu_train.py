@@ -121,7 +121,7 @@ def main() -> None:
     members = [model.member(e) for e in config.exits]
 
     def member_step() -> None:
-        for member, e in zip(members, config.exits):
+        for member in members:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 hidden = member.hidden_states(input_ids)
                 loss = exit_loss_sum(hidden, member.lm_head, labels).ce_sum / targets

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from familial import FamilyConfig, FamilyModel
 from familial.checkpoint_io import (CheckpointError, export_all, export_member, import_checkpoint,
                                     load_family, save_family)
 from familial.config import ConfigError
+from familial.staging import OutputPathError
 
 
 @pytest.fixture
@@ -98,7 +101,7 @@ def test_ruyi2_release_layout(tmp_path):
     torch.manual_seed(5)
     exits = [1, 3, 5]
     ruyi = {k: v for k, v in tensors.items() if k not in ("model.norm.weight", "lm_head.weight")}
-    for k, e in enumerate(exits):
+    for k in range(len(exits)):
         ruyi[f"model.norms.{k}.weight"] = 1 + 0.1 * torch.randn(64)
         ruyi[f"lm_head.{k}.weight"] = torch.randn(97, 64) * 0.02
     for k, e in enumerate(exits[:-1]):
@@ -138,7 +141,7 @@ def test_bad_inputs_are_named(family_dir, tiny_hf, tmp_path):
     with pytest.raises(ConfigError, match="needs trunk layers up to 6"):
         import_checkpoint(tiny_hf, tmp_path / "a", exits=[4, 5], branch_layers=3)
     assert not (tmp_path / "a").exists()
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputPathError, match="already exists"):
         import_checkpoint(tiny_hf, family_dir, exits=[1, 5])
 
     broken = tmp_path / "broken"
@@ -161,7 +164,7 @@ def test_bad_inputs_are_named(family_dir, tiny_hf, tmp_path):
     del tensors["branches.3.norm.weight"]
     save_file(tensors, mismatched / "model.safetensors")
     (mismatched / "family.json").write_text((family_dir / "family.json").read_text())
-    with pytest.raises(CheckpointError, match="missing.*branches.3.norm.weight"):
+    with pytest.raises(CheckpointError, match=r"tensor 'branches.3.norm.weight' of shape \[64\] is missing"):
         load_family(mismatched)
 
     (mismatched / "model.safetensors").write_bytes(b"\x00\x01garbage")
@@ -189,3 +192,101 @@ def test_failed_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
         save_family(model, tmp_path / "f", overwrite=True)
     assert (tmp_path / "f" / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def _rewrite_weights(directory, change) -> None:
+    tensors = load_file(directory / "model.safetensors")
+    change(tensors)
+    save_file(tensors, directory / "model.safetensors")
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+# Each damage, and the one line that load, export and `familial export` all give for it.
+DAMAGE = {
+    "q_proj of the wrong shape": (lambda t: t.update({Q_PROJ: t[Q_PROJ][:32]}),
+                                  rf"tensor '{Q_PROJ}' has shape \[32, 64\], expected \[64, 64\] from family.json"),
+    "int64 weights": (lambda t: t.update({Q_PROJ: t[Q_PROJ].long()}),
+                      rf"tensor '{Q_PROJ}' has dtype I64, expected a floating-point dtype"),
+    "an extra tensor": (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(3)}),
+                        r"tensor 'model.layers.0.extra.weight' \(F32 \[3\]\) is not in family.json's "
+                        r"configuration, which expects exactly \d+ tensors"),
+    "a missing tensor": (lambda t: t.pop("branches.3.norm.weight"),
+                         r"tensor 'branches.3.norm.weight' of shape \[64\] is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_export_refuses_what_load_refuses(family_dir, tmp_path, capsys, damage):
+    from familial.cli import main
+
+    change, message = DAMAGE[damage]
+    _rewrite_weights(family_dir, change)
+    with pytest.raises(CheckpointError, match=message):
+        load_family(family_dir)
+    with pytest.raises(CheckpointError, match=message):
+        export_member(family_dir, tmp_path / "member", "edge")
+    for argv in (["--member", "device"], ["--all"]):
+        assert main(["export", str(family_dir), str(tmp_path / "out"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "family"]
+
+
+def test_family_json_lists_checksums_and_verify_finds_a_flipped_bit(family_dir, capsys):
+    from familial.cli import main
+
+    weights = family_dir / "model.safetensors"
+    listed = json.loads((family_dir / "family.json").read_text())["files"]
+    assert listed == {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert main(["verify", str(family_dir)]) == 0
+    assert "sha256 of 1 tensor file(s) match family.json" in capsys.readouterr().out
+
+    data = bytearray(weights.read_bytes())
+    data[len(data) - 1000] ^= 0x10  # inside the tensor data, not the header
+    weights.write_bytes(bytes(data))
+    load_family(family_dir)  # names, shapes and dtypes still match: only the hash can tell
+    with pytest.raises(CheckpointError, match=f"{weights}: sha256 .* does not match"):
+        load_family(family_dir, verify=True)
+    assert main(["verify", str(family_dir)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{weights}: sha256" in err
+
+
+def test_family_json_without_checksums_still_loads_and_verify_says_so(family_dir, capsys):
+    from familial.cli import main
+
+    config = json.loads((family_dir / "family.json").read_text())
+    del config["files"]
+    (family_dir / "family.json").write_text(json.dumps(config))
+    load_family(family_dir, verify=True)
+    assert main(["verify", str(family_dir)]) == 0
+    assert "nothing to hash: family.json lists no checksums" in capsys.readouterr().out
+
+
+def test_calibration_keeps_the_checksums(family_dir):
+    from familial.infer.calibrate import write_early_exit
+
+    before = json.loads((family_dir / "family.json").read_text())["files"]
+    write_early_exit(family_dir, {"metric": "top1", "thresholds": {"1": 0.5}})
+    after = json.loads((family_dir / "family.json").read_text())
+    assert after["files"] == before and after["runtime"]["early_exit"]["thresholds"] == {"1": 0.5}
+    load_family(family_dir, verify=True)
+
+
+@pytest.mark.parametrize("ids, tokenizer, pad", [({"eos_token_id": 2}, False, 2),
+                                                 ({"eos_token_id": 2}, True, 0),
+                                                 ({"eos_token_id": [2, 1], "pad_token_id": 7}, True, 7)])
+def test_exported_config_carries_a_pad_token_id(tmp_path, ids, tokenizer, pad):
+    """Like Qwen3 checkpoints: the tokenizer's pad token (<|endoftext|>, id 0 in the shipped
+    tokenizer), else the EOS id; family.json's own pad id first."""
+    from importlib import resources
+
+    from transformers import AutoConfig
+
+    config = FamilyConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, exits=[0, 1], **ids)
+    assets = resources.files("familial.data").joinpath("assets") if tokenizer else None
+    save_family(FamilyModel(config), tmp_path / "family", tokenizer_source=assets)
+    out = export_member(tmp_path / "family", tmp_path / "member", 0)
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == pad
+    assert AutoConfig.from_pretrained(out).pad_token_id == pad

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -32,3 +34,88 @@ def test_errors_are_reported_not_raised(tiny_hf, tmp_path, capsys):
     assert "exit 9 is outside the trunk" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nowhere")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("names, message", [
+    ("exit-3=1", "alias 'exit-3' for exit 1 would be read as the member id 'exit-3'"),
+    ("a=1,a=3", "alias 'a' is given twice (a=1 and a=3)"),
+])
+def test_member_names_are_checked_as_a_set(tiny_hf, tmp_path, capsys, names, message):
+    argv = ["import", str(tiny_hf), str(tmp_path / "f"), "--exits", "1,3,5", "--names", names]
+    try:
+        code = main(argv)
+    except SystemExit as error:  # argparse's own error: usage, then the message
+        code = error.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+@pytest.fixture
+def family(tmp_path):
+    from familial.checkpoint_io import save_family
+    from familial.config import FamilyConfig
+    from familial.model import FamilyModel
+
+    config = FamilyConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, exits=[0, 1],
+                          max_position_embeddings=32)
+    return save_family(FamilyModel(config), tmp_path / "family")
+
+
+def test_output_paths_under_or_at_a_file_are_one_line_errors(family, tiny_hf, tmp_path, capsys):
+    file = tmp_path / "file.txt"
+    file.write_text("not a directory")
+    for target in (file, file / "out"):
+        for argv in (["export", str(family), str(target), "--all"],
+                     ["export", str(family), str(target), "--member", "0"],
+                     ["import", str(tiny_hf), str(target), "--exits", "1,5"],
+                     ["report", str(family), "--out", str(target)]):
+            assert main(argv) == 2
+            assert str(target) in one_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "family", "file.txt"]
+    assert file.read_text() == "not a directory"
+
+
+def test_family_json_that_is_a_directory_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "broken" / "family.json").mkdir(parents=True)
+    for command in ("info", "verify", "generate"):
+        extra = ["--prompt-ids", "1"] if command == "generate" else []
+        assert main([command, str(tmp_path / "broken"), *extra]) == 2
+        assert f"{tmp_path / 'broken' / 'family.json'}: cannot be read (Is a directory)" in one_line(capsys)
+
+
+def test_int64_weights_are_refused_by_generate_in_one_line(family, capsys):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(family / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].long()
+    save_file(tensors, family / "model.safetensors")
+    assert main(["generate", str(family), "--prompt-ids", "1,2", "--max-new-tokens", "2"]) == 2
+    assert "tensor 'lm_head.weight' has dtype I64, expected a floating-point dtype" in one_line(capsys)
+
+
+def test_binary_train_config_names_the_file(tmp_path, capsys):
+    config = tmp_path / "train.toml"
+    config.write_bytes(b"steps = 3\n\x80\x81\x00\xff")
+    assert main(["train", str(config)]) == 2
+    assert f"{config}: not a UTF-8 text file" in one_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.toml"]
+
+
+@pytest.mark.parametrize("command, extra", [("plot", "train"), ("report", "eval")])
+def test_missing_optional_dependency_names_the_extra(tmp_path, monkeypatch, capsys, command, extra):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "familial.eval.report", raising=False)
+    argv = [str(run)] if command == "plot" else [str(run), "--out", str(tmp_path / "report")]
+    assert main([command, *argv]) == 2
+    assert f"needs matplotlib, which is not installed: run pip install 'familial[{extra}]'" in one_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

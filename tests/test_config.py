@@ -24,6 +24,12 @@ BASE = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_lay
     ({"branch_layers": 0}, "branch_layers"),
     ({"branch_layers": [1]}, "one count per non-final exit \\(2\\)"),
     ({"member_names": {"edge": 2}}, "alias 'edge' points to 2, which is not an exit"),
+    # Aliases are checked as a set with the members' own ids: none may shadow another.
+    ({"member_names": {"exit-3": 1}}, "alias 'exit-3' for exit 1 would be read as the member id"),
+    ({"member_names": {"5": 5}}, "alias '5' for exit 5 would be read as the member id"),
+    ({"member_names": {"auto": 1}}, "alias 'auto' is reserved"),
+    ({"member_names": {"../up": 1}}, "alias '../up' must be letters, digits"),
+    ({"member_names": {"": 1}}, "alias '' must be letters, digits"),
     ({"vocab_size": -5}, "'vocab_size' = -5: expected a positive integer"),
     ({"rope_scaling": {"rope_type": "ntk"}}, "rope_type"),
 ])
@@ -82,3 +88,8 @@ def test_typed_loader_checks_nested_fields():
         from_dict(Outer, {"steps": 3, "flag": 1}, "run.toml")
     with pytest.raises(ConfigError, match="field 'steps' = 2.5: expected an integer"):
         from_dict(Outer, {"steps": 2.5}, "run.toml")
+
+
+def test_an_alias_may_name_its_own_exit_id():
+    config = FamilyConfig.from_dict({**BASE, "member_names": {"exit-3": 3, "phone": 1}})
+    assert config.resolve_member("exit-3") == 3 and config.resolve_member("phone") == 1

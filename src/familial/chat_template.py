@@ -7,6 +7,11 @@ transformers' `apply_chat_template`, so stock templates (Qwen3's included) give 
 The server renders prompts with it and the data pipeline renders training conversations, so
 both see one format. jinja2 is imported only when a template is compiled: ChatML data needs
 no jinja2.
+
+A template is code that comes with a checkpoint, so compiling one evaluates nothing (jinja2
+would otherwise fold constant expressions such as `9 ** (9 ** 99)` at compile time), and
+rendering can be given a bound on the output. The server also renders in worker processes it
+can stop (familial.serve.templates), which bounds time and memory.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ CHATML = (
 )
 
 
+# Larger than any published chat template (Qwen3's is ~4 KB, tool-calling ones ~20 KB).
+MAX_SOURCE_CHARS = 2**20
+
+
 class ChatTemplateError(ValueError):
     """The template refused the conversation (raise_exception) or failed to render it."""
 
@@ -39,6 +48,10 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
     # jinja2's own tojson escapes HTML characters, which would change the prompt text.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                       sort_keys=sort_keys)
+
+
+def _finalize(context: Any, value: Any) -> Any:
+    return value
 
 
 def _token_text(value: Any) -> str | None:
@@ -58,8 +71,13 @@ class ChatTemplate:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
             raise ImportError("rendering a chat template needs jinja2 (pip install jinja2)") from None
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                    extensions=[loopcontrols])
+        if len(source) > MAX_SOURCE_CHARS:
+            raise ConfigError(f"{where}: a template of {len(source)} characters; the limit is {MAX_SOURCE_CHARS}")
+        # optimized=False and a finalize that needs the render context: jinja2 then evaluates
+        # no expression at compile time (both paths fold constants).
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, optimized=False,
+                                                    extensions=[loopcontrols],
+                                                    finalize=jinja2.pass_context(_finalize))
         environment.filters["tojson"] = _tojson
         environment.globals["raise_exception"] = _raise_exception
         environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -67,13 +85,16 @@ class ChatTemplate:
             self.template = environment.from_string(source)
         except jinja2.TemplateSyntaxError as error:
             raise ConfigError(f"{where}: line {error.lineno}: {error.message}") from None
+        except RecursionError:
+            raise ConfigError(f"{where}: the template nests too deeply to compile") from None
         self.source = source
         # The variables a template may refer to besides the conversation.
         self.tokens = {"bos_token": bos_token or "", "eos_token": eos_token or "",
                        **(special_tokens or {})}
 
     @classmethod
-    def from_directory(cls, directory: str | Path) -> "ChatTemplate":
+    def from_directory(cls, directory: str | Path, fallback: str | None = CHATML) -> ChatTemplate | None:
+        """The directory's template; `fallback` (ChatML; None: no template) when it has none."""
         directory = Path(directory)
         config_path = directory / "tokenizer_config.json"
         config = read_json(config_path) if config_path.exists() else {}
@@ -86,7 +107,7 @@ class ChatTemplate:
             return cls(jinja_path.read_text(), where=str(jinja_path), **tokens)
         source = config.get("chat_template")
         if source is None:
-            return cls(CHATML, **tokens)
+            return None if fallback is None else cls(fallback, **tokens)
         where = f"{config_path}: field 'chat_template'"
         if isinstance(source, list):
             # Older transformers saved several named templates; "default" is the chat one.
@@ -99,14 +120,25 @@ class ChatTemplate:
             raise ConfigError(f"{where}: expected a Jinja template string, got {type(source).__name__}")
         return cls(source, where=where, **tokens)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Conversation [{"role", "content"}, ...] -> the prompt text the model continues."""
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               max_chars: int | None = None) -> str:
+        """Conversation [{"role", "content"}, ...] -> the prompt text the model continues;
+        over `max_chars` characters of output it stops with a ChatTemplateError."""
         import jinja2
 
+        parts, size = [], 0
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.tokens)
+            for part in self.template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                               **self.tokens):
+                size += len(part)
+                if max_chars is not None and size > max_chars:
+                    raise ChatTemplateError(f"the chat template's output for this conversation exceeds "
+                                            f"{max_chars} characters")
+                parts.append(part)
         except ChatTemplateError:
             raise
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as error:
-            raise ChatTemplateError(f"chat template failed on this conversation: {error}") from None
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,
+                ArithmeticError, RecursionError, MemoryError) as error:
+            raise ChatTemplateError(f"chat template failed on this conversation: "
+                                    f"{type(error).__name__}: {error}") from None
+        return "".join(parts)

@@ -2,18 +2,20 @@
 
 Everything is safetensors. Large checkpoints are planned from file headers and written shard
 by shard, each tensor read lazily from its source file, so nothing is held twice. Every
-write goes to a temporary directory beside the target and is renamed into place at the end:
-a failure leaves no half-written checkpoint.
+write stages its whole output beside the target and renames it into place once
+(familial.staging): a failure leaves no half-written checkpoint. family.json lists the
+sha256 of every tensor file; every load checks each tensor's name, shape and dtype against
+the configuration, and `verify` (or `load_family(..., verify=True)`) checks the hashes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from familial.config import ConfigError, FamilyConfig, read_json
+from familial.config import FAMILY_CONFIG_NAME, ConfigError, FamilyConfig, read_json
 from familial.model import FamilyModel, RotaryEmbedding
+from familial.staging import atomic_directory, file_mode
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -31,6 +34,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "generation_config.json")
 DEFAULT_SHARD_BYTES = 5 * 2**30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# safetensors dtype names the model can compute in; integer or float8 weights are refused.
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 
 
 class CheckpointError(ValueError):
@@ -56,7 +61,8 @@ class SafetensorsReader:
         index = self.directory / INDEX_NAME
         single = self.directory / WEIGHTS_NAME
         if index.exists():
-            weight_map = read_json(index).get("weight_map")
+            data = read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map' object")
             files = sorted(set(weight_map.values()))
@@ -127,36 +133,12 @@ TensorPlan = dict[str, Callable[[], torch.Tensor]]
 """Output key -> a function producing that tensor when its shard is written."""
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `target` only if the block succeeds."""
-    target = Path(target)
-    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise CheckpointError(f"{target}: already exists and is not empty (choose another "
-                              f"output directory, or pass overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-        for path in staging.iterdir():
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if target.exists():
-            trash = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, trash)
-            os.replace(staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def write_tensors(plan: TensorPlan, sizes: dict[str, int], directory: Path,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write tensors as one model.safetensors or HF-style shards plus an index."""
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, str]:
+    """Write tensors as one model.safetensors or HF-style shards plus an index.
+
+    Returns the sha256 of each tensor file written, by file name.
+    """
     shards: list[list[str]] = [[]]
     used = 0
     for key in plan:
@@ -167,6 +149,7 @@ def write_tensors(plan: TensorPlan, sizes: dict[str, int], directory: Path,
         used += sizes[key]
     names = [WEIGHTS_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    checksums = {}
     for name, keys in zip(names, shards):
         tensors, seen = {}, set()
         for key in keys:
@@ -179,10 +162,21 @@ def write_tensors(plan: TensorPlan, sizes: dict[str, int], directory: Path,
             tensors[key] = tensor
         save_file(tensors, str(directory / name), metadata={"format": "pt"})
         del tensors
+        os.chmod(directory / name, file_mode())  # safetensors creates its files 0600
+        checksums[name] = sha256_file(directory / name)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {key: name for name, keys in zip(names, shards) for key in keys}}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return checksums
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def copy_tokenizer_files(source: Path, directory: Path) -> list[str]:
@@ -204,9 +198,44 @@ def family_parameter_names(config: FamilyConfig) -> dict[str, list[int]]:
             if not (config.tie_word_embeddings and name == "lm_head.weight")}
 
 
+def check_tensor(reader: SafetensorsReader, key: str, shape: list[int], source: str) -> None:
+    """Refuse tensor `key` unless it has `shape` (from `source`) and a floating-point dtype."""
+    found, dtype = reader.shape_and_dtype(key)
+    if found != shape:
+        raise CheckpointError(f"{reader.refs[key].file}: tensor '{key}' has shape {found}, "
+                              f"expected {shape} from {source}")
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{reader.refs[key].file}: tensor '{key}' has dtype {dtype}, "
+                              f"expected a floating-point dtype ({', '.join(FLOAT_DTYPES)})")
+
+
+def check_family_tensors(directory: Path, config: FamilyConfig,
+                         reader: SafetensorsReader) -> dict[str, list[int]]:
+    """The checks every reader of a family makes: exactly family.json's tensors, each of the
+    right shape and a floating-point dtype. Returns the expected names and shapes."""
+    expected = family_parameter_names(config)
+    missing = [name for name in expected if name not in reader]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{directory}: tensor '{missing[0]}' of shape {expected[missing[0]]} "
+                              f"is missing{more}, expected by family.json's configuration")
+    unexpected = sorted(set(reader.keys()) - set(expected))
+    if unexpected:
+        name = unexpected[0]
+        shape, dtype = reader.shape_and_dtype(name)
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{reader.refs[name].file}: tensor '{name}' ({dtype} {shape}) is not "
+                              f"in family.json's configuration{more}, which expects exactly "
+                              f"{len(expected)} tensors")
+    for name, shape in expected.items():
+        check_tensor(reader, name, shape, FAMILY_CONFIG_NAME)
+    return expected
+
+
 def save_family(model: FamilyModel, directory: str | Path, tokenizer_source: str | Path | None = None,
                 overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write family.json and the weights (tied LM head stored once, as in HF)."""
+    """Write family.json (with each tensor file's sha256) and the weights (a tied LM head
+    stored once, as in HF)."""
     state = {name: t.detach() for name, t in model.state_dict().items()
              if not (model.config.tie_word_embeddings and name == "lm_head.weight")}
     plan = {name: (lambda t=t: t.cpu()) for name, t in state.items()}
@@ -215,35 +244,25 @@ def save_family(model: FamilyModel, directory: str | Path, tokenizer_source: str
     dtype = next(iter(state.values())).dtype
     config.torch_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, config.torch_dtype)
     with atomic_directory(directory, overwrite) as staging:
-        write_tensors(plan, sizes, staging, max_shard_bytes)
-        config.save(staging)
+        checksums = write_tensors(plan, sizes, staging, max_shard_bytes)
+        config.save(staging, checksums)
         if tokenizer_source is not None:
             copy_tokenizer_files(Path(tokenizer_source), staging)
     return Path(directory)
 
 
 def load_family(directory: str | Path, dtype: torch.dtype | None = None,
-                device: str | torch.device = "cpu") -> FamilyModel:
-    """Load a family checkpoint, checking every tensor's presence and shape against family.json."""
+                device: str | torch.device = "cpu", verify: bool = False) -> FamilyModel:
+    """Load a family checkpoint, checking every tensor's name, shape and dtype against
+    family.json; with `verify`, first every tensor file against its sha256."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     config = FamilyConfig.load(directory)
-    expected = family_parameter_names(config)
+    if verify:
+        verify_checksums(directory)
     with SafetensorsReader(directory) as reader:
-        missing = [name for name in expected if name not in reader]
-        if missing:
-            raise CheckpointError(f"{directory}: tensors missing for family.json's configuration: "
-                                  f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        unexpected = sorted(set(reader.keys()) - set(expected))
-        if unexpected:
-            raise CheckpointError(f"{directory}: tensors not in family.json's configuration: "
-                                  f"{', '.join(unexpected[:5])}")
-        for name, shape in expected.items():
-            found, _ = reader.shape_and_dtype(name)
-            if found != shape:
-                raise CheckpointError(f"{reader.refs[name].file}: tensor '{name}' has shape {found}, "
-                                      f"expected {shape} from family.json")
+        expected = check_family_tensors(directory, config, reader)
         with torch.device("meta"):
             model = FamilyModel(config)
         state = {}
@@ -258,6 +277,48 @@ def load_family(directory: str | Path, dtype: torch.dtype | None = None,
     # Buffers are not in the checkpoint: build the rotary table for real on the target device.
     model.model.rotary_emb = RotaryEmbedding(config).to(device)
     return model
+
+
+def verify_checksums(directory: Path) -> list[str] | None:
+    """Hash every tensor file family.json lists; None when it lists none (an older checkpoint).
+
+    Also refuses tensor files the checkpoint uses but family.json does not list.
+    """
+    checksums = FamilyConfig.load_checksums(directory)
+    if checksums is None:
+        return None
+    index = directory / INDEX_NAME
+    data = read_json(index) if index.is_file() else {"weight_map": {"": WEIGHTS_NAME}}
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    used = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    for name in used:
+        if name not in checksums:
+            raise CheckpointError(f"{directory / name}: not listed in {FAMILY_CONFIG_NAME}'s "
+                                  f"checksums (a file added after the checkpoint was written?)")
+    for name, digest in checksums.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in {FAMILY_CONFIG_NAME}'s checksums but missing")
+        found = sha256_file(path)
+        if found != digest:
+            raise CheckpointError(f"{path}: sha256 {found[:16]}... does not match {digest[:16]}... "
+                                  f"in {FAMILY_CONFIG_NAME} (the file is corrupt or was changed)")
+    return sorted(checksums)
+
+
+def verify_family(directory: str | Path) -> tuple[FamilyConfig, list[str] | None]:
+    """Everything `load_family` checks plus the hashes, without building the model.
+
+    Returns the configuration and the files whose hashes matched (None: no checksums listed).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    config = FamilyConfig.load(directory)
+    hashed = verify_checksums(directory)
+    with SafetensorsReader(directory) as reader:
+        check_family_tensors(directory, config, reader)
+    return config, hashed
 
 
 # Import from Hugging Face Qwen3 and from the published Ruyi2 layout.
@@ -344,15 +405,13 @@ def import_checkpoint(source: str | Path, output: str | Path, exits: list[int] |
             source_key = mapping(name)
             if source_key not in reader:
                 raise CheckpointError(f"{source}: tensor '{source_key}' (needed for '{name}') is missing")
-            found, dtype = reader.shape_and_dtype(source_key)
-            if found != shape:
-                raise CheckpointError(f"{reader.refs[source_key].file}: tensor '{source_key}' has shape "
-                                      f"{found}, expected {shape} from {config_path}")
+            check_tensor(reader, source_key, shape, str(config_path))
+            _, dtype = reader.shape_and_dtype(source_key)
             plan[name] = lambda key=source_key: reader.get(key)
             sizes[name] = _numel(shape) * _dtype_bytes(dtype)
         with atomic_directory(output, overwrite) as staging:
-            write_tensors(plan, sizes, staging, max_shard_bytes)
-            config.save(staging)
+            checksums = write_tensors(plan, sizes, staging, max_shard_bytes)
+            config.save(staging, checksums)
             copy_tokenizer_files(source, staging)
     return config
 
@@ -425,7 +484,8 @@ def member_key_map(config: FamilyConfig, exit_layer: int) -> dict[str, str]:
             for name, param in member.named_parameters(remove_duplicate=False)}
 
 
-def hf_member_config(config: FamilyConfig, exit_layer: int, tied: bool) -> dict:
+def hf_member_config(config: FamilyConfig, exit_layer: int, tied: bool,
+                     pad_token_id: int | None = None) -> dict:
     """config.json of member `exit_layer` as a stock Qwen3 model."""
     layers = config.member_layers(exit_layer)
     hf = {
@@ -453,7 +513,7 @@ def hf_member_config(config: FamilyConfig, exit_layer: int, tied: bool) -> dict:
         "max_window_layers": layers,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
+        "pad_token_id": config.pad_token_id if pad_token_id is None else pad_token_id,
         "torch_dtype": config.torch_dtype,
         "familial": {"exit": exit_layer, "member": config.member_name(exit_layer),
                      "family_exits": config.exits},
@@ -461,47 +521,85 @@ def hf_member_config(config: FamilyConfig, exit_layer: int, tied: bool) -> dict:
     return hf
 
 
-def export_member(family_dir: str | Path, output: str | Path, member: int | str,
-                  overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write one member as a dense HF Qwen3 checkpoint that stock transformers loads.
+def pad_token_id(config: FamilyConfig, family_dir: Path) -> int | None:
+    """The pad id an exported member declares: family.json's, else the tokenizer's pad token
+    (Qwen3 checkpoints pad with <|endoftext|>), else the first EOS, which is what
+    transformers' `generate` falls back to."""
+    if config.pad_token_id is not None:
+        return config.pad_token_id
+    found = _tokenizer_pad_id(family_dir)
+    if found is not None:
+        return found
+    eos = config.eos_token_id
+    return eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
+
+
+def _tokenizer_pad_id(directory: Path) -> int | None:
+    try:
+        pad = json.loads((directory / "tokenizer_config.json").read_text()).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if not isinstance(pad, str) or not (directory / "tokenizer.json").is_file():
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(directory / "tokenizer.json")).token_to_id(pad)
+    except Exception:  # absent or unreadable tokenizer files: the caller falls back to EOS
+        return None
+
+
+def _plan_member(config: FamilyConfig, exit_layer: int,
+                 reader: SafetensorsReader) -> tuple[TensorPlan, dict[str, int], bool]:
+    """The dense Qwen3 tensors of one member, read lazily from the family: (plan, sizes, tied).
 
     Low-rank (compressed) matrices are merged back to dense; a tied family's branch members
     are written untied since their heads are their own.
     """
-    family_dir = Path(family_dir)
-    config = FamilyConfig.load(family_dir)
-    exit_layer = config.resolve_member(member)
     key_map = member_key_map(config, exit_layer)
     tied = config.tie_word_embeddings and key_map["lm_head.weight"] == "model.embed_tokens.weight"
-    with SafetensorsReader(family_dir) as reader:
-        plan, sizes = {}, {}
-        for dense_name, family_name in key_map.items():
-            if tied and dense_name == "lm_head.weight":
-                continue
-            if family_name == "lm_head.weight" and config.tie_word_embeddings:
-                family_name = "model.embed_tokens.weight"
-            merged = _low_rank_parent(config, family_name)
-            if merged is not None:
-                if not family_name.endswith(".down.weight"):
-                    continue
-                dense_name = dense_name[: -len(".down.weight")] + ".weight"
-                plan[dense_name] = lambda m=merged: (reader.get(f"{m}.up.weight").double()
-                                                     @ reader.get(f"{m}.down.weight").double()).to(
-                    reader.get(f"{m}.down.weight").dtype)
-                up, _ = reader.shape_and_dtype(f"{merged}.up.weight")
-                down, dtype = reader.shape_and_dtype(family_name)
-                sizes[dense_name] = up[0] * down[1] * _dtype_bytes(dtype)
-                continue
-            if family_name not in reader:
-                raise CheckpointError(f"{family_dir}: tensor '{family_name}' is missing")
+    plan, sizes = {}, {}
+    for dense_name, family_name in key_map.items():
+        if tied and dense_name == "lm_head.weight":
+            continue
+        if family_name == "lm_head.weight" and config.tie_word_embeddings:
+            family_name = "model.embed_tokens.weight"
+        merged = _low_rank_parent(config, family_name)
+        if merged is None:
             shape, dtype = reader.shape_and_dtype(family_name)
             plan[dense_name] = lambda key=family_name: reader.get(key)
             sizes[dense_name] = _numel(shape) * _dtype_bytes(dtype)
+        elif family_name.endswith(".down.weight"):
+            weight = dense_name[: -len(".down.weight")] + ".weight"
+            plan[weight] = lambda m=merged: (reader.get(f"{m}.up.weight").double()
+                                             @ reader.get(f"{m}.down.weight").double()).to(
+                reader.get(f"{m}.down.weight").dtype)
+            up, _ = reader.shape_and_dtype(f"{merged}.up.weight")
+            down, dtype = reader.shape_and_dtype(family_name)
+            sizes[weight] = up[0] * down[1] * _dtype_bytes(dtype)
+    return plan, sizes, tied
+
+
+def _write_member(family_dir: Path, config: FamilyConfig, exit_layer: int,
+                  reader: SafetensorsReader, directory: Path, max_shard_bytes: int) -> None:
+    plan, sizes, tied = _plan_member(config, exit_layer, reader)
+    write_tensors(plan, sizes, directory, max_shard_bytes)
+    hf = hf_member_config(config, exit_layer, tied, pad_token_id(config, family_dir))
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    copy_tokenizer_files(family_dir, directory)
+
+
+def export_member(family_dir: str | Path, output: str | Path, member: int | str,
+                  overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write one member as a dense HF Qwen3 checkpoint that stock transformers loads.
+
+    The family is checked as `load_family` checks it first: what load refuses, export refuses.
+    """
+    family_dir = Path(family_dir)
+    config = FamilyConfig.load(family_dir)
+    exit_layer = config.resolve_member(member)
+    with SafetensorsReader(family_dir) as reader:
+        check_family_tensors(family_dir, config, reader)
         with atomic_directory(output, overwrite) as staging:
-            write_tensors(plan, sizes, staging, max_shard_bytes)
-            hf = hf_member_config(config, exit_layer, tied)
-            (staging / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-            copy_tokenizer_files(family_dir, staging)
+            _write_member(family_dir, config, exit_layer, reader, staging, max_shard_bytes)
     return Path(output)
 
 
@@ -512,8 +610,17 @@ def _low_rank_parent(config: FamilyConfig, family_name: str) -> str | None:
     return None
 
 
-def export_all(family_dir: str | Path, output: str | Path, overwrite: bool = False) -> list[Path]:
-    """Every member under output/<member name>/."""
+def export_all(family_dir: str | Path, output: str | Path, overwrite: bool = False,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+    """Every member under output/<member name>/, all or nothing: output appears complete
+    in one rename, or not at all."""
+    family_dir = Path(family_dir)
     config = FamilyConfig.load(family_dir)
-    return [export_member(family_dir, Path(output) / config.member_name(e), e, overwrite)
-            for e in config.exits]
+    names = [config.member_name(e) for e in config.exits]
+    with SafetensorsReader(family_dir) as reader:
+        check_family_tensors(family_dir, config, reader)
+        with atomic_directory(output, overwrite) as staging:
+            for exit_layer, name in zip(config.exits, names):
+                (staging / name).mkdir()
+                _write_member(family_dir, config, exit_layer, reader, staging / name, max_shard_bytes)
+    return [Path(output) / name for name in names]

@@ -16,6 +16,7 @@ COMMANDS = {
     "import": ("familial.commands.family", "import a dense HF Qwen3 or Ruyi2 checkpoint as a family"),
     "export": ("familial.commands.family", "export members as dense HF Qwen3 checkpoints"),
     "info": ("familial.commands.family", "show a family: exits, members, parameters, memory"),
+    "verify": ("familial.commands.family", "check a family's tensors and their sha256 checksums"),
     "data": ("familial.data.cli", "prepare packed token shards from text, JSONL or chat data"),
     "train": ("familial.train.cli", "train every member at once from a TOML config"),
     "plot": ("familial.train.cli", "plot per-exit training curves of a run directory"),
@@ -29,6 +30,13 @@ COMMANDS = {
     "eval": ("familial.eval.cli", "per-member loss, perplexity and task accuracy"),
     "report": ("familial.eval.cli", "Markdown report with the family's quality/cost charts"),
 }
+
+# Optional dependencies and the extras of pyproject.toml that install them (the usual one
+# first); a command that needs one names the extra when it is missing.
+EXTRAS = {"transformers": ("hf",), "tensorboard": ("train",), "matplotlib": ("train", "eval"),
+          "jinja2": ("train", "serve"), "fastapi": ("serve",), "uvicorn": ("serve",),
+          "lm_eval": ("eval",)}
+COMMAND_EXTRAS = {"serve": "serve", "eval": "eval", "report": "eval"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,16 +57,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"familial {name}", description=COMMANDS[name][1])
-    module.add_arguments(name, parser)
-    args = parser.parse_args(argv[1:])
-    args.command = name
     try:
+        module = importlib.import_module(COMMANDS[name][0])
+        parser = argparse.ArgumentParser(prog=f"familial {name}", description=COMMANDS[name][1])
+        module.add_arguments(name, parser)
+        args = parser.parse_args(argv[1:])
+        args.command = name
         return int(module.run(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"familial {name}: error: {error}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError, ImportError) as error:
+        message = describe_error(name, error)
+        if message is None:
+            raise
+        print(f"familial {name}: error: {message}", file=sys.stderr)
         return 2
+
+
+def describe_error(command: str, error: Exception) -> str | None:
+    """One line for an error a user can act on; None for a bug (a traceback helps more)."""
+    if isinstance(error, ImportError):
+        module = (error.name or "").split(".")[0]
+        extras = EXTRAS.get(module)
+        if extras is None:
+            return None if error.name else str(error)
+        extra = COMMAND_EXTRAS.get(command)
+        return (f"{command} needs {module}, which is not installed: run "
+                f"pip install 'familial[{extra if extra in extras else extras[0]}]'")
+    if isinstance(error, OSError) and error.filename is not None:
+        where = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+        return f"{where}: {error.strerror or error}"
+    return str(error)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 FAMILY_CONFIG_NAME = "family.json"
+# family.json's key listing the sha256 of each tensor file; it describes the files, not the
+# architecture, so it lives beside the configuration's fields rather than among them.
+CHECKSUMS_KEY = "files"
+ALIAS = re.compile(r"\w[\w.+-]*")
 
 
 class ConfigError(ValueError):
@@ -116,8 +121,7 @@ class FamilyConfig:
         for alias, e in self.member_names.items():
             if e not in exits:
                 raise bad("member_names", f"alias '{alias}' points to {e}, which is not an exit {exits}")
-            if alias.isdigit() or alias == "auto":
-                raise bad("member_names", f"alias '{alias}' is reserved")
+            _check_alias(alias, e, bad)
         for name, rank in self.low_rank.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise bad("low_rank", f"rank of '{name}' must be a positive integer")
@@ -162,7 +166,7 @@ class FamilyConfig:
                 return self.member_names[text]
             if text.startswith("exit-"):
                 text = text[len("exit-"):]
-            if text.lstrip("-").isdigit():
+            if text.lstrip("-").isdecimal():
                 key = int(text)
         if isinstance(key, int) and not isinstance(key, bool):
             if key == -1:
@@ -181,28 +185,74 @@ class FamilyConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, directory: str | Path) -> Path:
+    def to_json(self, checksums: dict[str, str] | None = None) -> str:
+        """family.json's text; `checksums` (file name -> sha256) lists the tensor files."""
+        data = self.to_dict()
+        if checksums is not None:
+            data[CHECKSUMS_KEY] = dict(sorted(checksums.items()))
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save(self, directory: str | Path, checksums: dict[str, str] | None = None) -> Path:
         path = Path(directory) / FAMILY_CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        path.write_text(self.to_json(checksums))
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> "FamilyConfig":
-        path = Path(directory)
-        if path.is_dir():
-            path = path / FAMILY_CONFIG_NAME
-        if not path.exists():
-            raise ConfigError(f"{path}: not found (a family checkpoint holds {FAMILY_CONFIG_NAME})")
-        return cls.from_dict(read_json(path), where=str(path))
+        path = _family_json(directory)
+        data = read_json(path)
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != CHECKSUMS_KEY}
+        return cls.from_dict(data, where=str(path))
+
+    @staticmethod
+    def load_checksums(directory: str | Path) -> dict[str, str] | None:
+        """family.json's sha256 per tensor file, or None if it lists none (an older checkpoint)."""
+        path = _family_json(directory)
+        data = read_json(path)
+        checksums = data.get(CHECKSUMS_KEY) if isinstance(data, dict) else None
+        if checksums is None:
+            return None
+        if not isinstance(checksums, dict) or not all(
+                Path(k).name == k and not k.startswith(".") and isinstance(v, str)
+                and re.fullmatch("[0-9a-f]{64}", v) for k, v in checksums.items()):
+            raise ConfigError(f"{path}: field '{CHECKSUMS_KEY}' must map file names in the "
+                              f"checkpoint directory to sha256 hex digests")
+        return checksums
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "family config") -> "FamilyConfig":
         return from_dict(cls, data, where)
 
 
+def _family_json(directory: str | Path) -> Path:
+    path = Path(directory)
+    if path.is_dir():
+        path = path / FAMILY_CONFIG_NAME
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (a family checkpoint holds {FAMILY_CONFIG_NAME})")
+    return path
+
+
+def _check_alias(alias: str, exit_layer: int, bad) -> None:
+    """An alias names one member unambiguously: never another member's number or `exit-E` id,
+    and safe as a directory name (export --all writes OUT/<alias>)."""
+    if not isinstance(alias, str) or not ALIAS.fullmatch(alias):
+        raise bad("member_names", f"alias {alias!r} must be letters, digits and . _ + - "
+                                  f"(it names a directory on export)")
+    number = alias[len("exit-"):] if alias.startswith("exit-") else alias
+    if number.lstrip("-").isdecimal() and (alias == number or int(number) != exit_layer):
+        raise bad("member_names", f"alias '{alias}' for exit {exit_layer} would be read as the "
+                                  f"member id '{alias}' (choose a name that is not a number or exit-N)")
+    if alias == "auto":
+        raise bad("member_names", "alias 'auto' is reserved (adaptive exit)")
+
+
 def read_json(path: str | Path) -> Any:
     try:
         return json.loads(Path(path).read_text())
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: malformed JSON at line {error.lineno} column {error.colno}: "
                           f"{error.msg}") from None

@@ -64,3 +64,13 @@ def test_info_prints_the_manifest(tmp_path, capsys):
     capsys.readouterr()
     assert main(["data", "info", str(tmp_path / "s")]) == 0
     assert json.loads(capsys.readouterr().out)["num_documents"] == 1
+
+
+def test_demo_names_the_shipped_tokenizer(tmp_path, capsys):
+    (tmp_path / "code.txt").write_text(TEXT)
+    out = tmp_path / "shards"
+    assert main(["data", "prepare", str(tmp_path / "code.txt"), "--tokenizer", "demo",
+                 "--out", str(out)]) == 0
+    shards = TokenShards(out)
+    assert shards.manifest["tokenizer"] == str(TOKENIZER_PATH.parent.resolve())
+    assert shards.num_tokens == len(load_tokenizer(TOKENIZER_PATH).encode(TEXT).ids) + 1

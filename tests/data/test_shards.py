@@ -118,5 +118,5 @@ def test_out_of_vocabulary_ids_found_on_request(tmp_path):
     path = tmp_path / "s" / "manifest.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "vocab_size": 5}))
     TokenShards(tmp_path / "s")
-    with pytest.raises(ShardError, match=r"tokens\.bin: token id 9 .* >= vocab_size 5"):
+    with pytest.raises(ShardError, match=r"tokens\.bin: token id 9 .* outside the vocabulary \[0, 5\)"):
         TokenShards(tmp_path / "s", check_token_ids=True)

@@ -23,7 +23,7 @@ def evaluated(alphabet_family, alphabet_held_out, tmp_path_factory):
     out = root / "eval.json"
     code = main(["eval", str(alphabet_family), "--data", str(alphabet_held_out), "--seq-len", "32",
                  "--tasks", str(task), "--bootstrap", "200", "--prompt-tokens", "16",
-                 "--decode-tokens", "4", "--runs", "1", "--json", str(out)])
+                 "--decode-tokens", "4", "--runs", "1", "--threads", "1", "--json", str(out)])
     assert code == 0
     return json.loads(out.read_text()), out, root
 
@@ -40,6 +40,7 @@ def test_eval_json_holds_every_member_with_quality_and_cost(evaluated):
     assert members[0]["flops_per_token"] < members[1]["flops_per_token"]
     assert members[1]["agreement"] == 1.0
     assert result["data"]["tokens"] == members[0]["tokens"]
+    assert result["latency"]["threads"] == 1
 
 
 def _table(markdown: str) -> dict[str, list[str]]:
@@ -103,3 +104,32 @@ def test_bad_baselines_and_mismatched_evaluations_are_named(evaluated, alphabet_
     assert main(["report", str(alphabet_family), "--eval", str(eval_json), "--out", str(tmp_path / "r")]) == 2
     assert "members have exits [1], but the family's exits are [1, 3]" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_report_title_names_the_run_not_the_directory_every_run_calls_family(tmp_path):
+    from familial.eval.report import family_title
+
+    assert family_title(tmp_path / "demo" / "checkpoints" / "step-00000300" / "family") == "demo, step 300"
+    assert family_title(tmp_path / "demo" / "family") == "demo"
+    assert family_title(tmp_path / "families" / "expanded") == "expanded"
+
+
+def test_pareto_axes_show_counts_and_paired_differences(evaluated, alphabet_family):
+    """Log axes labelled with each member's parameter count (not one decade tick), and a panel
+    of the paired loss differences to the full member with their intervals."""
+    from familial.config import FamilyConfig
+    from familial.eval.report import _short_count, member_rows, pareto_figure, plt
+
+    result, _, _ = evaluated
+    rows = member_rows(FamilyConfig.load(alphabet_family), result)
+    figure = pareto_figure(rows, [{"name": "dense", "parameters": 10**6, "loss": 1.0}])
+    figure.canvas.draw()
+    params, flops, gaps = figure.axes
+    labels = [t.get_text() for t in params.get_xticklabels()]
+    assert labels == [_short_count(r["parameters"]) for r in rows] + ["1M"], labels  # e.g. 110K
+    assert [t.get_text() for t in gaps.get_yticklabels()] == ["small"]
+    [bar] = gaps.containers
+    low, high = rows[0]["loss_gap_to_full_ci"]
+    segment = bar.lines[2][0].get_segments()[0]
+    assert [x for x, _ in segment] == pytest.approx([low, high])
+    plt.close(figure)

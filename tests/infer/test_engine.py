@@ -11,6 +11,7 @@ from familial.checkpoint_io import export_member, save_family
 from familial.infer import Engine, QueueFull, SamplingParams
 from familial.infer.cache import SlotCache
 from familial.infer.runner import Row, Runner
+from gates import HANG_S, ForwardGate
 
 GREEDY = SamplingParams(max_new_tokens=10, greedy=True)
 
@@ -110,15 +111,20 @@ def test_cancel_frees_the_slot_and_a_full_queue_refuses(family):
     engine.submit([3], params=SamplingParams(max_new_tokens=3, greedy=True))
     with pytest.raises(QueueFull):
         engine.submit([4], params=GREEDY)
+    # Prefill and one decode step pass; the engine is then held, far from 500 tokens.
+    gate = ForwardGate(family.model.embed_tokens, allow=2)
     engine.start()
     try:
-        assert long.get(timeout=30).token_id is not None
+        assert long.get(timeout=HANG_S).token_id is not None
+        gate.wait_held()
         long.cancel()
+        gate.release()
         events = list(long)
         assert events[-1].finish_reason == "cancelled" and len(events) < 500
         waiting = engine.submit([5], params=SamplingParams(max_new_tokens=3, greedy=True))
         assert [e.finish_reason for e in waiting][-1] == "length"
     finally:
+        gate.remove()
         engine.stop()
     with pytest.raises(queue.Empty):
         long.get(timeout=0)

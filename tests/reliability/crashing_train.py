@@ -9,9 +9,12 @@ to PREFIX.err), prints `pid N`, waits, and prints `exit CODE` (-9 when killed). 
 names where the child dies, `at` which occurrence (1-based): during a training step (after
 backward, before the update), half-way through a checkpoint's weights, optimizer state or
 manifest, right after a checkpoint is renamed into place (before older ones are pruned),
-half-way through pruning, or half-way through a metrics line; "none" never. SIGKILL gives
-the process no chance to clean up, exactly like `kill -9`. The child prints `start step N`
-(where training starts or resumes) and `saved step N` after each checkpoint save returns.
+half-way through pruning, or half-way through a metrics line; "none" never. "external"
+never dies by itself: the test kills it from outside at a random moment, and so that the
+kill always lands on a running process, the child holds (sleeps until killed) once it has
+saved `at` checkpoints. SIGKILL gives the process no chance to clean up, exactly like
+`kill -9`. The child prints `start step N` (where training starts or resumes) and
+`saved step N` after each checkpoint save returns.
 The server itself runs no torch operation, so no thread pool exists when it forks.
 """
 
@@ -88,6 +91,12 @@ def inject(point: str, at: int) -> None:
             self.handle.flush()
             die()
         wrap(MetricsWriter, "write", before=torn)
+    elif point == "external":
+        def hold(*args, **kwargs):
+            print("holding", flush=True)
+            while True:
+                signal.pause()
+        wrap(ckpt, "save_checkpoint", after=hold)
     elif point != "none":
         raise ValueError(f"unknown point {point!r}")
 

@@ -1,7 +1,7 @@
 """The real server (`familial serve`, its own process) under load: 64 concurrent streaming
 clients, some leaving mid-stream, plus hypothesis-fuzzed malformed requests built from the
-server's OpenAPI schema, for a bounded time. Valid requests complete or get 429/503, bad
-ones never get a 5xx, /health answers throughout, memory stays bounded, and every slot is
+server's OpenAPI schema, for a bounded time. Valid requests complete or get 429 (nothing
+else: the server answers 5xx to no input), bad ones get a 4xx, /health answers throughout, memory stays bounded, and every slot is
 free again at the end."""
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ from familial.model import FamilyModel
 
 ASSETS = Path(str(resources.files("familial.data").joinpath("assets")))
 CLIENTS = 64
+# The load lasts at least this long and until CLIENTS requests have completed, however
+# slow or fast the machine; only a hang reaches HANG_S.
 LOAD_SECONDS = 20.0
+HANG_S = 600.0
 CONTEXT = 96
 
 
@@ -137,14 +140,14 @@ class Load:
                     self.dropped += 1
                 elif outcome != "refused":
                     self.failures.append(outcome)
-            if status in (429, 503):
+            if status == 429:
                 time.sleep(rng.uniform(0.05, 0.3))  # what Retry-After asks of a client
 
     @staticmethod
     def read(response, status: int, leave_early: bool) -> str:
-        if status in (429, 503):
+        if status == 429:
             error = json.loads(response.read())["error"]
-            if status == 429 and response.getheader("Retry-After") is None:
+            if response.getheader("Retry-After") is None:
                 return "429 without Retry-After"
             return "refused" if error["message"] else "refusal without a message"
         if status != 200:
@@ -221,14 +224,16 @@ def test_64_streaming_clients_and_malformed_requests(server):
         path, text = case
         status, body = request(port, "POST", path, text.encode("utf-8", "surrogatepass"))
         fuzz_statuses[status] = fuzz_statuses.get(status, 0) + 1
-        if status >= 500 and status != 503:
+        if status >= 500:
             bad.append(f"{status} for {path} {text[:200]!r}: {body[:300]!r}")
         elif status >= 400:
             assert json.loads(body)["error"]["message"], body
 
     try:
         fuzz()
-        time.sleep(max(0.0, LOAD_SECONDS - (time.monotonic() - started)))
+        while time.monotonic() - started < LOAD_SECONDS or len(load.latencies) < CLIENTS:
+            assert time.monotonic() - started < HANG_S, f"{len(load.latencies)} requests completed"
+            time.sleep(0.2)
     finally:
         load.stop.set()
         for thread in threads:
@@ -237,7 +242,7 @@ def test_64_streaming_clients_and_malformed_requests(server):
 
     assert bad == []
     assert load.failures == []
-    assert set(load.statuses) <= {200, 429, 503}, load.statuses
+    assert set(load.statuses) <= {200, 429}, load.statuses
     assert len(load.latencies) >= CLIENTS
     assert health and all(status == 200 and state["ok"] for status, state in health), health[-3:]
 
@@ -265,3 +270,50 @@ def test_64_streaming_clients_and_malformed_requests(server):
           f"{load.dropped} left mid-stream, statuses {load.statuses}; latency p50 {p50:.2f}s p95 {p95:.2f}s; "
           f"fuzzed requests {sum(fuzz_statuses.values())} statuses {fuzz_statuses}; /health polls {len(health)}; "
           f"server RSS {memory[0]:.0f} -> max {max(memory):.0f} -> end {memory[-1]:.0f} MiB")
+
+
+def test_prompts_near_the_body_limit_leave_health_answering_and_memory_flat(server):
+    """Issue 12: four prompts just under the 8 MiB body limit froze /health for 10-20 s and
+    grew the server from 740 MiB to 2.4 GiB. Now they are refused by their length, before
+    tokenising (token-id lists before parsing), in two rounds of four at once."""
+    port, process = server
+    big = 8 * 2**20 - 4096
+    bodies = [json.dumps({"model": "exit-2", "prompt": "ab c" * (big // 4 - 40)}).encode(),
+              json.dumps({"model": "exit-2", "prompt": "\u00e9" * (big // 2 - 40)}, ensure_ascii=False).encode(),
+              json.dumps({"model": "exit-2", "messages": [{"role": "user", "content": "x" * (big - 200)}]}).encode(),
+              ('{"model": "exit-2", "prompt": [' + "1," * (big // 3) + "1]}").encode()]
+    paths = ["/v1/completions", "/v1/completions", "/v1/chat/completions", "/v1/completions"]
+    before = rss_mib(process.pid)
+    replies: list[tuple[int, bytes]] = []
+    health: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while True:
+            started = time.monotonic()
+            status, _ = request(port, "GET", "/health", timeout=60)
+            health.append((status, time.monotonic() - started))
+            if done.is_set():
+                return
+
+    def send(path: str, body: bytes) -> None:
+        replies.append(request(port, "POST", path, body, timeout=120))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    for _ in range(2):
+        senders = [threading.Thread(target=send, args=pair) for pair in zip(paths, bodies)]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join()
+    done.set()
+    poller.join()
+    after = rss_mib(process.pid)
+    for status, body in replies:
+        assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded", body[:300]
+    assert health and all(status == 200 for status, _ in health)
+    # The bodies themselves (4 x 8 MiB, parsed once) are all a round may hold.
+    assert after - before < 256, (before, after)
+    print(f"\nlarge prompts: 2 rounds of 4 bodies of {big / 2**20:.1f} MiB refused; /health polls {len(health)}, "
+          f"slowest {max(s for _, s in health):.2f}s; server RSS {before:.0f} -> {after:.0f} MiB")

@@ -7,22 +7,26 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import torch
 
+from familial.chat_template import ChatTemplate
 from familial.checkpoint_io import save_family
 from familial.config import FamilyConfig
 from familial.infer.engine import Engine
 from familial.model import FamilyModel
+from familial.serve.guard import ClientPolicy
 
 ASSETS = Path(str(resources.files("familial.data").joinpath("assets")))
+CHATML = ChatTemplate()
 
 
 def write_family(directory: Path) -> Path:
@@ -50,18 +54,20 @@ class Live:
 
 
 @contextmanager
-def serve_engine(engine: Engine, chat_template=None) -> Iterator[Live]:
-    """Run create_app(engine) under uvicorn in a thread, listening on 127.0.0.1:<free port>."""
-    import uvicorn
-
+def serve_engine(engine: Engine, chat_template: ChatTemplate | None = CHATML, policy: ClientPolicy | None = None,
+                 **options) -> Iterator[Live]:
+    """Run create_app(engine, ...) under uvicorn in a thread, as `familial serve` runs it, on
+    127.0.0.1:<free port> (so Host names other than loopback ones are refused by default)."""
     from familial.serve.app import create_app
+    from familial.serve.guard import uvicorn_server
 
-    app = create_app(engine, engine.tokenizer, chat_template)
+    policy = policy or ClientPolicy(loopback_only=True)
+    app = create_app(engine, engine.tokenizer, chat_template, policy, **options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    server = uvicorn_server(app, policy, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     engine.start()
     thread.start()
@@ -81,7 +87,7 @@ def serve_engine(engine: Engine, chat_template=None) -> Iterator[Live]:
 
 @pytest.fixture(scope="session")
 def serve():
-    """serve(engine, chat_template=None): context manager running a live server for `engine`."""
+    """serve(engine, chat_template=CHATML, policy=None, **create_app options): a live server."""
     return serve_engine
 
 

@@ -7,8 +7,8 @@ import json
 import openai
 import pytest
 
-from familial.infer.sampling import SamplingParams
 from familial.chat_template import ChatTemplate
+from familial.infer.sampling import SamplingParams
 
 PROMPT = "Once upon a time"
 

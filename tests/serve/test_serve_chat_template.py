@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from familial.chat_template import ChatTemplate, ChatTemplateError
 from familial.config import ConfigError
 from familial.data.chat import render_chatml
 from familial.infer.engine import Engine
-from familial.chat_template import ChatTemplate, ChatTemplateError
+from familial.serve.cli import _chat_template
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 # A template that only takes user turns, in the style of checkpoints that forbid system prompts.
@@ -72,3 +73,21 @@ def test_server_answers_a_refused_conversation_with_400(family_dir, serve, http)
         assert status == 200
         prompt = engine.tokenizer.encode("[user] Hi[assistant] ", add_special_tokens=False).ids
         assert reply["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_a_family_without_a_chat_template_refuses_chat_as_vllm_does(family_dir, tmp_path, serve, http):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert ChatTemplate.from_directory(bare, fallback=None) is None
+    assert _chat_template(bare, "chatml").source == ChatTemplate().source
+    (tmp_path / "mine.jinja").write_text("{{ messages[0].content }}!")
+    assert _chat_template(bare, str(tmp_path / "mine.jinja")).render(MESSAGES) == "Be brief.!"
+    engine = Engine.from_checkpoint(family_dir, max_batch_size=1, max_queue=2, max_seq_len=128)
+    with serve(engine, None) as live:
+        body = {"model": "exit-1", "messages": MESSAGES[1:], "max_tokens": 2}
+        status, reply = http.post(live.url, "/v1/chat/completions", body)
+        assert status == 400 and reply["error"]["code"] == "no_chat_template"
+        assert "--chat-template" in reply["error"]["message"]
+        status, _ = http.post(live.url, "/v1/completions", {"model": "exit-1", "prompt": "Hi", "max_tokens": 2})
+        assert status == 200

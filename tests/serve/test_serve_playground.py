@@ -51,3 +51,35 @@ def test_playground_streams_an_answer_coloured_by_exit(live, http, tmp_path):
     assert all(colour == legend[exit] for _, exit, colour in tokens)
     assert "24 tokens" in stats and "tokens/s" in stats
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium")
+def test_playground_asks_for_the_api_key_of_a_keyed_server(family_dir, serve):
+    from familial.infer.engine import Engine
+    from familial.serve.guard import ClientPolicy
+
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="needs the playwright package (it drives /usr/bin/chromium)")
+    engine = Engine.from_checkpoint(family_dir, max_batch_size=1, max_queue=2, max_seq_len=128)
+    query = urlencode({"model": "exit-1", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "autorun": 1})
+    with serve(engine, policy=ClientPolicy(api_key="s3cret", loopback_only=True)) as live, \
+            sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            # Asked on the page: the /v1 routes answered 401, so the key field shows.
+            page.goto(f"{live.url}/?{query}")
+            page.wait_for_selector("#apikey", state="visible", timeout=120_000)
+            page.fill("#apikey", "s3cret")
+            page.dispatch_event("#apikey", "change")
+            page.wait_for_selector("body[data-state=done]", timeout=120_000)
+            asked = page.inner_text("#stats")
+            # Given in the link's fragment, which the browser never sends to the server.
+            page = browser.new_page()
+            page.goto(f"{live.url}/?{query}#key=s3cret")
+            page.wait_for_selector("body[data-state=done]", timeout=120_000)
+            linked = page.inner_text("#stats")
+            assert "#key" not in page.url
+        finally:
+            browser.close()
+    assert "5 tokens" in asked and "5 tokens" in linked

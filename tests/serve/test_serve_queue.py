@@ -6,8 +6,8 @@ import openai
 import pytest
 
 from familial.infer.engine import Engine
+from gates import ForwardGate
 
-# Long enough that the first request is still decoding while the others arrive.
 LONG = {"model": "exit-3", "prompt": "Once upon a time", "max_tokens": 4000}
 
 
@@ -19,10 +19,21 @@ def tight(family_dir, serve):
 
 
 def test_full_queue_answers_429_and_dropped_streams_free_their_slots(tight, http):
+    # The first request's prefill and one decode step pass; then the engine is held, so that
+    # request provably still holds the one slot while the others arrive.
+    gate = ForwardGate(tight.engine.model.model.embed_tokens, allow=2)
+    try:
+        check_queue_while_held(tight, http, gate)
+    finally:
+        gate.remove()
+
+
+def check_queue_while_held(tight, http, gate: ForwardGate) -> None:
     running_conn, running = http.open_stream(tight.url, "/v1/completions", LONG)
     assert running.status == 200
     first = running.readline()
     assert first.startswith(b"data: {")
+    gate.wait_held()
     # The one slot is taken, so this request waits in the queue (submitted before headers come).
     waiting_conn, waiting = http.open_stream(tight.url, "/v1/chat/completions", {
         "model": "exit-3", "max_tokens": 4000, "messages": [{"role": "user", "content": "hi"}]})
@@ -36,6 +47,7 @@ def test_full_queue_answers_429_and_dropped_streams_free_their_slots(tight, http
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model="exit-1", prompt="x", max_tokens=2)
 
+    gate.release()
     running.close()
     running_conn.close()
     http.health_until(tight.url, lambda h: h["running"] == 1 and h["queue_depth"] == 0,

@@ -1,4 +1,4 @@
-"""`familial import | export | info`: moving families in and out of the HF world."""
+"""`familial import | export | info | verify`: moving families in and out of the HF world."""
 
 from __future__ import annotations
 
@@ -18,12 +18,16 @@ def _int_list(text: str) -> list[int]:
 
 
 def _aliases(text: str) -> dict[str, int]:
-    out = {}
+    out: dict[str, int] = {}
     for part in text.split(","):
         name, _, exit_layer = part.partition("=")
-        if not exit_layer.strip().lstrip("-").isdigit():
+        name = name.strip()
+        if not exit_layer.strip().lstrip("-").isdecimal():
             raise argparse.ArgumentTypeError(f"expected name=exit pairs like device=2,cloud=39, got '{part}'")
-        out[name.strip()] = int(exit_layer)
+        if name in out:
+            raise argparse.ArgumentTypeError(f"alias '{name}' is given twice ({name}={out[name]} and "
+                                             f"{name}={int(exit_layer)}); give each member one name")
+        out[name] = int(exit_layer)
     return out
 
 
@@ -45,6 +49,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         which.add_argument("--member", help="exit layer index or alias")
         which.add_argument("--all", action="store_true", help="export every member")
         parser.add_argument("--overwrite", action="store_true")
+    elif command == "verify":
+        parser.add_argument("family", help="family checkpoint directory")
     else:
         parser.add_argument("family", help="family checkpoint directory")
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -64,6 +70,16 @@ def run(args: argparse.Namespace) -> int:
         else:
             path = checkpoint_io.export_member(args.family, args.output, args.member, args.overwrite)
             print(f"wrote {path}")
+    elif args.command == "verify":
+        config, hashed = checkpoint_io.verify_family(args.family)
+        tensors = len(checkpoint_io.family_parameter_names(config))
+        print(f"{args.family}: {tensors} tensors match family.json (names, shapes, dtypes)")
+        if hashed is None:
+            print(f"{args.family}: nothing to hash: family.json lists no checksums (written before "
+                  f"familial stored them), so only names, shapes and dtypes were checked")
+        else:
+            print(f"{args.family}: sha256 of {len(hashed)} tensor file(s) match family.json "
+                  f"({', '.join(hashed)})")
     else:
         config = FamilyConfig.load(args.family)
         summary = summarize(config)

@@ -16,7 +16,7 @@ generation prompt is tokenised at inference.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from tokenizers import Tokenizer
 
 from familial.chat_template import ChatTemplate
 from familial.data.shards import Document
-from familial.data.tokenize import read_jsonl
 
 END_OF_TURN = "<|im_end|>"
 Span = tuple[int, int]
@@ -76,13 +75,6 @@ def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError(f"{where}: no assistant message, so nothing to train on")
     return messages
-
-
-def read_chat_jsonl(path: Path) -> Iterator[tuple[int, list[dict[str, str]]]]:
-    """(line number, messages) for every conversation of a chat JSONL file."""
-    for number, record in read_jsonl(path):
-        messages = record.get("messages") if isinstance(record, dict) else None
-        yield number, validate_messages(messages, f"{path}:{number}")
 
 
 def render_chatml(messages: Sequence[dict[str, str]]) -> tuple[str, list[Span]]:

@@ -3,7 +3,9 @@
 A shard directory holds
 
     manifest.json    {"format": "familial-tokens-v1", "tokenizer", "vocab_size", "dtype",
-                      "num_tokens", "num_documents", "has_loss_mask", "eos_token_id", "sources"}
+                      "num_tokens", "num_documents", "has_loss_mask", "eos_token_id", "sources",
+                      "tokenizer_sha256", and "shard": {"index", "count"} for one part of a
+                      corpus prepared on several machines}
     tokens.bin       token ids, uint16 when the vocabulary fits (< 65536) else uint32
     documents.npy    int64 start offset of every document, plus the end (num_documents + 1)
     loss_mask.bin    optional, uint8 per token: 1 where the token is a training target
@@ -11,7 +13,8 @@ A shard directory holds
 `ShardWriter` (and `write_shards` on top of it) streams documents to disk (only the document
 offsets stay in memory, 8 bytes per document) into a temporary directory renamed into place
 at the end, so a crash never leaves a half-written shard directory. `TokenShards` validates
-everything cheap on open and names the file at fault.
+everything cheap on open and names the file at fault; `open_shards` also opens a Megatron
+indexed dataset (`familial.data.megatron`) as the same read-only interface.
 """
 
 from __future__ import annotations
@@ -63,23 +66,21 @@ class ShardWriter:
 
     def __init__(self, path: str | Path, vocab_size: int, tokenizer: str | None = None,
                  eos_token_id: int | None = None, sources: list[Any] | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, tokenizer_sha256: str | None = None,
+                 shard: tuple[int, int] | None = None) -> None:
         self.target = Path(path)
         if not isinstance(vocab_size, int) or vocab_size <= 0:
             raise ShardError(f"{self.target}: vocab_size must be a positive integer, got "
                              f"{vocab_size!r}")
-        if (self.target.exists() and not overwrite
-                and (not self.target.is_dir() or any(self.target.iterdir()))):
-            raise ShardError(f"{self.target}: already exists and is not empty (choose another "
-                             f"output directory, or pass overwrite)")
+        _check_target(self.target, overwrite)
         self.vocab_size, self.tokenizer, self.eos_token_id = vocab_size, tokenizer, eos_token_id
-        self.sources = list(sources or [])
+        self.sources, self.shard = list(sources or []), shard
+        self.tokenizer_sha256 = tokenizer_sha256
         self.dtype = np.dtype(_DTYPES[dtype_for_vocab(vocab_size)])
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-",
                                              dir=self.target.parent))
         self.offsets = array("q", [0])
-        self.masked_tokens = 0
         self._tokens = open(self.staging / TOKENS, "wb")
         self._mask = None
 
@@ -93,24 +94,44 @@ class ShardWriter:
 
     def add(self, item: Document | Sequence[int] | np.ndarray) -> None:
         document = item if isinstance(item, Document) else Document(item)
-        index = self.num_documents
         ids = np.asarray(document.ids, dtype=np.int64)
         if ids.ndim != 1 or ids.size == 0:
-            raise ShardError(f"document {index}: expected a non-empty 1-D sequence of token "
-                             f"ids, got shape {ids.shape}")
-        low, high = int(ids.min()), int(ids.max())
+            raise ShardError(f"document {self.num_documents}: expected a non-empty 1-D sequence "
+                             f"of token ids, got shape {ids.shape}")
+        mask = None if document.loss_mask is None else np.asarray(document.loss_mask)
+        if mask is not None and mask.shape != ids.shape:
+            raise ShardError(f"document {self.num_documents}: loss mask has shape {mask.shape}, "
+                             f"expected ({ids.size},) like its token ids")
+        self.add_batch(ids, np.array([ids.size]), mask)
+
+    def add_batch(self, tokens: np.ndarray, lengths: np.ndarray,
+                  loss_mask: np.ndarray | None = None) -> None:
+        """Append documents given as one flat token array and the length of each document."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.size == 0:
+            return
+        ends = np.cumsum(lengths)
+        first = self.num_documents
+        if lengths.ndim != 1 or tokens.ndim != 1 or int(lengths.min()) <= 0 \
+                or int(ends[-1]) != tokens.size:
+            raise ShardError(f"documents {first}..{first + lengths.size - 1}: lengths must be "
+                             f"positive and add up to the {tokens.size} tokens given")
+        low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.vocab_size:
-            raise ShardError(f"document {index}: token id {low if low < 0 else high} is "
-                             f"outside the vocabulary [0, {self.vocab_size})")
-        if document.loss_mask is not None and self._mask is None:
-            self._mask = open(self.staging / LOSS_MASK, "wb")
-            _write_ones(self._mask, self.num_tokens)
-        mask = _document_mask(document, ids.size, index)
-        self.masked_tokens += int(mask.sum())
-        if self._mask is not None:
-            self._mask.write(mask.tobytes())
-        self._tokens.write(ids.astype(self.dtype).tobytes())
-        self.offsets.append(self.num_tokens + ids.size)
+            bad = low if low < 0 else high
+            at = int(np.searchsorted(ends, int(np.argmax(tokens == bad)), side="right"))
+            raise ShardError(f"document {first + at}: token id {bad} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        if loss_mask is not None:
+            _check_mask(loss_mask, tokens.size, first)
+            if self._mask is None:
+                self._mask = open(self.staging / LOSS_MASK, "wb")
+                _write_ones(self._mask, self.num_tokens)
+            self._mask.write(np.ascontiguousarray(loss_mask, dtype=np.uint8).data)
+        elif self._mask is not None:
+            _write_ones(self._mask, tokens.size)
+        self._tokens.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        self.offsets.frombytes((ends + self.num_tokens).tobytes())
 
     def commit(self) -> "TokenShards":
         self._close_files()
@@ -123,7 +144,10 @@ class ShardWriter:
             "dtype": self.dtype.name, "num_tokens": self.num_tokens,
             "num_documents": self.num_documents, "has_loss_mask": self._mask is not None,
             "eos_token_id": self.eos_token_id, "sources": self.sources,
+            "tokenizer_sha256": self.tokenizer_sha256,
         }
+        if self.shard is not None:
+            manifest["shard"] = {"index": self.shard[0], "count": self.shard[1]}
         (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for file in self.staging.iterdir():
             with open(file, "rb") as handle:
@@ -161,6 +185,22 @@ def write_shards(path: str | Path, documents: Iterable[Document | Sequence[int] 
     return writer.commit()
 
 
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, lies under a file, or holds data not to be replaced."""
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ShardError(f"{target}: {parent} is a file, so no directory can be made "
+                                 f"under it (choose another output directory)")
+            break
+    if target.exists() and not target.is_dir():
+        raise ShardError(f"{target}: is a file, not a directory (choose another output "
+                         f"directory; --overwrite replaces only a shard directory)")
+    if target.is_dir() and not overwrite and any(target.iterdir()):
+        raise ShardError(f"{target}: already exists and is not empty (choose another "
+                         f"output directory, or pass overwrite)")
+
+
 def _write_ones(handle, count: int) -> None:
     chunk = np.ones(min(count, _CHECK_CHUNK), dtype=np.uint8).tobytes()
     while count > 0:
@@ -168,16 +208,12 @@ def _write_ones(handle, count: int) -> None:
         count -= len(chunk)
 
 
-def _document_mask(document: Document, length: int, index: int) -> np.ndarray:
-    if document.loss_mask is None:
-        return np.ones(length, dtype=np.uint8)
-    mask = np.asarray(document.loss_mask)
+def _check_mask(mask: np.ndarray, length: int, first: int) -> None:
     if mask.shape != (length,):
-        raise ShardError(f"document {index}: loss mask has shape {mask.shape}, expected "
+        raise ShardError(f"document {first}: loss mask has shape {mask.shape}, expected "
                          f"({length},) like its token ids")
-    if mask.size and (mask.min() < 0 or mask.max() > 1):
-        raise ShardError(f"document {index}: loss mask values must be 0 or 1")
-    return mask.astype(np.uint8)
+    if mask.size and (int(mask.min()) < 0 or int(mask.max()) > 1):
+        raise ShardError(f"document {first}: loss mask values must be 0 or 1")
 
 
 class TokenShards:
@@ -224,21 +260,25 @@ class TokenShards:
             return np.ones(end - start, dtype=np.uint8)
         return self.loss_mask[start:end]
 
-    def check_token_ids(self) -> None:
-        """Scan the tokens in chunks and fail on any id outside the vocabulary."""
+    def check_token_ids(self, vocab_size: int | None = None) -> None:
+        """Scan the tokens in chunks and fail on any id outside [0, vocab_size) (by default
+        the vocabulary the shards declare)."""
+        limit = self.vocab_size if vocab_size is None else vocab_size
         start, end = int(self.documents[0]), int(self.documents[-1])
         for offset in range(start, end, _CHECK_CHUNK):
-            high = int(self.tokens[offset:min(offset + _CHECK_CHUNK, end)].max())
-            if high >= self.vocab_size:
-                raise ShardError(f"{self.path / TOKENS}: token id {high} near offset {offset} "
-                                 f"is >= vocab_size {self.vocab_size} from {MANIFEST}")
+            block = self.tokens[offset:min(offset + _CHECK_CHUNK, end)]
+            low, high = block.min(), block.max()
+            if low < 0 or high >= limit:
+                raise ShardError(f"{self.tokens.filename}: token id {low if low < 0 else high} "
+                                 f"near offset {offset} is outside the vocabulary [0, {limit})"
+                                 f"{f' of {MANIFEST}' if vocab_size is None else ''}")
 
     def select(self, start: int, stop: int) -> "TokenShards":
         """A view of documents [start, stop): same memory maps, fewer documents."""
         if not 0 <= start < stop <= self.num_documents:
             raise ShardError(f"{self.path}: document range [{start}, {stop}) is empty or "
                              f"outside [0, {self.num_documents})")
-        view = object.__new__(TokenShards)
+        view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         view.documents = self.documents[start:stop + 1]
         return view
@@ -256,6 +296,21 @@ class TokenShards:
                              f"documents (need at least one document on each side)")
         cut = self.num_documents - count
         return self.select(0, cut), self.select(cut, self.num_documents)
+
+
+def open_shards(path: str | Path) -> TokenShards:
+    """Token shards to train on: our shard directory, or a Megatron indexed dataset named by
+    its path prefix (PREFIX.bin + PREFIX.idx; a path ending in .bin or .idx also names it)."""
+    path = Path(path)
+    if path.is_dir():
+        return TokenShards(path)
+    from familial.data.megatron import MegatronShards, megatron_prefix
+
+    prefix = megatron_prefix(path)
+    if prefix is None:
+        raise ShardError(f"{path}: neither a token shard directory (written by `familial data "
+                         f"prepare`) nor a Megatron indexed dataset ({path}.bin + {path}.idx)")
+    return MegatronShards(prefix)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -1,17 +1,13 @@
-"""Reading raw text and JSONL and turning it into token ids with a HF `tokenizers` file.
+"""Turning text into token ids with a HF `tokenizers` file, and finding the input files.
 
-A plain text file is one document (a source file, a book, an article): splitting on blank
-lines would cut code and prose at arbitrary paragraphs. For many documents per file, use
-JSONL with one `{"text": ...}` object per line. Every document gets the EOS token appended,
-so packed rows show the model where one document ends and the next begins.
+Every document gets the EOS token appended, so packed rows show the model where one
+document ends and the next begins. How each input format is read is `readers`' concern.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -20,18 +16,39 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 ENCODE_BATCH = 256
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A `tokenizers` tokenizer from tokenizer.json or a directory that holds one."""
-    file = Path(path)
+# The tokenizer shipped with the package (byte-level BPE fitted to the demo corpus, ChatML
+# special tokens), which `--tokenizer demo` names.
+SHIPPED_TOKENIZER = Path(__file__).parent / "assets"
+
+
+def tokenizer_path(name: str | Path) -> Path:
+    """`demo` -> the shipped tokenizer's directory (unless a file of that name exists here)."""
+    path = Path(name)
+    return SHIPPED_TOKENIZER if str(name) == "demo" and not path.exists() else path
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """tokenizer.json itself, or the one inside a checkpoint directory ('demo': the shipped one)."""
+    file = tokenizer_path(path)
     if file.is_dir():
         file = file / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no tokenizer.json there (pass a HF tokenizers file "
                                 f"or a checkpoint directory that contains one)")
+    return file
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A `tokenizers` tokenizer from tokenizer.json or a directory that holds one."""
+    file = tokenizer_file(path)
+    return tokenizer_from_json(file.read_bytes(), file)
+
+
+def tokenizer_from_json(data: bytes, where: str | Path) -> Tokenizer:
     try:
-        return Tokenizer.from_file(str(file))
+        return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as error:
-        raise ValueError(f"{file}: not a readable HF tokenizers file ({error})") from None
+        raise ValueError(f"{where}: not a readable HF tokenizers file ({error})") from None
 
 
 def token_id(tokenizer: Tokenizer, token: str, where: str = "tokenizer") -> int:
@@ -72,27 +89,6 @@ def read_text_file(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, object) for every non-blank line, with errors naming the line."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-
-
-def read_jsonl_texts(path: Path, field: str = "text") -> Iterator[str]:
-    for number, record in read_jsonl(path):
-        text = record.get(field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise ValueError(f"{path}:{number}: expected an object with a string '{field}' "
-                             f"field, got {json.dumps(record)[:80]}")
-        yield text
 
 
 def encode_texts(tokenizer: Tokenizer, texts: Iterable[str], eos_token_id: int | None,

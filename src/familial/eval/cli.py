@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from familial.checkpoint_io import DTYPES, load_family
 from familial.eval.cost import measure_latency, member_costs
+from familial.staging import check_output_file, write_text_atomically
 from familial.summary import format_count
 
 
@@ -42,6 +42,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per member (median)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (default: 1 for small families, else torch's)")
     parser.add_argument("--json", dest="json_out", help="write every figure to this JSON file")
 
 
@@ -53,14 +55,14 @@ def run(args: argparse.Namespace) -> int:
                             args.overwrite)
         print(f"wrote {path}")
         return 0
+    if args.json_out:
+        check_output_file(Path(args.json_out))  # before the evaluation, not after it
     result = evaluate(args)
     print(format_table(result))
     if args.json_out:
         target = Path(args.json_out)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        temp.write_text(json.dumps(result, indent=2) + "\n")
-        temp.replace(target)
+        write_text_atomically(target, json.dumps(result, indent=2) + "\n")
         print(f"wrote {target}")
     return 0
 
@@ -71,8 +73,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     for name in ("batch_size", "bootstrap", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: expected a positive integer")
+    from familial.infer.engine import suggested_threads
+
     model = load_family(args.family, dtype=DTYPES[args.dtype], device=args.device).eval()
     config = model.config
+    threads = args.threads or suggested_threads(config)
+    if threads:
+        torch.set_num_threads(threads)
     seq_len = args.seq_len or min(1024, config.max_position_embeddings)
     if seq_len < 1:
         raise ValueError(f"--seq-len {seq_len}: expected a positive integer")

@@ -129,16 +129,46 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _short_count(value: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _count_ticks(axis, first: list[float], then: list[float]) -> None:
+    """Log x axis labelled at the plotted costs themselves (920K, 1.31M, ...) instead of
+    matplotlib's one or two decade ticks; `first` (the members) win over `then` where two
+    labels would collide."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ticks: list[float] = []
+    for value in sorted(set(first)) + sorted(set(then)):
+        if all(abs(math.log10(value / tick)) > 0.06 for tick in ticks):
+            ticks.append(value)
+    axis.xaxis.set_major_locator(FixedLocator(sorted(ticks)))
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: _short_count(value)))
+    axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+
+
 def plot_pareto(rows: list[dict], baselines: list[dict], file: Path) -> None:
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, key, label in ((axes[0], "parameters", "parameters"),
-                             (axes[1], "flops_per_token", "FLOPs per token")):
-        ordered = sorted(rows, key=lambda r: r[key])
-        family = [(r[key], r["loss"], r["name"]) for r in ordered]
-        errors = [[r["loss"] - r.get("loss_ci", (r["loss"],) * 2)[0] for r in ordered],
-                  [r.get("loss_ci", (r["loss"],) * 2)[1] - r["loss"] for r in ordered]]
-        axis.errorbar([p[0] for p in family], [p[1] for p in family], yerr=errors, fmt="o-",
-                      capsize=3, label="family members (95% CI)")
+    figure = pareto_figure(rows, baselines)
+    figure.savefig(file, dpi=110)
+    plt.close(figure)
+
+
+def pareto_figure(rows: list[dict], baselines: list[dict]):
+    """Loss against parameters and against FLOPs (log axes labelled with the counts), and,
+    when the evaluation has them, each member's paired loss difference to the full member
+    with its interval: per-member intervals overlap even where the paired ones do not."""
+    gaps = [r for r in rows[:-1] if r.get("loss_gap_to_full_ci")]
+    panels = 3 if gaps else 2
+    figure, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 4.4), squeeze=False)
+    for axis, key, label in ((axes[0][0], "parameters", "parameters (log scale)"),
+                             (axes[0][1], "flops_per_token", "FLOPs per token (log scale)")):
+        family = [(r[key], r["loss"], r["name"]) for r in rows]
+        axis.plot([p[0] for p in family], [p[1] for p in family], "o-", label="family members")
         for x, y, name in family:
             axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         others = [(b[key], b["loss"], b["name"]) for b in baselines if key in b]
@@ -151,38 +181,37 @@ def plot_pareto(rows: list[dict], baselines: list[dict], file: Path) -> None:
         axis.step([p[0] for p in front], [p[1] for p in front], "--", where="post", color="gray",
                   alpha=0.7, label="Pareto front")
         axis.set_xscale("log")
+        _count_ticks(axis, [p[0] for p in family], [p[0] for p in others])
         axis.margins(x=0.15, y=0.1)
         axis.set_xlabel(label)
         axis.set_ylabel("held-out loss (nats/token)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    if gaps:
+        axis, full = axes[0][2], rows[-1]["name"]
+        values = [r["loss_gap_to_full"] for r in gaps]
+        low = [v - r["loss_gap_to_full_ci"][0] for v, r in zip(values, gaps)]
+        high = [r["loss_gap_to_full_ci"][1] - v for v, r in zip(values, gaps)]
+        places = list(range(len(gaps)))
+        axis.errorbar(values, places, xerr=[low, high], fmt="o", capsize=4)
+        for value, place in zip(values, places):
+            axis.annotate(f"{value:+.3f}", (value, place), textcoords="offset points",
+                          xytext=(0, 7), ha="center", fontsize=8)
+        axis.axvline(0, color="gray", linewidth=1)
+        axis.set_yticks(places, [r["name"] for r in gaps])
+        axis.set_ylim(len(gaps) - 0.5, -0.5)  # shallowest on top
+        axis.set_xlabel(f"loss - {full}'s loss (nats/token)")
+        axis.set_title(f"paired difference to {full}, 95% CI", fontsize=10)
+        axis.grid(alpha=0.3, axis="x")
     figure.suptitle("quality vs cost (lower-left is better)")
     figure.tight_layout()
-    figure.savefig(file, dpi=110)
-    plt.close(figure)
+    return figure
 
 
-def plot_training(records: list[dict], names: list[str], file: Path) -> bool:
-    groups = [(prefix, title) for prefix, title in (("loss/", "training loss per exit"),
-                                                    ("lambda/", "loss weight per exit"))
-              if any(f"{prefix}{n}" in r for r in records for n in names)]
-    if not groups:
-        return False
-    figure, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-    for axis, (prefix, title) in zip(axes[0], groups):
-        for name in names:
-            points = [(r["step"], r[f"{prefix}{name}"]) for r in records
-                      if r.get(f"{prefix}{name}") is not None and "step" in r]
-            if points:
-                axis.plot([p[0] for p in points], [p[1] for p in points], label=name)
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(file, dpi=110)
-    plt.close(figure)
-    return True
+def plot_training(records: list[dict], title: str, file: Path) -> bool:
+    from familial.train.plot import draw_training
+
+    return draw_training(records, file, title)
 
 
 def plot_agreement(rows: list[dict], matrix: dict | None, file: Path) -> None:
@@ -222,7 +251,7 @@ def build_report(family_dir: str | Path, out_dir: str | Path, eval_json: str | P
     records = _read_run(run_dir) if run_dir else []
     rows = member_rows(config, evaluation)
     summary = summarize(config)
-    lines = [f"# Family report: {Path(family_dir).name}", "",
+    lines = [f"# Family report: {family_title(family_dir)}", "",
              f"Exits {config.exits} of {config.num_hidden_layers} trunk layers, hidden "
              f"{config.hidden_size}. The family holds {format_count(summary.family_parameters)} "
              f"parameters; its members stored separately would hold "
@@ -245,7 +274,8 @@ def build_report(family_dir: str | Path, out_dir: str | Path, eval_json: str | P
         else:
             lines += ["## Quality vs cost", "", "No held-out loss: run `familial eval --data SHARDS "
                       "--json EVAL` and pass `--eval EVAL`.", ""]
-        if records and plot_training(records, [r["name"] for r in rows], staging / "training_curves.png"):
+        if records and plot_training(records, Path(run_dir).resolve().name,
+                                     staging / "training_curves.png"):
             lines += ["## Training", "", f"From `{run_dir}`.", "",
                       "![per-exit training curves](training_curves.png)", ""]
         if all("agreement" in r for r in rows):
@@ -256,6 +286,19 @@ def build_report(family_dir: str | Path, out_dir: str | Path, eval_json: str | P
                       "member's.", "", "![agreement](agreement.png)", ""]
         (staging / "report.md").write_text("\n".join(lines))
     return Path(out_dir) / "report.md"
+
+
+def family_title(family_dir: str | Path) -> str:
+    """A name that says which family: a run's family (RUN/family, RUN/checkpoints/step-N/family,
+    OUT/family) is named after its run, not after the directory every run calls `family`."""
+    path = Path(family_dir).resolve()
+    if path.name != "family":
+        return path.name
+    parent = path.parent
+    step = parent.name[len("step-"):]
+    if parent.name.startswith("step-") and step.isdigit() and parent.parent.name == "checkpoints":
+        return f"{parent.parent.parent.name}, step {int(step)}"
+    return parent.name
 
 
 def _read_run(run_dir: str | Path) -> list[dict]:

@@ -122,7 +122,7 @@ def score_continuations(model: FamilyModel, exits: list[int], pairs: list[tuple[
             token_lp = log_probs.gather(1, targets[:, None]).squeeze(1)
             greedy = log_probs.argmax(-1) == targets
             offset = 0
-            for (r, a, b), i in zip(where, batch):
+            for (_, a, b), i in zip(where, batch):
                 n = b - a
                 results[e][i] = (float(token_lp[offset:offset + n].double().sum()),
                                  bool(greedy[offset:offset + n].all()))

@@ -10,9 +10,6 @@ gives and what its CALM-style copied KV approximates for generated tokens.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ import torch
 from familial.config import FAMILY_CONFIG_NAME, FamilyConfig
 from familial.infer.adaptive import METRICS, confidence
 from familial.model import FamilyModel
+from familial.staging import write_text_atomically
 
 # A threshold no confidence reaches (top-1 probability and margin are at most 1).
 NEVER = 1.01
@@ -92,18 +90,10 @@ def calibrate(model: FamilyModel, token_ids: np.ndarray, target: float = 0.9, me
 
 
 def write_early_exit(family_dir: str | Path, settings: dict) -> Path:
-    """Store `settings` as runtime.early_exit in family.json (temp file, then rename)."""
+    """Store `settings` as runtime.early_exit in family.json, replaced in one rename (its
+    tensor checksums kept)."""
     family_dir = Path(family_dir)
     config = FamilyConfig.load(family_dir)
     config.runtime["early_exit"] = settings
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    target = family_dir / FAMILY_CONFIG_NAME
-    handle, temp = tempfile.mkstemp(dir=family_dir, prefix=".family.", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return target
+    checksums = FamilyConfig.load_checksums(family_dir)
+    return write_text_atomically(family_dir / FAMILY_CONFIG_NAME, config.to_json(checksums))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from familial.checkpoint_io import load_family, save_family
+from familial.staging import check_output_directory
 from familial.summary import format_count
 
 
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
             config.steps = args.steps
         train(config)
         return 0
+    # Refuse an unusable output before the work, not after it.
+    check_output_directory(Path(args.output), args.overwrite)
     model = load_family(args.family)
     before = sum(p.numel() for p in model.member(args.member).parameters())
     if args.command == "expand":

@@ -5,6 +5,12 @@ batching), so this module only translates: OpenAI fields -> `SamplingParams`, mo
 member, `TokenEvent`s -> JSON or server-sent events. Handles are read in a thread pool sized to
 the engine's batch plus queue so a waiting request never blocks the event loop, and a request
 whose client goes away is cancelled so its batch slot goes to the next one.
+
+The event loop does no work whose size a client or a checkpoint controls: a prompt longer than
+the context could hold is refused by its length before it is tokenised, tokenising runs in the
+pool (with `encode_batch`, which releases the GIL), and chat templates render in worker
+processes with time, memory and output bounds (familial.serve.templates). A request the engine
+fails ends with a 400 (or an error event once streaming): no client input gets a 5xx.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ import json
 import queue
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi import HTTPException as FastAPIHTTPException
@@ -26,24 +33,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from familial.chat_template import ChatTemplate, ChatTemplateError
 from familial.infer.engine import QueueFull
 from familial.infer.sampling import SamplingParams
 from familial.serve import protocol as p
-from familial.chat_template import ChatTemplate, ChatTemplateError
+from familial.serve.guard import ClientPolicy, Guard
+from familial.serve.protocol import error_body
+from familial.serve.templates import TemplateWorkers
 
 # How often a waiting request checks whether its client is still there.
 POLL_SECONDS = 0.25
-MAX_BODY_BYTES = 8 * 2**20
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-               503: "server_error"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": p.ErrorResponse, "description": "malformed request, or prompt too long"},
+    400: {"model": p.ErrorResponse, "description": "malformed request, prompt too long, or generation "
+                                                   "failed on this request's parameters"},
+    401: {"model": p.ErrorResponse, "description": "missing or wrong API key (servers started with --api-key)"},
     404: {"model": p.ErrorResponse, "description": "unknown model"},
+    408: {"model": p.ErrorResponse, "description": "the request body did not arrive in time"},
     413: {"model": p.ErrorResponse, "description": "request body too large"},
     429: {"model": p.ErrorResponse, "description": "request queue full; retry later"},
-    500: {"model": p.ErrorResponse, "description": "the engine failed on this request"},
-    503: {"model": p.ErrorResponse, "description": "the engine is shutting down"},
+    503: {"model": p.ErrorResponse, "description": "the server is shutting down"},
 }
 
 
@@ -52,11 +60,6 @@ class APIError(FastAPIHTTPException):
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(status, message, headers)
         self.param, self.code = param, code
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
 
 
 # What a field accepts, for errors in fields that take one of several shapes (pydantic would
@@ -93,32 +96,6 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     return text or "malformed request", param
 
 
-class BodyLimit:
-    """Refuse request bodies over `limit` bytes with an OpenAI-style 413, before parsing them."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.limit:
-            response = JSONResponse(error_body(413, f"request body over {self.limit} bytes"), 413)
-            return await response(scope, receive, send)
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise APIError(413, f"request body over {self.limit} bytes")
-            return message
-
-        await self.app(scope, counted, send)
-
-
 @dataclass
 class Member:
     id: str
@@ -147,11 +124,24 @@ class Job:
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
+def characters_per_token(tokenizer) -> int:
+    """An upper bound on the characters one token covers: the longest vocabulary entry (for
+    byte-level BPE its length in bytes, for SentencePiece and WordPiece at least its text),
+    with a margin where a normaliser may delete characters before tokenising."""
+    longest = max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
+    return longest * (4 if tokenizer.normalizer is not None else 1)
+
+
 class Server:
-    def __init__(self, engine, tokenizer, chat_template: ChatTemplate) -> None:
-        self.engine, self.tokenizer, self.chat_template = engine, tokenizer, chat_template
+    def __init__(self, engine, tokenizer, chat_template: ChatTemplate | None,
+                 template_timeout: float = 5.0) -> None:
+        self.engine, self.tokenizer = engine, tokenizer
         self.vocab_size = engine.config.vocab_size
         self.context = engine.max_seq_len
+        # A text longer than this cannot fit the context whatever it says: refused untokenised.
+        self.max_prompt_chars = self.context * characters_per_token(tokenizer)
+        self.templates = None if chat_template is None else TemplateWorkers(
+            chat_template, timeout=template_timeout, max_chars=self.max_prompt_chars)
         self.members: list[Member] = []
         self.names: dict[str, Member] = {}
         for info in engine.members():
@@ -170,15 +160,34 @@ class Server:
                                 f"{', '.join(m.id for m in self.members)}", "model", "model_not_found")
         return self.names[name]
 
+    def check_length(self, characters: int, param: str) -> None:
+        if characters > self.max_prompt_chars:
+            raise APIError(400, f"this model's maximum context length is {self.context} tokens, and no token "
+                                f"here covers more than {self.max_prompt_chars // self.context} characters; "
+                                f"the {param} has {characters} characters", param, "context_length_exceeded")
+
     async def encode(self, text: str, special_tokens: bool, param: str) -> list[int]:
+        self.check_length(len(text), param)
         loop = asyncio.get_running_loop()
         try:
-            encoding = await loop.run_in_executor(
-                self.pool, lambda: self.tokenizer.encode(text, add_special_tokens=special_tokens))
-        except (TypeError, ValueError) as error:
+            # encode_batch releases the GIL while it works (encode holds it): the loop runs meanwhile.
+            encodings = await loop.run_in_executor(
+                self.pool, lambda: self.tokenizer.encode_batch([text], add_special_tokens=special_tokens))
+        except Exception as error:  # noqa: BLE001 - tokenizers raises bare Exceptions
             # e.g. lone surrogates ("\ud800"), which JSON allows and the tokenizer cannot read.
             raise APIError(400, f"{param}: the tokenizer cannot read this text ({error})", param) from None
-        return list(encoding.ids)
+        return list(encodings[0].ids)
+
+    async def render(self, messages: list[dict]) -> str:
+        if self.templates is None:
+            raise APIError(400, "this model has no chat template (no chat_template.jinja, nor a chat_template "
+                                "in tokenizer_config.json): use /v1/completions, or start the server with "
+                                "--chat-template FILE (or chatml)", "messages", "no_chat_template")
+        self.check_length(sum(len(m["content"]) + len(m.get("name", "")) for m in messages), "messages")
+        try:
+            return await self.templates.render(messages, add_generation_prompt=True)
+        except ChatTemplateError as error:
+            raise APIError(400, str(error), "messages") from None
 
     def submit(self, body: p.CompletionRequest | p.ChatCompletionRequest, prompt_ids: list[int],
                max_tokens: int | None, prefix: str, stop_token_ids: list[int] | None = None) -> Job:
@@ -229,9 +238,13 @@ class Server:
                 if event.token_id is not None:
                     job.exits.append(event.exit)
                 if finished and event.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {event.error}", None, "engine_error")
+                    # The engine ends only the failing request; what failed there is this
+                    # request's own (its sampling parameters, its stop handling): a 400.
+                    raise APIError(400, f"generation failed for this request: {event.error}", None,
+                                   "generation_failed")
                 if finished and event.finish_reason == "cancelled":
-                    raise APIError(503, "the request was cancelled by the server", None, "cancelled")
+                    # The engine cancels a request only when the server stops.
+                    raise APIError(503, "the server is shutting down", None, "cancelled")
                 yield event
         finally:
             if not finished:
@@ -254,7 +267,7 @@ def _sse(payload: Any) -> str:
 
 
 async def _stream(server: Server, job: Job, request: Request, chat: bool, usage: bool) -> AsyncIterator[str]:
-    head = dict(id=job.id, created=job.created, model=job.model)
+    head = {"id": job.id, "created": job.created, "model": job.model}
     if chat:
         yield _sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
             index=0, delta=p.ChatDelta(role="assistant", content=""), finish_reason=None)],
@@ -319,20 +332,31 @@ GENERATION_RESPONSES = {**ERROR_RESPONSES, 200: {"content": {"text/event-stream"
                                                 "object per `data:` line, ending with `data: [DONE]`"}}}}}
 
 
-def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None) -> FastAPI:
-    """FastAPI app serving `engine` (started and stopped by the caller) over HTTP."""
-    server = Server(engine, tokenizer, chat_template or ChatTemplate())
+def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, policy: ClientPolicy | None = None,
+               template_timeout: float = 5.0) -> FastAPI:
+    """FastAPI app serving `engine` (started and stopped by the caller) over HTTP; without a
+    chat template, chat completions are refused (400), as vLLM does."""
+    server = Server(engine, tokenizer, chat_template, template_timeout)
+    policy = policy or ClientPolicy()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        yield
-        server.pool.shutdown(wait=False, cancel_futures=True)
+        if server.templates is not None:
+            await server.templates.start()
+        try:
+            yield
+        finally:
+            server.pool.shutdown(wait=False, cancel_futures=True)
+            if server.templates is not None:
+                await server.templates.close()
 
     app = FastAPI(title="familial", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API serving every member of a model family "
                               "from one copy of the weights.")
     app.state.server = server
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    # Items of a body whose prompt fits the context: one per character or token id, a few per
+    # message (every message adds tokens), a few dozen for the other fields.
+    app.add_middleware(Guard, policy=policy, max_items=server.max_prompt_chars + 8 * server.context + 256)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -347,6 +371,7 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None) -> 
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        # A bug in the server, never a client's input (the tests hold every input to a 4xx).
         return JSONResponse(error_body(500, f"internal error: {type(error).__name__}: {error}"),
                             status_code=500)
 
@@ -386,10 +411,7 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None) -> 
                            "max_completion_tokens")
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in body.messages]
-        try:
-            prompt = server.chat_template.render(messages, add_generation_prompt=True)
-        except ChatTemplateError as error:
-            raise APIError(400, str(error), "messages") from None
+        prompt = await server.render(messages)
         ids = await server.encode(prompt, special_tokens=False, param="messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         # A chat answer is one assistant turn: it ends at the template's end-of-turn token.

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import ipaddress
+import os
+import socket
 from pathlib import Path
 
 from familial.config import ConfigError
@@ -10,7 +14,9 @@ from familial.config import ConfigError
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("family", help="family checkpoint directory (with tokenizer.json)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (loopback by default: only requests to localhost, "
+                             "127.0.0.1 or [::1] are answered there)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=8,
                         help="sequences decoded together (KV cache slots)")
@@ -23,34 +29,118 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                         help="weights and KV cache precision (default: the checkpoint's)")
     parser.add_argument("--threads", type=int,
                         help="torch intra-op threads (default: 1 for small families, else torch's)")
+    parser.add_argument("--api-key", default=os.environ.get("FAMILIAL_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every /v1 route (default: "
+                             "$FAMILIAL_API_KEY; /health and the playground page stay open)")
+    parser.add_argument("--chat-template",
+                        help="Jinja chat template file, or 'chatml', to use instead of the checkpoint's "
+                             "(a family without one refuses chat completions)")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a request's headers")
+    parser.add_argument("--body-timeout", type=float, default=60.0,
+                        help="seconds a client has to send a request's body")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    import uvicorn
-
-    from familial.infer.engine import Engine, suggested_threads
-    from familial.serve.app import create_app
-    from familial.chat_template import ChatTemplate
+    _require_serve_extras()
+    from familial.serve.guard import ClientPolicy
 
     family = Path(args.family)
     if not (family / "tokenizer.json").exists():
         raise ConfigError(f"{family}: no tokenizer.json; the server needs the family's tokenizer "
                           f"to read prompts and write answers")
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port {args.port}: expected a port number in 1..65535")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ConfigError("--api-key: the key is empty")
+    for name in ("header_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected seconds > 0")
+    # Listen first: a bad --host or a taken port is reported before the model loads.
+    sock, loopback = _listen(args.host, args.port)
+    try:
+        policy = ClientPolicy(api_key=args.api_key, loopback_only=loopback, header_timeout=args.header_timeout,
+                              body_timeout=args.body_timeout)
+        return _serve(args, family, sock, policy)
+    finally:
+        sock.close()
+
+
+def _serve(args: argparse.Namespace, family: Path, sock: socket.socket, policy) -> int:
+    import torch
+
+    from familial.infer.engine import Engine, suggested_threads
+    from familial.serve.app import create_app
+    from familial.serve.guard import uvicorn_server
+
+    template = _chat_template(family, args.chat_template)
     engine = Engine.from_checkpoint(family, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                     max_seq_len=args.max_seq_len, device=args.device,
                                     dtype=args.dtype)
     threads = args.threads or suggested_threads(engine.config)
     if threads:
         torch.set_num_threads(threads)
-    app = create_app(engine, engine.tokenizer, ChatTemplate.from_directory(family))
+    app = create_app(engine, engine.tokenizer, template, policy)
+    server = uvicorn_server(app, policy)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    if template is None:
+        print(f"note: {family} has no chat template, so /v1/chat/completions answers 400; "
+              f"pass --chat-template FILE (or chatml) to serve chat", flush=True)
+    if not policy.loopback_only and policy.api_key is None:
+        print(f"note: listening on {args.host} without --api-key: anyone who can reach this address can "
+              f"use the API", flush=True)
     engine.start()
     try:
         print(f"serving {family} ({', '.join(m['id'] for m in engine.members())}) on "
-              f"http://{args.host}:{args.port}/ (playground), OpenAI API at /v1", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+              f"http://{host}:{args.port}/ (playground), OpenAI API at /v1, {threads or torch.get_num_threads()} "
+              f"threads", flush=True)
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn has shut down gracefully and raises Ctrl-C's signal again on its way out
     finally:
         engine.stop()
     return 0
+
+
+def _require_serve_extras() -> None:
+    for module in ("fastapi", "uvicorn", "jinja2"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ConfigError(f"serving needs the serve extras ({module} is not installed): "
+                              f"pip install 'familial[serve]'") from None
+
+
+def _listen(host: str, port: int) -> tuple[socket.socket, bool]:
+    """A socket bound to host:port, and whether that address is a loopback one."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port}: expected a port number in 1..65535")
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        raise ConfigError(f"--host {host}: not an address of this machine ({error})") from None
+    # IPv4 first where a name has both ('localhost'), as uvicorn binds.
+    family, _, _, _, address = min(found, key=lambda info: info[0] != socket.AF_INET)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})") from None
+    sock.set_inheritable(True)
+    return sock, ipaddress.ip_address(address[0]).is_loopback
+
+
+def _chat_template(family: Path, option: str | None):
+    from familial.chat_template import CHATML, ChatTemplate
+
+    if option is None:
+        return ChatTemplate.from_directory(family, fallback=None)
+    tokens = ChatTemplate.from_directory(family).tokens
+    if option == "chatml":
+        return ChatTemplate(CHATML, special_tokens=tokens)
+    path = Path(option)
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--chat-template {path}: cannot read it ({error})") from None
+    return ChatTemplate(source, where=str(path), special_tokens=tokens)

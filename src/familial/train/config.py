@@ -68,7 +68,8 @@ class OptimConfig:
 
 @dataclass
 class SourceConfig:
-    # a token shards directory written by `familial data prepare`.
+    # a token shards directory written by `familial data prepare`, or the path prefix of a
+    # Megatron indexed dataset (PREFIX.bin + PREFIX.idx), read as it is.
     path: str
     # sampling weight in the mixture (normalised over sources).
     weight: float = 1.0
@@ -249,9 +250,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: invalid TOML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start}); expected a "
+                              f"TOML training config") from None
     data = copy.deepcopy(data or {})
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)

@@ -29,7 +29,7 @@ from familial.checkpoint_io import import_checkpoint, load_family
 from familial.config import ConfigError, FamilyConfig
 from familial.model import DecoderLayer, FamilyModel
 from familial.train import checkpoint as ckpt
-from familial.data import Batches, DocumentRows, MixtureRows, StreamRows, TokenShards
+from familial.data import Batches, DocumentRows, MixtureRows, StreamRows, open_shards
 from familial.train.config import (DataConfig, InitConfig, LossConfig, OptimConfig, StageConfig,
                                    TrainConfig, save_resolved)
 from familial.train.losses import count_targets, family_loss_sums, total_objective
@@ -72,8 +72,16 @@ def check_data_fits(stages: list[StageConfig], config: FamilyConfig) -> None:
                               f"longer than the model's max_position_embeddings "
                               f"({config.max_position_embeddings})")
         for source in stage.data.sources:
-            vocab = TokenShards(source.path).vocab_size
-            if vocab > config.vocab_size:
+            shards = open_shards(source.path)
+            vocab = shards.vocab_size
+            if vocab is None:
+                # A Megatron index names no vocabulary: scan its ids, unless its dtype
+                # cannot hold one outside the model's.
+                if np.issubdtype(shards.tokens.dtype, np.unsignedinteger) and \
+                        np.iinfo(shards.tokens.dtype).max < config.vocab_size:
+                    continue
+                shards.check_token_ids(config.vocab_size)
+            elif vocab > config.vocab_size:
                 raise ConfigError(f"{Path(source.path) / 'manifest.json'}: vocab_size {vocab} is larger than "
                                   f"the model's vocab_size {config.vocab_size} (the shards were tokenised "
                                   f"for another model)")
@@ -207,7 +215,7 @@ def build_batches(data: DataConfig, seed: int, rank: int = 0, world_size: int = 
     """
     rows = []
     for i, source in enumerate(data.sources):
-        shards = TokenShards(source.path)
+        shards = open_shards(source.path)
         packing = source.packing
         if packing == "auto":
             packing = "documents" if shards.loss_mask is not None else "stream"

@@ -1,0 +1,308 @@
+"""Serving over HTTP: `familial serve` (the whole family) against vLLM serving the same member.
+
+Both servers run in turn in this one run, on loopback, each alone on the machine: first
+`familial serve FAMILY` with every member loaded from one copy of the weights, then stock
+vLLM's OpenAI server on that member exported by `familial export`. The same requests go to
+both: streamed completions of prompts given as token ids of mixed lengths, greedy, a fixed
+max_tokens that every request generates in full (the served family has no eos; vLLM gets
+`ignore_eos`), at concurrency 1, 8 and 32. Per level: output tokens/s over the level's wall
+time and p50/p95 time to first token; the ratios are familial / vLLM (tokens/s: > 1 means
+familial is faster; TTFT: < 1 means familial answers sooner). Greedy outputs are compared too.
+
+Threads: both servers get the same count (--threads, default: half the cores, since the
+HTTP side and this benchmark's clients need the rest): `familial serve
+--threads T`, and vLLM's worker OMP_NUM_THREADS=T with VLLM_CPU_OMP_THREADS_BIND=nobind (no
+core pinning, as familial). vLLM runs with --enforce-eager unless --vllm-compile (on CPU its
+compiled mode takes minutes to warm up). The family is --family DIR (a trained one), else a
+random one (hidden 256, 8 layers, head dim 64; output heads scaled up so greedy choices are
+not near-ties), which the output says. Last line: one JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from familial.checkpoint_io import save_family
+from familial.cli import main as familial_cli
+from familial.config import FamilyConfig
+from familial.model import FamilyModel
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(str(resources.files("familial.data").joinpath("assets")))
+LEVELS = (1, 8, 32)
+
+
+def random_family(directory: Path) -> Path:
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(ASSETS / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(0)
+    config = FamilyConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                          num_attention_heads=4, num_key_value_heads=2, exits=[1, 3, 5, 7],
+                          max_position_embeddings=1024)
+    model = FamilyModel(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("lm_head.weight"):
+                parameter.mul_(30)
+    return save_family(model, directory, tokenizer_source=ASSETS)
+
+
+def without_eos(family: Path, directory: Path) -> Path:
+    """The family with eos_token_id null (tensors linked, not copied): every request then runs
+    to max_tokens, as vLLM's ignore_eos makes it do; familial's API has no such field."""
+    directory.mkdir()
+    for item in family.iterdir():
+        if item.name != "family.json":
+            (directory / item.name).symlink_to(item.resolve())
+    config = json.loads((family / "family.json").read_text())
+    config["eos_token_id"] = None
+    (directory / "family.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server process on loopback, waited for until /health answers."""
+
+    def __init__(self, name: str, command: list[str], port: int, env: dict, log: Path) -> None:
+        self.name, self.port, self.log = name, port, log
+        started = time.perf_counter()
+        self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{name} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        self.start_seconds = time.perf_counter() - started
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def stream(port: int, body: dict) -> dict:
+    """One streamed completion: time to first token, tokens generated, text, token ids (vLLM)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    started = time.perf_counter()
+    first = None
+    text, ids, usage = [], [], None
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"status {response.status}: {response.read()[:300]!r}")
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"error event: {chunk['error']}")
+            for choice in chunk.get("choices", []):
+                if first is None and (choice.get("text") or choice.get("token_ids")):
+                    first = time.perf_counter() - started
+                text.append(choice.get("text") or "")
+                ids += choice.get("token_ids") or []
+            usage = chunk.get("usage") or usage
+    finally:
+        connection.close()
+    return {"ttft": first, "tokens": usage["completion_tokens"], "text": "".join(text), "ids": ids}
+
+
+def run_level(port: int, bodies: list[dict], concurrency: int) -> tuple[dict, list[dict]]:
+    results: list[dict | None] = [None] * len(bodies)
+    errors: list[str] = []
+    cursor = iter(range(len(bodies)))
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                index = next(cursor, None)
+            if index is None:
+                return
+            try:
+                results[index] = stream(port, bodies[index])
+            except (OSError, RuntimeError) as error:
+                errors.append(str(error))
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    ttfts = sorted(r["ttft"] for r in results)
+    return {"tokens_per_s": round(sum(r["tokens"] for r in results) / seconds, 1),
+            "ttft_p50_s": round(statistics.median(ttfts), 4),
+            "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))], 4),
+            "requests": len(bodies), "seconds": round(seconds, 2)}, results
+
+
+def workload(vocab: int, requests: dict[int, int], max_tokens: int, lengths: list[int]) -> dict[int, list[dict]]:
+    generator = torch.Generator().manual_seed(0)
+    bodies = {}
+    for level, count in requests.items():
+        bodies[level] = [{"prompt": torch.randint(0, vocab, (lengths[i % len(lengths)],), generator=generator).tolist(),
+                          "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                          "stream_options": {"include_usage": True}} for i in range(count)]
+    return bodies
+
+
+def measure(server: Server, model: str, bodies: dict[int, list[dict]], extra: dict) -> dict:
+    stream(server.port, {**bodies[LEVELS[0]][0], "model": model, **extra})  # warm-up
+    figures, outputs = {}, {}
+    for level in LEVELS:
+        figures[level], outputs[level] = run_level(server.port, [{**b, "model": model, **extra} for b in bodies[level]],
+                                                   level)
+        print(f"  {server.name:8} concurrency {level:2}: {figures[level]['tokens_per_s']:7.1f} tokens/s, "
+              f"TTFT p50 {figures[level]['ttft_p50_s']:.3f} s p95 {figures[level]['ttft_p95_s']:.3f} s "
+              f"({figures[level]['requests']} requests, {figures[level]['seconds']} s)", flush=True)
+    return {"figures": figures, "outputs": outputs, "start_s": round(server.start_seconds, 1)}
+
+
+def vllm_python(option: str | None) -> str | None:
+    python = option or os.environ.get("FAMILIAL_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+    if not Path(python).exists():
+        return None
+    found = subprocess.run([python, "-c", "import importlib.util, sys; sys.exit(not importlib.util.find_spec('vllm'))"],
+                           capture_output=True, check=False)
+    return python if found.returncode == 0 else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests and tokens (CI)")
+    parser.add_argument("--family", help="family checkpoint directory (default: a random one, said so)")
+    parser.add_argument("--member", help="member to compare (default: the largest)")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="intra-op threads of each server (default: half the cores; the other half "
+                             "runs the HTTP servers, tokenizers and this benchmark's clients)")
+    parser.add_argument("--max-tokens", type=int, help="tokens each request generates")
+    parser.add_argument("--vllm-python", help="interpreter with vLLM (default: $FAMILIAL_VLLM_PYTHON, "
+                                              "else .venv-vllm/bin/python)")
+    parser.add_argument("--vllm-compile", action="store_true", help="let vLLM torch.compile (slow warm-up)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    try:
+        return run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    family = Path(args.family) if args.family else random_family(work / "random-family")
+    config = FamilyConfig.load(family)
+    member = args.member or f"exit-{config.exits[-1]}"
+    max_tokens = args.max_tokens or (32 if args.quick else 64)
+    requests = {1: 4, 8: 16, 32: 32} if args.quick else {1: 8, 8: 32, 32: 64}
+    lengths = [16, 48, 96, 200]
+    context = max(lengths) + max_tokens + 8
+    bodies = workload(config.vocab_size, requests, max_tokens, lengths)
+    served = without_eos(family, work / "served-family")
+    threads = args.threads
+    print(f"family: {family if args.family else 'random (hidden 256, 8 layers, head dim 64; untrained)'}; "
+          f"member {member}; threads per server: {threads}; prompts of {lengths} tokens, {max_tokens} new tokens "
+          f"each, greedy; requests per level {requests}", flush=True)
+
+    port = free_port()
+    command = [sys.executable, "-m", "familial.cli", "serve", str(served), "--port", str(port), "--threads",
+               str(threads), "--max-batch-size", str(max(LEVELS)), "--max-queue", "128",
+               "--max-seq-len", str(context)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    server = Server("familial", command, port, env, work / "familial.log")
+    try:
+        ours = measure(server, member, bodies, {})
+    finally:
+        server.stop()
+
+    python = vllm_python(args.vllm_python)
+    theirs = None
+    if python is None:
+        print("vLLM: not installed (scripts/test.sh installs it into .venv-vllm); no ratios", flush=True)
+    else:
+        exported = work / "member"
+        if familial_cli(["export", str(family), str(exported), "--member", member]) != 0:
+            raise SystemExit("export failed")
+        port = free_port()
+        command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(exported),
+                   "--served-model-name", member, "--dtype", "float32", "--max-model-len", str(context),
+                   "--max-num-seqs", str(max(LEVELS)), "--gpu-memory-utilization", "0.1", "--host", "127.0.0.1",
+                   "--port", str(port), *([] if args.vllm_compile else ["--enforce-eager"])]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+               "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        server = Server("vLLM", command, port, env, work / "vllm.log")
+        try:
+            theirs = measure(server, member, bodies, {"ignore_eos": True, "return_token_ids": True})
+        finally:
+            server.stop()
+    return report(args, family, member, threads, max_tokens, ours, theirs)
+
+
+def report(args, family: Path, member: str, threads: int, max_tokens: int, ours: dict, theirs: dict | None) -> int:
+    from tokenizers import Tokenizer
+
+    result = {"family": str(family) if args.family else "random", "member": member, "threads": threads,
+              "max_tokens": max_tokens, "quick": args.quick, "familial_start_s": ours["start_s"], "levels": {}}
+    identical = total = 0
+    tokenizer = Tokenizer.from_file(str(family / "tokenizer.json"))
+    for level in LEVELS:
+        entry = {"familial": ours["figures"][level]}
+        for r in ours["outputs"][level]:
+            assert r["tokens"] == max_tokens, f"familial generated {r['tokens']} tokens, not {max_tokens}"
+        if theirs is not None:
+            entry["vllm"] = theirs["figures"][level]
+            entry["ratio_tokens_per_s"] = round(entry["familial"]["tokens_per_s"] / entry["vllm"]["tokens_per_s"], 3)
+            entry["ratio_ttft_p50"] = round(entry["familial"]["ttft_p50_s"] / entry["vllm"]["ttft_p50_s"], 3)
+            entry["ratio_ttft_p95"] = round(entry["familial"]["ttft_p95_s"] / entry["vllm"]["ttft_p95_s"], 3)
+            for a, b in zip(ours["outputs"][level], theirs["outputs"][level]):
+                assert b["tokens"] == max_tokens, f"vLLM generated {b['tokens']} tokens, not {max_tokens}"
+                identical += a["text"] == tokenizer.decode(b["ids"], skip_special_tokens=True)
+                total += 1
+            print(f"concurrency {level:2}: familial/vLLM tokens/s {entry['ratio_tokens_per_s']:.2f}x, "
+                  f"TTFT p50 {entry['ratio_ttft_p50']:.2f}x, p95 {entry['ratio_ttft_p95']:.2f}x", flush=True)
+        result["levels"][str(level)] = entry
+    if theirs is not None:
+        result["vllm_start_s"] = theirs["start_s"]
+        result["identical_outputs"] = f"{identical}/{total}"
+        print(f"greedy outputs identical: {identical}/{total}", flush=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

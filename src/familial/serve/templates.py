@@ -1,0 +1,126 @@
+"""Chat templates rendered in worker processes, so a checkpoint's template cannot stall the server.
+
+A chat template is code that comes with the checkpoint: a loop nest runs for hours, a string
+repeated a billion times fills memory, and a thread running either can neither be stopped nor
+kept from holding the GIL the event loop needs. So the server renders in small worker
+processes (jinja2 and familial.chat_template, no torch: one starts in ~0.1 s), each under an
+address-space limit; a render that outlasts `timeout` is ended by killing its worker, and a
+fresh one takes its place. The output is bounded too (`max_chars`: beyond what fits the
+context it would be refused anyway).
+
+Protocol, one JSON object per line: the parent sends the template first and the worker
+answers {"ready": true} or {"error"}; then each {"messages", "add_generation_prompt"}
+gets {"text"} or {"error"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from familial.chat_template import ChatTemplate, ChatTemplateError
+
+# Address space of a worker: a Python process with jinja2 needs well under 100 MiB.
+WORKER_MEMORY_BYTES = 2**30
+
+
+class TemplateWorkers:
+    """A pool of render workers for one template (start() and close() in the server's loop)."""
+
+    def __init__(self, template: ChatTemplate, workers: int = 2, timeout: float = 5.0,
+                 max_chars: int | None = None) -> None:
+        self.template, self.count, self.timeout, self.max_chars = template, workers, timeout, max_chars
+        self.idle: asyncio.Queue[asyncio.subprocess.Process] = asyncio.Queue()
+        self.all: set[asyncio.subprocess.Process] = set()
+
+    async def start(self) -> None:
+        for worker in await asyncio.gather(*(self._spawn() for _ in range(self.count))):
+            self.idle.put_nowait(worker)
+
+    async def close(self) -> None:
+        for worker in list(self.all):
+            await self._end(worker)
+
+    async def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text, or ChatTemplateError (the template's own refusal, or a limit)."""
+        worker = await self.idle.get()
+        try:
+            if worker.returncode is not None:
+                worker = await self._spawn()  # the last render ended it
+            request = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+            worker.stdin.write(json.dumps(request).encode() + b"\n")
+            await worker.stdin.drain()
+            line = await asyncio.wait_for(worker.stdout.readline(), self.timeout)
+        except asyncio.TimeoutError:
+            await self._end(worker)
+            raise ChatTemplateError(f"the chat template did not finish rendering this conversation "
+                                    f"within {self.timeout:g} s") from None
+        except (OSError, ValueError):
+            await self._end(worker)
+            line = b""
+        finally:
+            self.idle.put_nowait(worker)
+        if not line:
+            raise ChatTemplateError("the chat template's worker ended while rendering this conversation "
+                                    "(over its memory limit?)")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise ChatTemplateError(reply["error"])
+        return reply["text"]
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        # The stream limit must hold one whole reply line (a JSON-escaped prompt).
+        limit = max(2**16, 16 * (self.max_chars or 2**20))
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "familial.serve.templates", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, limit=limit)
+        self.all.add(worker)
+        setup = {"source": self.template.source, "tokens": self.template.tokens, "max_chars": self.max_chars,
+                 "memory": WORKER_MEMORY_BYTES}
+        worker.stdin.write(json.dumps(setup).encode() + b"\n")
+        try:
+            # Compiling is bounded like rendering: a template that will not compile in time is refused.
+            reply = json.loads(await asyncio.wait_for(worker.stdout.readline(), self.timeout) or b"{}")
+        except asyncio.TimeoutError:
+            reply = {"error": f"the chat template did not compile within {self.timeout:g} s"}
+        if not reply.get("ready"):
+            await self._end(worker)
+            raise ChatTemplateError(reply.get("error", "the chat template's worker did not start"))
+        return worker
+
+    async def _end(self, worker: asyncio.subprocess.Process) -> None:
+        self.all.discard(worker)
+        if worker.returncode is None:
+            worker.kill()
+        await worker.wait()
+
+
+def _serve(stdin, stdout) -> None:
+    """The worker: compile the template from the first line, then render one line at a time."""
+    import resource
+
+    def reply(message: dict) -> None:
+        stdout.write(json.dumps(message) + "\n")
+        stdout.flush()
+
+    setup = json.loads(stdin.readline())
+    resource.setrlimit(resource.RLIMIT_AS, (setup["memory"], setup["memory"]))
+    try:
+        template = ChatTemplate(setup["source"], special_tokens=setup["tokens"])
+    except Exception as error:  # noqa: BLE001 - reported to the server, which refuses to start
+        reply({"error": f"{type(error).__name__}: {error}"})
+        return
+    reply({"ready": True})
+    for line in stdin:
+        request = json.loads(line)
+        try:
+            text = template.render(request["messages"], request["add_generation_prompt"], setup["max_chars"])
+        except ChatTemplateError as error:
+            reply({"error": str(error)})
+        else:
+            reply({"text": text})
+
+
+if __name__ == "__main__":
+    _serve(sys.stdin, sys.stdout)
