@@ -6,11 +6,11 @@ speculative sequence keeps its own acceptance rate per (drafter, verifier) pair,
 keeps the measured cost of each kind of forward call (`CallCosts`). Every round the sequence's
 `DraftPolicy` estimates, for each candidate chain of drafters and the best draft length at each
 level, the cost per token against plain decoding with the verifier. It starts drafting only
-when that is clearly cheaper, and keeps drafting only while its rounds, timed as they really
-went, stay cheaper than plain steps. Otherwise it decodes plainly for a while (16 tokens,
-doubling up to 256 while drafting keeps losing) and then probes with one short round, so a
-sequence whose acceptance recovers speculates again and one whose acceptance stays low loses
-only its probes and the KV catch-up before each.
+when that is clearly cheaper (by START_GAIN) and keeps drafting while it is cheaper at all.
+Otherwise it decodes plainly for a while (16 tokens, doubling up to 256 while drafting keeps
+losing) and then probes with one short round, so a sequence whose acceptance recovers
+speculates again and one whose acceptance stays low loses only its probes and the KV catch-up
+before each.
 
 With k tokens drafted and each accepted with probability a, a round yields (1 - a^k)/(1 - a)
 tokens on average (the accepted ones plus the verifier's correction).
@@ -35,8 +35,8 @@ PROBE_DRAFT = 3
 PRIOR_ACCEPTED, PRIOR_COMPARED = 1.6, 2.0
 # Weight of older rounds: acceptance follows the text as it changes.
 DECAY = 0.8
-# Recent calls of each kind that its cost is taken from.
-WINDOW = 32
+# Recent calls of each kind that its cost is taken from, and how many make it measured.
+WINDOW, MIN_SAMPLES = 32, 8
 
 
 class CallCosts:
@@ -44,15 +44,16 @@ class CallCosts:
 
     Kinds: ("step", exit), one token from the embeddings to `exit` with its token choice
     (plain decoding, drafting); ("verify", drafter, verifier), drafted tokens from the drafter's
-    exit to the verifier's. A kind's cost is a low quantile of its recent samples: on a busy
-    machine a call is sometimes descheduled, and the quiet calls show what it costs. Until a
-    kind is measured it is estimated from its layer count, in seconds per layer learnt from the
-    kinds that were.
+    exit to the verifier's. A kind's cost is the median of its recent calls, robust to the
+    calls a busy machine deschedules. Until a kind has MIN_SAMPLES calls it is estimated from
+    its layer count, in seconds per layer (the median over every kind's recent calls), so a
+    kind measured only a few times cannot swing the policy on noise.
     """
 
     def __init__(self, config: FamilyConfig) -> None:
         self.config = config
         self.samples: dict[tuple, deque[float]] = {}
+        self.per_unit_samples: deque[float] = deque(maxlen=2 * WINDOW)
         self.seconds: dict[tuple, float] = {}
         self.per_unit: float | None = None
 
@@ -63,16 +64,23 @@ class CallCosts:
         return self.config.member_layers(kind[2]) - kind[1] + 2
 
     def record(self, kind: tuple, seconds: float, rows: int) -> None:
+        per_row = seconds / max(rows, 1)
         samples = self.samples.setdefault(kind, deque(maxlen=WINDOW))
-        samples.append(seconds / max(rows, 1))
-        self.seconds[kind] = sorted(samples)[len(samples) // 4]
-        per_unit = sorted(cost / self.units(k) for k, cost in self.seconds.items())
-        self.per_unit = per_unit[len(per_unit) // 2]
+        samples.append(per_row)
+        if len(samples) >= MIN_SAMPLES:
+            self.seconds[kind] = _median(samples)
+        self.per_unit_samples.append(per_row / self.units(kind))
+        self.per_unit = _median(self.per_unit_samples)
 
     def estimate(self, kind: tuple) -> float:
         if kind in self.seconds:
             return self.seconds[kind]
         return (self.per_unit or 1.0) * self.units(kind)
+
+
+def _median(values) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 @dataclass
@@ -100,8 +108,6 @@ class DraftPolicy:
     # the first round measures acceptance whatever the prior says.
     probe_due: bool = True
     drafting: bool = False
-    # rounds as they really went while drafting (decayed): seconds, and tokens they verified.
-    spent: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def rate(self, drafter: int, verifier: int) -> float:
         accepted, compared = self.acceptance.get((drafter, verifier), (0.0, 0.0))
@@ -111,10 +117,6 @@ class DraftPolicy:
         counts = self.acceptance.setdefault((drafter, verifier), [0.0, 0.0])
         counts[0] = DECAY * counts[0] + accepted
         counts[1] = DECAY * counts[1] + compared
-
-    def record_round(self, seconds: float, tokens: int) -> None:
-        self.spent[0] = DECAY * self.spent[0] + seconds
-        self.spent[1] = DECAY * self.spent[1] + tokens
 
     def cost(self, chain: list[int], costs: CallCosts) -> tuple[float, list[int]]:
         """Seconds per verified token with this chain, and the best draft length per level."""
@@ -135,14 +137,9 @@ class DraftPolicy:
             return None
         plain = costs.estimate(("step", self.candidates[0][-1]))
         per_token, chain, draft = self._best(costs)
-        if self.drafting and self.spent[1] >= 2 * PROBE_DRAFT:
-            # Keep drafting only while the rounds themselves (every overhead included) beat
-            # plain decoding; the estimate above chooses the chain and draft lengths.
-            per_token = max(per_token, self.spent[0] / self.spent[1])
         if plain / per_token >= (KEEP_GAIN if self.drafting else START_GAIN):
             if not self.drafting:
                 self.backoff = max(MIN_BACKOFF, self.backoff // 2)
-                self.spent = [0.0, 0.0]
             self.drafting, self.probe_due = True, False
             return Plan(chain, draft)
         self.drafting = False

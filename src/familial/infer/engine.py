@@ -457,7 +457,6 @@ class Engine:
         chain = speculation.plan.chain
         for level, (drafter, verifier) in enumerate(zip(chain, chain[1:])):
             speculation.policy.record(drafter, verifier, outcome.accepted[level], outcome.compared[level])
-        speculation.policy.record_round(outcome.seconds, len(outcome.tokens))
         sequence.handle.drafted += outcome.drafted[-1]
         sequence.handle.accepted += outcome.accepted[-1]
         for token in outcome.tokens:

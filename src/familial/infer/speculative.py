@@ -57,8 +57,6 @@ class Outcome:
     drafted: list[int] = field(default_factory=list)
     compared: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
-    # the round's time, shared equally among its sequences.
-    seconds: float = 0.0
 
 
 @dataclass
@@ -86,7 +84,6 @@ class Speculator:
         On return the cache holds every chain layer's KV for positions length..length+n-1 (the
         inputs pending, t1..t_{n-1}) and each proposal's last token is its new pending one.
         """
-        started = time.perf_counter()
         self.proposals = proposals
         self.outcomes = [Outcome(drafted=[0] * (len(p.plan.chain) - 1), compared=[0] * (len(p.plan.chain) - 1),
                                  accepted=[0] * (len(p.plan.chain) - 1)) for p in proposals]
@@ -94,7 +91,6 @@ class Speculator:
                  for i, p in enumerate(proposals)]
         for outcome, (tokens, _) in zip(self.outcomes, self._verify(items)):
             outcome.tokens = tokens
-            outcome.seconds = (time.perf_counter() - started) / len(proposals)
         return self.outcomes
 
     def _draw(self, item: _Item, offset: int, drafted: list[int]) -> Draw:
