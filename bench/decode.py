@@ -1,15 +1,17 @@
 """Decode speed of the family runtime, measured against baselines in the same run.
 
-1. Each member: our greedy decoding (batch 1) against transformers `generate` on the member
+Two families: a synthetic one trained here in seconds on a Markov-chain language (its members
+agree almost always, so speculation is at its best), and a trained one (--family; else
+runs/demo or bench/out/demo when `familial demo` trained one there; with --quick and neither,
+the quick demo family, trained once into bench/out/demo-quick and reused). For each:
+1. Members: our greedy decoding (batch 1) against transformers `generate` on the member
    exported as a stock Qwen3 checkpoint (same tokens required).
-2. The full member with self-speculative decoding (smallest member drafts; and the cascade
-   through every member) against plain greedy decoding, at identical output; then adaptive
-   exit ("auto") against the same plain decoding (speed, mean depth, agreement).
-3. Continuous batching: mixed-member requests served together against one at a time.
-4. Memory: the family's weights loaded once against every member loaded separately.
-
-Uses the family at --family, else runs/demo when `familial demo` has trained one, else trains a
-tiny family for a few seconds on a synthetic Markov-chain language (said in the output).
+2. Per prompt: the full member with self-speculative decoding (the smallest member drafts) and
+   with the cascade (the draft policy may pick any smaller member, or several in a chain),
+   against plain greedy decoding, at identical output, with the acceptance rates.
+3. Adaptive exit ("auto") against the same plain decoding (speed, mean depth, agreement).
+4. Continuous batching: mixed-member requests served together against one at a time.
+5. Memory: the family's weights loaded once against every member loaded separately.
 Last line: one JSON object of the figures.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +33,13 @@ from familial.infer import Engine, SamplingParams
 from familial.infer.adaptive import DEFAULT_THRESHOLD
 from familial.infer.calibrate import calibrate, load_token_ids
 from familial.model import FamilyModel
+
+OUT = Path(__file__).parent / "out"
+PROMPT_TEXTS = ["import os\n\n\ndef main():\n    ", "class Parser:\n    def __init__(self, ",
+                "    def __repr__(self):\n        return ", "for key, value in sorted(",
+                "# Copyright 2001 Python Software Foundation\n"]
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCKS["cpu"]
 
 
 def markov_batch(transitions: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -68,11 +78,6 @@ def train_tiny_family(steps: int) -> FamilyModel:
     return model.eval()
 
 
-PROMPT_TEXT = "import os\n\n\ndef main():\n    "
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
-clock = CLOCKS["cpu"]
-
-
 def race(contenders: dict, tokens: int, repeats: int) -> dict[str, tuple[float, object]]:
     """Best tokens/s of each contender, run in turns so that a busy spell hits all alike."""
     best = {name: float("inf") for name in contenders}
@@ -89,42 +94,43 @@ def find_family(directory: Path) -> Path | None:
     """A family checkpoint: `directory` itself, or the latest one a demo/training run saved."""
     if (directory / "family.json").exists():
         return directory
+    if (directory / "run" / "family" / "family.json").exists():
+        return directory / "run" / "family"
     saved = sorted(directory.glob("run/checkpoints/step-*/family/family.json"))
     return saved[-1].parent if saved else None
+
+
+def trained_family(args) -> tuple[Path, str]:
+    """The trained family to measure, and where it came from."""
+    if args.family:
+        found = find_family(Path(args.family))
+        if found is None:
+            raise SystemExit(f"--family {args.family}: no family.json there or in a run under it")
+        return found, str(found)
+    for candidate in (Path("runs/demo"), OUT / "demo"):
+        found = find_family(candidate)
+        if found is not None:
+            return found, f"{found} (trained by `familial demo`)"
+    quick = OUT / "demo-quick"
+    found = find_family(quick)
+    if found is not None:
+        return found, f"{found} (the quick demo family, cached from an earlier run)"
+    if not args.quick:
+        raise SystemExit("no trained family: run `familial demo --threads 1 --output bench/out/demo` "
+                         "(about 3 minutes) or pass --family DIR")
+    print("training the quick demo family into bench/out/demo-quick (once; later runs reuse it)", flush=True)
+    subprocess.run([sys.executable, "-m", "familial.cli", "demo", "--quick", "--threads", "1",
+                    "--output", str(quick)], check=True, stdout=subprocess.DEVNULL)
+    return find_family(quick), f"{find_family(quick)} (the quick demo family, trained in this run)"
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short generations, one repeat (CI)")
-    parser.add_argument("--family", help="family checkpoint directory (default: runs/demo if present)")
-    parser.add_argument("--tokens", type=int, help="new tokens per generation")
-    parser.add_argument("--calibration-data", help="held-out tokens for early-exit thresholds when the "
-                                                   "family has none (shards dir, .npy or text of ids)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="cpu: this process's CPU time (steady on a shared machine; one torch "
-                             "thread, so it equals wall time on an idle core); wall: elapsed time")
-    args = parser.parse_args()
-    global clock
-    clock = CLOCKS[args.clock]
-    torch.set_num_threads(1)
-    new_tokens = args.tokens or (64 if args.quick else 160)
-    # Best of several runs: the machine is shared, and the minimum is the least disturbed.
-    repeats = 3 if args.quick else 5
-    work = Path(tempfile.mkdtemp(prefix="familial-bench-"))
-    family_dir = find_family(Path(args.family) if args.family else Path("runs/demo"))
-    if family_dir is not None:
-        source = str(family_dir)
-    else:
-        source = "tiny family trained in this run on a synthetic Markov language (no runs/demo)"
-        family_dir = work / "family"
-        save_family(train_tiny_family(150 if args.quick else 400), family_dir)
-        held_out = markov_batch(markov_chain(), 32, 128, torch.Generator().manual_seed(2)).flatten()
-        torch.save(held_out, work / "held_out.pt")
-    print(f"family: {source}")
+def measure_family(family_dir: Path, source: str, prompts_wanted: int, new_tokens: int, repeats: int,
+                   work: Path, quick: bool, held_out: Path | None, calibration_data: str | None) -> dict:
+    print(f"\n== family: {source}")
     model = load_family(family_dir)
     config = model.config
     tokenizer = None
@@ -137,33 +143,34 @@ def main() -> int:
     engine.eos = set()
     greedy = SamplingParams(max_new_tokens=new_tokens, greedy=True)
     if tokenizer is not None:
-        prompt = tokenizer.encode(PROMPT_TEXT).ids
+        prompts = [tokenizer.encode(text).ids for text in PROMPT_TEXTS[:prompts_wanted]]
     else:
-        prompt = [int(t) for t in torch.randint(0, config.vocab_size, (8,), generator=torch.Generator().manual_seed(1))]
-    figures: dict = {"family": source, "new_tokens": new_tokens, "clock": args.clock, "members": {}}
-    print(f"tokens/s by {args.clock} time, best of {repeats}, {new_tokens} new tokens, batch 1 unless said")
+        prompts = markov_batch(markov_chain(config.vocab_size), prompts_wanted, 8,
+                               torch.Generator().manual_seed(3)).tolist()
+    figures: dict = {"source": source, "members": {}}
 
     from transformers import AutoModelForCausalLM
 
     hf_bytes = 0
-    plain_tokens: dict[int, list[int]] = {}
+    full = config.exits[-1]
     for exit_layer in config.exits:
-        dense_dir = export_member(family_dir, work / f"exit-{exit_layer}", exit_layer)
+        dense_dir = export_member(family_dir, work / f"{family_dir.name}-exit-{exit_layer}", exit_layer)
         dense = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
         dense.generation_config.eos_token_id = None
         hf_bytes += parameter_bytes(dense)
-        ids = torch.tensor([prompt])
+        if quick and exit_layer not in (config.exits[0], full):
+            continue
+        ids = torch.tensor([prompts[0]])
 
         def hf_generate(dense=dense, ids=ids):
             with torch.inference_mode():
                 return dense.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                       do_sample=False, pad_token_id=0)
 
-        timed = race({"ours": lambda e=exit_layer: engine.generate([prompt], e, greedy)[0],
+        timed = race({"ours": lambda e=exit_layer: engine.generate([prompts[0]], e, greedy)[0],
                       "transformers": hf_generate}, new_tokens, repeats)
         (ours, result), (theirs, reference) = timed["ours"], timed["transformers"]
-        same = reference[0, len(prompt):].tolist() == result.token_ids
-        plain_tokens[exit_layer] = result.token_ids
+        same = reference[0, len(prompts[0]):].tolist() == result.token_ids
         figures["members"][f"exit-{exit_layer}"] = {
             "tokens_per_s": round(ours, 1), "transformers_tokens_per_s": round(theirs, 1),
             "ratio": round(ours / theirs, 2), "identical": same}
@@ -171,40 +178,21 @@ def main() -> int:
               f"= {ours / theirs:.2f}x (identical tokens: {same})")
         del dense
 
-    full = config.exits[-1]
+    figures["speculative"] = speculative_per_prompt(engine, prompts, full, greedy, new_tokens, repeats)
+
     thresholds = "checkpoint"
     if "early_exit" not in config.runtime:
-        if args.calibration_data or (work / "held_out.pt").exists():
-            tokens = (load_token_ids(args.calibration_data) if args.calibration_data
-                      else torch.load(work / "held_out.pt").numpy())
+        if calibration_data or held_out is not None:
+            tokens = load_token_ids(calibration_data) if calibration_data else torch.load(held_out).numpy()
             config.runtime["early_exit"] = calibrate(model, tokens, target=0.9, seq_len=64)
             thresholds = "calibrated in this run for 90% agreement"
         else:
             thresholds = f"default ({DEFAULT_THRESHOLD} top-1, no calibration data)"
-    chains = {"smallest_drafts": True}
-    if len(config.exits) > 2:
-        chains["cascade"] = "cascade"
-    contenders = {"plain": lambda: engine.generate([prompt], full, greedy)[0]}
-    contenders.update({name: lambda s=spec: engine.generate([prompt], full, greedy, speculative=s)[0]
-                       for name, spec in chains.items()})
-    contenders["auto"] = lambda: engine.generate([prompt], "auto", greedy)[0]
-    timed = race(contenders, new_tokens, repeats)
-    plain = timed["plain"][0]
-    figures["speculative"] = {"plain_tokens_per_s": round(plain, 1)}
-    for name, speculative in chains.items():
-        speed, result = timed[name]
-        same = result.token_ids == plain_tokens[full]
-        acceptance = result.accepted / max(1, result.drafted)
-        chain = engine.draft_chain(full, speculative)
-        figures["speculative"][name] = {
-            "tokens_per_s": round(speed, 1), "speedup": round(speed / plain, 2), "identical": same,
-            "acceptance": round(acceptance, 3), "chain": chain}
-        print(f"speculative ({name.replace('_', ' ')}, chain {chain}): {speed:.1f} tok/s vs plain "
-              f"{plain:.1f} = {speed / plain:.2f}x, acceptance {acceptance:.0%}, identical: {same}")
-
-    speed, result = timed["auto"]
+    timed = race({"plain": lambda: engine.generate([prompts[0]], full, greedy)[0],
+                  "auto": lambda: engine.generate([prompts[0]], "auto", greedy)[0]}, new_tokens, repeats)
+    (plain, reference), (speed, result) = timed["plain"], timed["auto"]
     depth = sum(config.member_layers(e) for e in result.exits) / len(result.exits) / config.num_hidden_layers
-    same = next((i for i, (a, b) in enumerate(zip(result.token_ids, plain_tokens[full])) if a != b),
+    same = next((i for i, (a, b) in enumerate(zip(result.token_ids, reference.token_ids)) if a != b),
                 len(result.token_ids))
     figures["auto"] = {"tokens_per_s": round(speed, 1), "speedup": round(speed / plain, 2),
                        "mean_depth": round(depth, 3), "tokens_before_divergence": same,
@@ -213,6 +201,48 @@ def main() -> int:
           f"{depth:.0%} of layers, first {same} of {len(result.token_ids)} tokens equal to the full "
           f"member's greedy output")
 
+    figures["batching"] = batching(engine, prompts[0], new_tokens, repeats)
+    family_bytes = parameter_bytes(model)
+    figures["memory"] = {"family_weight_bytes": family_bytes, "separate_members_weight_bytes": hf_bytes,
+                         "ratio": round(hf_bytes / family_bytes, 2)}
+    print(f"memory: family weights {family_bytes / 2**20:.2f} MiB serve every member; loading each member "
+          f"separately takes {hf_bytes / 2**20:.2f} MiB = {hf_bytes / family_bytes:.2f}x")
+    return figures
+
+
+def speculative_per_prompt(engine: Engine, prompts: list[list[int]], full: int, greedy: SamplingParams,
+                           new_tokens: int, repeats: int) -> dict:
+    """Plain, speculative and cascade decoding of the full member on each prompt."""
+    chains = {"smallest_drafts": True}
+    if len(engine.config.exits) > 2:
+        chains["cascade"] = "cascade"
+    rows = []
+    for number, prompt in enumerate(prompts):
+        contenders = {"plain": lambda p=prompt: engine.generate([p], full, greedy)[0]}
+        contenders.update({name: lambda p=prompt, s=spec: engine.generate([p], full, greedy, speculative=s)[0]
+                           for name, spec in chains.items()})
+        timed = race(contenders, new_tokens, repeats)
+        plain, reference = timed["plain"]
+        row = {"prompt": number, "plain_tokens_per_s": round(plain, 1)}
+        for name in chains:
+            speed, result = timed[name]
+            acceptance = result.accepted / max(1, result.drafted)
+            row[name] = {"tokens_per_s": round(speed, 1), "speedup": round(speed / plain, 2),
+                         "identical": result.token_ids == reference.token_ids, "drafted": result.drafted,
+                         "acceptance": round(acceptance, 3)}
+        rows.append(row)
+        print(f"prompt {number}: plain {plain:.1f} tok/s; " + "; ".join(
+            f"{name.replace('_', ' ')} {row[name]['speedup']:.2f}x ({row[name]['drafted']} drafted, "
+            f"{row[name]['acceptance']:.0%} accepted, identical: {row[name]['identical']})" for name in chains))
+    summary = {name: min(row[name]["speedup"] for row in rows) for name in chains}
+    print("slowest prompt against plain decoding: " + ", ".join(f"{n.replace('_', ' ')} {s:.2f}x"
+                                                                for n, s in summary.items()))
+    return {"chains": {name: engine.draft_candidates(full, spec) for name, spec in chains.items()},
+            "prompts": rows, "min_speedup": summary}
+
+
+def batching(engine: Engine, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    config = engine.config
     batch_prompts = [prompt[: 3 + i % 5] for i in range(8)]
     members = [config.exits[i % len(config.exits)] for i in range(8)]
     short = SamplingParams(max_new_tokens=new_tokens // 2, greedy=True)
@@ -222,25 +252,52 @@ def main() -> int:
         with engine._drive:
             while not all(h.done for h in handles):
                 engine._step()
-        return [[e.token_id for e in h] for h in handles]
+        return [[e.token_id for e in h if e.token_id is not None] for h in handles]
 
     def one_by_one():
         return [engine.generate([p], m, short)[0].token_ids for p, m in zip(batch_prompts, members)]
 
-    total = 8 * short.max_new_tokens
-    timed = race({"batched": batched, "one_by_one": one_by_one}, total, repeats)
+    timed = race({"batched": batched, "one_by_one": one_by_one}, 8 * short.max_new_tokens, repeats)
     (together, together_tokens), (alone, alone_tokens) = timed["batched"], timed["one_by_one"]
-    figures["batching"] = {"mixed_members_tokens_per_s": round(together, 1),
-                           "one_by_one_tokens_per_s": round(alone, 1),
-                           "ratio": round(together / alone, 2), "identical": together_tokens == alone_tokens}
     print(f"continuous batching (8 requests, members {sorted(set(members))}): {together:.1f} tok/s vs "
           f"one by one {alone:.1f} = {together / alone:.2f}x (identical: {together_tokens == alone_tokens})")
+    return {"mixed_members_tokens_per_s": round(together, 1), "one_by_one_tokens_per_s": round(alone, 1),
+            "ratio": round(together / alone, 2), "identical": together_tokens == alone_tokens}
 
-    family_bytes = parameter_bytes(model)
-    figures["memory"] = {"family_weight_bytes": family_bytes, "separate_members_weight_bytes": hf_bytes,
-                         "ratio": round(hf_bytes / family_bytes, 2)}
-    print(f"memory: family weights {family_bytes / 2**20:.2f} MiB serve every member; loading each member "
-          f"separately takes {hf_bytes / 2**20:.2f} MiB = {hf_bytes / family_bytes:.2f}x")
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer prompts, short generations (CI)")
+    parser.add_argument("--family", help="trained family checkpoint directory (or a demo's output directory)")
+    parser.add_argument("--tokens", type=int, help="new tokens per generation")
+    parser.add_argument("--prompts", type=int, help="prompts per family for the speculative comparison")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--calibration-data", help="held-out tokens for the trained family's early-exit "
+                                                   "thresholds when it has none (shards dir, .npy or text of ids)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="cpu: this process's CPU time (steady on a shared machine; with one thread "
+                             "it equals wall time on an idle core); wall: elapsed time")
+    args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
+    torch.set_num_threads(args.threads)
+    new_tokens = args.tokens or (48 if args.quick else 160)
+    prompts = args.prompts or (2 if args.quick else len(PROMPT_TEXTS))
+    repeats = 2 if args.quick else 5
+    work = Path(tempfile.mkdtemp(prefix="familial-bench-"))
+    print(f"tokens/s by {args.clock} time with {args.threads} thread(s), best of {repeats}, {new_tokens} new "
+          f"tokens, batch 1 unless said")
+    trained_dir, trained_source = trained_family(args)
+    synthetic_dir = work / "synthetic"
+    save_family(train_tiny_family(150 if args.quick else 400), synthetic_dir)
+    held_out = markov_batch(markov_chain(), 32, 128, torch.Generator().manual_seed(2)).flatten()
+    torch.save(held_out, work / "held_out.pt")
+    figures = {"threads": args.threads, "clock": args.clock, "new_tokens": new_tokens, "families": {}}
+    figures["families"]["synthetic"] = measure_family(
+        synthetic_dir, "tiny family trained in this run on a synthetic Markov language", prompts, new_tokens,
+        repeats, work, args.quick, work / "held_out.pt", None)
+    figures["families"]["trained"] = measure_family(trained_dir, trained_source, prompts, new_tokens, repeats,
+                                                    work, args.quick, None, args.calibration_data)
     print(json.dumps(figures))
     return 0
 

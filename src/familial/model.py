@@ -27,7 +27,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # The same arithmetic as below, in one fused kernel (training's float32 path).
+            # Exactly the steps below in one fused kernel: per-op overhead is much of a small
+            # model's decode step, and training's float32 path saves the same memory traffic.
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 like Qwen3, then scale in the input dtype.
         dtype = x.dtype
@@ -112,11 +113,37 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-class KVStore(Protocol):
-    """Where attention keeps keys/values between calls (the runtime's cache implements it)."""
+def causal_mask(query_length: int, kv_length: int, device: torch.device) -> torch.Tensor:
+    """Boolean (T_q, T_kv) mask for queries that are the last T_q of T_kv positions."""
+    rows = torch.arange(query_length, device=device)[:, None] + (kv_length - query_length)
+    return torch.arange(kv_length, device=device)[None, :] <= rows
 
-    def update(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, kv_heads, T_new, D) keys/values for `layer`; return all of them so far."""
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of (B, heads, T, D) queries, the last T of k/v's T_kv positions -> (B, heads, T, D).
+
+    Without a mask it is causal; the fast kernel's own causal flag needs T == T_kv.
+    """
+    length, kv_length = q.shape[2], k.shape[2]
+    is_causal = mask is None and length == kv_length and length > 1
+    if mask is None and 1 < length < kv_length:
+        # New tokens after a cached prefix (speculative verification): causal with an offset.
+        mask = causal_mask(length, kv_length, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+class KVStore(Protocol):
+    """Where attention keeps keys/values between calls (the runtime's cache implements it).
+
+    The store does the attention itself, so it can lay out keys as it likes (the runtime's
+    slot cache attends each row of a packed batch over its own slot, without copying).
+    """
+
+    def attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Keep `layer`'s new (B, kv_heads, T, D) keys/values; return the (B, heads, T, D)
+        queries' attention over every key kept so far."""
 
 
 class KVCache:
@@ -126,12 +153,13 @@ class KVCache:
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
 
-    def update(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
         if layer in self.keys:
-            key = torch.cat((self.keys[layer], key), dim=2)
-            value = torch.cat((self.values[layer], value), dim=2)
-        self.keys[layer], self.values[layer] = key, value
-        return key, value
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return attend(q, k, v, mask)
 
     def length(self, layer: str) -> int:
         return self.keys[layer].shape[2] if layer in self.keys else 0
@@ -162,15 +190,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(cache_name, k, v)
-        kv_length = k.shape[2]
-        is_causal = mask is None and length == kv_length and length > 1
-        if mask is None and 1 < length < kv_length:
-            # New tokens after a cached prefix (speculative verification): causal with an offset.
-            mask = causal_mask(length, kv_length, x.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
+        out = attend(q, k, v, mask) if cache is None else cache.attend(cache_name, q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -229,12 +249,6 @@ class Trunk(nn.Module):
             {str(i): DecoderLayer(config, f"layers.{i}") for i in range(config.num_hidden_layers)})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
-
-
-def causal_mask(query_length: int, kv_length: int, device: torch.device) -> torch.Tensor:
-    """Boolean (T_q, T_kv) mask for queries that are the last T_q of T_kv positions."""
-    rows = torch.arange(query_length, device=device)[:, None] + (kv_length - query_length)
-    return torch.arange(kv_length, device=device)[None, :] <= rows
 
 
 def attention_mask_4d(padding_mask: torch.Tensor, query_length: int) -> torch.Tensor:

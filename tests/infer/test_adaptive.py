@@ -96,8 +96,7 @@ def test_copied_kv_is_exact_at_the_exit_layer_and_fills_deeper_layers(family):
     # The last generated token is never fed, so its KV is not in the cache.
     ids = prompt + result.token_ids[:-1]
     n, reference = len(ids), SlotCache(family.config, 1, 64)
-    Runner(family, reference).forward([Row(0, 0, 5, extra_branches=frozenset({1, 3}))],
-                                      tokens=torch.tensor([ids]))
+    Runner(family, reference).forward([Row(0, 0, 5, length=n, extra_branches=frozenset({1, 3}))], tokens=ids)
     for name in ("layers.0", "branches.1.layers.0", "layers.1"):
         for ours, exact in ((engine.cache.keys, reference.keys), (engine.cache.values, reference.values)):
             torch.testing.assert_close(ours[name][0, :, :n], exact[name][0, :, :n], atol=1e-4, rtol=1e-4)

@@ -40,10 +40,10 @@ def test_cached_decoding_equals_uncached_forward(family):
     full = family(ids)
     for exit_layer in family.config.exits:
         slot = 2
-        out = runner.forward([Row(slot, 0, exit_layer, all_logits=True)], tokens=ids[:, :7])[0]
+        out = runner.forward([Row(slot, 0, exit_layer, length=7, all_logits=True)], tokens=ids[0, :7])[0]
         torch.testing.assert_close(out.logits, full[exit_layer][0, :7], atol=1e-4, rtol=1e-4)
         for t in range(7, 12):
-            out = runner.forward([Row(slot, t, exit_layer)], tokens=ids[:, t:t + 1])[0]
+            out = runner.forward([Row(slot, t, exit_layer)], tokens=ids[0, t:t + 1])[0]
             torch.testing.assert_close(out.logits[-1], full[exit_layer][0, t], atol=1e-4, rtol=1e-4)
 
 
@@ -141,3 +141,100 @@ def test_bad_requests_raise_clear_errors(family):
     with pytest.raises(ValueError, match="smallest"):
         engine.submit([1], member=1, speculative=True)
     assert [m["id"] for m in engine.members()] == ["exit-1", "exit-3", "exit-5", "auto"]
+
+
+def _drive(engine, handles):
+    with engine._drive:
+        while not all(h.done for h in handles):
+            engine._step()
+    return [list(h) for h in handles]
+
+
+def test_one_hostile_request_leaves_four_streams_untouched(family):
+    streams = [([1, 2, 3], SamplingParams(max_new_tokens=60, greedy=True)),
+               ([4, 5], SamplingParams(max_new_tokens=60, temperature=0.9, seed=1)),
+               ([6, 7, 8, 9], SamplingParams(max_new_tokens=60, temperature=1.2, top_p=0.8, seed=2)),
+               ([10], SamplingParams(max_new_tokens=60, top_k=5, repetition_penalty=1.3, seed=3))]
+    engine = Engine(family, max_batch_size=5, max_seq_len=96)
+    alone = [engine.generate([p], member=5, params=params)[0].token_ids for p, params in streams]
+    handles = [engine.submit(p, member=5, params=params) for p, params in streams]
+    hostile = engine.submit([11, 12], member=5, params=SamplingParams(
+        max_new_tokens=60, temperature=1e-38, repetition_penalty=0.01))
+    events = _drive(engine, handles + [hostile])
+    assert [[e.token_id for e in ev if e.token_id is not None] for ev in events[:4]] == alone
+    assert [ev[-1].finish_reason for ev in events] == ["length"] * 5
+
+
+@pytest.mark.parametrize("params", [dict(top_p=1e-300), dict(temperature=1e-45), dict(top_p=1e-300, top_k=1)])
+def test_extreme_sampling_values_give_tokens(family, greedy_reference, params):
+    result = Engine(family).generate([[1, 2, 3]], member=5, params=SamplingParams(max_new_tokens=8, **params))[0]
+    assert result.finish_reason == "length" and result.error is None
+    assert result.token_ids == greedy_reference(family, [1, 2, 3], 5, 8)
+
+
+@pytest.mark.parametrize("where", ["batched call", "stop handling"])
+def test_a_failing_sequence_ends_alone_with_an_error(family, greedy_reference, where):
+    engine = Engine(family, max_batch_size=4, max_seq_len=64)
+    prompts = [[1, 2], [3, 4, 5], [6], [7, 8]]
+    handles = [engine.submit(p, member=3, params=SamplingParams(max_new_tokens=12, greedy=True)) for p in prompts]
+    victim = handles[1]
+    if where == "batched call":
+        forward = engine.runner.forward
+
+        def failing(rows, **inputs):
+            if any(row.slot == 1 and row.start >= 6 for row in rows):
+                raise RuntimeError("boom")
+            return forward(rows, **inputs)
+
+        engine.runner.forward = failing
+    else:
+        accept = engine._accept
+
+        def failing(sequence, token, exit_layer):
+            if sequence.handle is victim and len(sequence.generated) == 4:
+                raise ValueError("boom")
+            accept(sequence, token, exit_layer)
+
+        engine._accept = failing
+    events = _drive(engine, handles)
+    for handle, prompt, ev in zip(handles, prompts, events):
+        expected = greedy_reference(family, prompt, 3, 12)
+        tokens = [e.token_id for e in ev if e.token_id is not None]
+        if handle is victim:
+            assert ev[-1].finish_reason == "error" and ev[-1].error.endswith("Error: boom")
+            assert 0 < len(tokens) < 12 and tokens == expected[:len(tokens)]
+        else:
+            assert tokens == expected and ev[-1].finish_reason == "length"
+
+
+def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(family, greedy_reference):
+    prompts = [list(range(1, 40)), [5, 6, 7], list(range(50, 75))]
+    params = SamplingParams(max_new_tokens=8, greedy=True)
+    results = {}
+    for chunk in (4, 512):
+        engine = Engine(family, max_batch_size=3, max_seq_len=96, max_prefill_tokens=chunk)
+        results[chunk] = [[r.token_ids for r in engine.generate(prompts, member=5, params=params)],
+                          [r.token_ids for r in engine.generate(prompts, member=5, params=params,
+                                                                speculative="cascade")],
+                          [(r.token_ids, r.exits) for r in engine.generate(prompts, params=params, budget=0.6)]]
+    assert results[4] == results[512]
+    assert results[4][0] == results[4][1] == [greedy_reference(family, p, 5, 8) for p in prompts]
+
+
+def test_new_prompts_prefill_together_and_never_stall_running_sequences(family):
+    engine = Engine(family, max_batch_size=4, max_seq_len=200, max_prefill_tokens=8)
+    calls = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda rows, **inputs: calls.append(len(rows)) or forward(rows, **inputs)
+    short = [engine.submit([i, i + 1], params=SamplingParams(max_new_tokens=50, greedy=True)) for i in range(3)]
+    with engine._drive:
+        engine._step()
+        assert calls == [3] and [h.completion_tokens for h in short] == [1, 1, 1]
+        long = engine.submit(list(range(1, 81)), params=SamplingParams(max_new_tokens=5, greedy=True))
+        progress = []
+        for _ in range(10):
+            engine._step()
+            progress.append((short[0].completion_tokens, long.completion_tokens))
+    # An 80-token prompt in chunks of 8: the running sequences gain a token every step meanwhile.
+    assert progress == [(n, 0) for n in range(2, 11)] + [(11, 1)]
+    assert calls[1:] == [4] * 10

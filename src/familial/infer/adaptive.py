@@ -37,7 +37,7 @@ class ExitPolicy:
     thresholds: dict[int, float]
 
     @classmethod
-    def from_config(cls, config: FamilyConfig) -> "ExitPolicy":
+    def from_config(cls, config: FamilyConfig) -> ExitPolicy:
         settings = config.runtime.get("early_exit") or {}
         where = "family.json: runtime.early_exit"
         if not isinstance(settings, dict):

@@ -1,17 +1,29 @@
-"""A KV cache of preallocated per-slot buffers for continuous batching.
+"""The KV cache: one slot per running sequence, written in place and never copied.
 
 Every layer (trunk and branch, keyed by `DecoderLayer.cache_name`) gets a buffer
-(slots, kv_heads, max_len, head_dim). A sequence owns one slot and its tokens sit left-aligned
-at positions 0..n-1. The cache does not track lengths: the caller says where new keys go
-(`starts`) and builds the mask, so rolling back rejected speculative tokens in every layer is
-just writing the next tokens over them, and a sequence leaving frees its slot for the next.
+(slots, kv_heads, max_len, head_dim). A sequence owns one slot and its tokens sit at positions
+0..n-1 of it. The cache does not track lengths: each call says where its new keys go, so
+rolling back rejected speculative tokens in every layer is just writing the next tokens over
+them, and a sequence leaving frees its slot for the next.
+
+A call is a packed batch (`CacheBatch`): rows of different lengths laid end to end as one
+sequence of N tokens, so projections and MLPs run once over all of them. Attention then runs
+per kind of row, reading the cache in place:
+- single-token rows (decoding) attend together in one call over the slice of slots they span
+  (their queries are scattered into that slice, not the keys gathered out of it), each row
+  masked to its own length; with grouped-query attention the query heads of one KV head ride
+  as extra query positions, so no key is repeated;
+- any other row (a prompt chunk, speculative verification, a slot's second row) attends over
+  its own slot's prefix, with the kernel's causal fast path when it starts at position 0.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from familial.config import FamilyConfig
+from familial.model import causal_mask
 
 
 class SlotCache:
@@ -30,59 +42,152 @@ class SlotCache:
             self.values[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return self.keys[layer], self.values[layer]
 
-    def view(self, slots: list[int], starts: list[int], length: int) -> "CacheView":
-        """A KVStore writing `length` new positions per row at `starts` of `slots`."""
-        end = max(starts) + length
-        if end > self.max_len:
-            raise ValueError(f"sequence needs {end} positions but the cache holds {self.max_len} "
-                             f"(raise max_seq_len)")
-        return CacheView(self, slots, starts, length)
+    def batch(self, slots: list[int], starts: list[int], lengths: list[int]) -> CacheBatch:
+        """A KVStore for rows writing `lengths[i]` positions from `starts[i]` of `slots[i]`."""
+        for slot, start, length in zip(slots, starts, lengths):
+            if start + length > self.max_len:
+                raise ValueError(f"sequence needs {start + length} positions but the cache holds "
+                                 f"{self.max_len} (raise max_seq_len)")
+            if not 0 <= slot < self.num_slots:
+                raise ValueError(f"slot {slot} is not in [0, {self.num_slots})")
+        return CacheBatch(self, slots, starts, lengths)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
 
-class CacheView:
-    """The rows of one batched call: implements the model's KVStore protocol."""
+class CacheBatch:
+    """The rows of one packed call: implements the model's KVStore protocol."""
 
-    def __init__(self, cache: SlotCache, slots: list[int], starts: list[int], length: int) -> None:
-        self.cache, self.slots, self.starts, self.length = cache, slots, starts, length
-        self.kv_length = max(starts) + length
+    def __init__(self, cache: SlotCache, slots: list[int], starts: list[int], lengths: list[int]) -> None:
+        self.cache, self.slots, self.starts, self.lengths = cache, slots, starts, lengths
         device = cache.device
-        self.slot_index = torch.tensor(slots, dtype=torch.long, device=device)
-        offsets = torch.arange(length, device=device)
-        self.positions = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + offsets
-        # Consecutive slots read their keys as a slice (no copy), as at batch size 1.
-        self.contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.offsets = [0]
+        for length in lengths:
+            self.offsets.append(self.offsets[-1] + length)
+        self.tokens = self.offsets[-1]
+        slot_of, position = [], []
+        for slot, start, length in zip(slots, starts, lengths):
+            slot_of += [slot] * length
+            position += range(start, start + length)
+        self.positions = torch.tensor(position, dtype=torch.long, device=device)
+        # One row, or a run of single-token rows at one position in consecutive slots, is a
+        # plain slice of the cache: written by slicing, not scattering.
+        self.slice = None
+        if len(slots) == 1:
+            self.slice = (slice(slots[0], slots[0] + 1), slice(starts[0], starts[0] + lengths[0]))
+        elif slots and max(lengths) == 1 and len(set(starts)) == 1 and slots == list(range(slots[0], slots[0] + len(slots))):
+            self.slice = (slice(slots[0], slots[0] + len(slots)), starts[0])
+        self.slot_index = None if self.slice else torch.tensor(slot_of, dtype=torch.long, device=device)
+        # Single-token rows attend together, one per slot (a slot's second row, such as a
+        # speculative sequence's KV catch-up beside its decoding step, attends on its own).
+        decode, taken = [], set()
+        for i, (slot, length) in enumerate(zip(slots, lengths)):
+            if length == 1 and slot not in taken:
+                decode.append(i)
+                taken.add(slot)
+        self._plan_decode(decode)
+        single = set(decode)
+        self.spans = [i for i in range(len(slots)) if i not in single]
+        # Causal masks of rows that start after cached positions (built once, used by every layer).
+        self.span_masks = {i: causal_mask(lengths[i], starts[i] + lengths[i], device) if starts[i] else None
+                           for i in self.spans}
 
-    def rows(self, index: list[int]) -> "CacheView":
-        return CacheView(self.cache, [self.slots[i] for i in index], [self.starts[i] for i in index],
-                         self.length)
+    def _plan_decode(self, rows: list[int]) -> None:
+        """Single-token rows attend in one call over the slots lo..hi-1 they span."""
+        self.decode_rows = rows
+        if not rows:
+            return
+        device = self.cache.device
+        slots = [self.slots[i] for i in rows]
+        self.lo, hi = min(slots), max(slots) + 1
+        self.span = hi - self.lo
+        visible = [1] * self.span
+        for i, slot in zip(rows, slots):
+            visible[slot - self.lo] = self.starts[i] + 1
+        self.kv_length = max(visible)
+        # Row i's token sits at offset i when every single-token row comes first.
+        tokens = [self.offsets[i] for i in rows]
+        self.decode_prefix = tokens == list(range(len(rows)))
+        self.decode_tokens = None if self.decode_prefix else torch.tensor(tokens, dtype=torch.long, device=device)
+        self.in_place = slots == list(range(self.lo, hi))
+        self.slot_rows = None if self.in_place else torch.tensor(
+            [s - self.lo for s in slots], dtype=torch.long, device=device)
+        self.decode_mask = None
+        # Slots between the rows' own see position 0 only (their output is never read). An
+        # additive mask: SDPA's CPU kernel runs it as fast as no mask, a boolean one ~10% slower.
+        if min(visible) < self.kv_length:
+            keys = torch.arange(self.kv_length, device=device)
+            hidden = keys[None, :] >= torch.tensor(visible, device=device)[:, None]
+            self.decode_mask = torch.zeros(hidden.shape, dtype=self.cache.dtype, device=device).masked_fill_(
+                hidden, -float("inf"))[:, None, None, :]
 
-    def update(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, index: list[int]) -> CacheBatch:
+        """The same call restricted to rows `index` (rows leaving at an exit)."""
+        return CacheBatch(self.cache, [self.slots[i] for i in index], [self.starts[i] for i in index],
+                          [self.lengths[i] for i in index])
+
+    def write(self, layer: str, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store (1, kv_heads, N, D) keys/values of this call's tokens at their positions."""
         keys, values = self.cache.buffers(layer)
-        if self.contiguous and len(set(self.starts)) == 1:
-            rows = slice(self.slots[0], self.slots[0] + len(self.slots))
-            start = self.starts[0]
-            keys[rows, :, start:start + self.length] = key
-            values[rows, :, start:start + self.length] = value
-            return keys[rows, :, :self.kv_length], values[rows, :, :self.kv_length]
-        # (B, kv_heads, T, D) -> (B, T, kv_heads, D): advanced indices come first.
-        keys[self.slot_index[:, None], :, self.positions] = key.transpose(1, 2)
-        values[self.slot_index[:, None], :, self.positions] = value.transpose(1, 2)
-        if self.contiguous:
-            rows = slice(self.slots[0], self.slots[0] + len(self.slots))
-            return keys[rows, :, :self.kv_length], values[rows, :, :self.kv_length]
-        return (keys[:, :, :self.kv_length].index_select(0, self.slot_index),
-                values[:, :, :self.kv_length].index_select(0, self.slot_index))
+        if self.slice is not None:
+            slots, positions = self.slice
+            # (1, kv_heads, N, D) -> (rows, kv_heads, D) for a run of single tokens at one position.
+            key, value = (key, value) if isinstance(positions, slice) else (key[0].transpose(0, 1),
+                                                                           value[0].transpose(0, 1))
+            keys[slots, :, positions] = key
+            values[slots, :, positions] = value
+            return
+        # (kv_heads, N, D) -> (N, kv_heads, D): advanced indices come first.
+        keys[self.slot_index, :, self.positions] = key[0].transpose(0, 1)
+        values[self.slot_index, :, self.positions] = value[0].transpose(0, 1)
 
-    def mask(self) -> torch.Tensor | None:
-        """Boolean (B, 1, T, kv_length): query t of a row sees its keys up to starts + t.
+    def attend(self, layer: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q (1, heads, N, D) of this call's tokens -> attention output (1, heads, N, D)."""
+        self.write(layer, k, v)
+        keys, values = self.cache.buffers(layer)
+        if not self.spans and self.decode_prefix:
+            return self._attend_decode(q, keys, values)[None].transpose(1, 2)
+        if not self.decode_rows and len(self.spans) == 1:
+            return self._attend_span(self.spans[0], q, keys, values)
+        # (1, N, heads, D) underneath, so the caller's transpose back is free.
+        out = q.new_empty(1, self.tokens, q.shape[1], q.shape[3])
+        if self.decode_rows:
+            result = self._attend_decode(q, keys, values)
+            if self.decode_prefix:
+                out[0, :len(self.decode_rows)] = result
+            else:
+                out[0].index_copy_(0, self.decode_tokens, result)
+        for i in self.spans:
+            out[0, self.offsets[i]:self.offsets[i + 1]] = self._attend_span(i, q, keys, values)[0].transpose(0, 1)
+        return out.transpose(1, 2)
 
-        None when every row starts at the same position: the model's own causal handling
-        is then exact and lets attention use its fast path.
-        """
-        if len(set(self.starts)) == 1:
-            return None
-        keys = torch.arange(self.kv_length, device=self.cache.device)
-        return (keys[None, None, :] <= self.positions[:, :, None])[:, None]
+    def _attend_span(self, i: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Row i's tokens over its own slot: (1, heads, T, D)."""
+        slot, end = self.slots[i], self.starts[i] + self.lengths[i]
+        k_row, v_row = keys[slot:slot + 1, :, :end], values[slot:slot + 1, :, :end]
+        mask = self.span_masks[i]
+        return F.scaled_dot_product_attention(q[:, :, self.offsets[i]:self.offsets[i + 1]], k_row, v_row,
+                                              attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=q.shape[1] != k_row.shape[1])
+
+    def _attend_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The single-token rows over their slots: (rows, heads, D)."""
+        count = len(self.decode_rows)
+        kv_heads, dim = keys.shape[1], keys.shape[3]
+        if self.decode_prefix:
+            query = q[0, :, :count].transpose(0, 1)
+        else:
+            query = q[0].index_select(1, self.decode_tokens).transpose(0, 1)
+        # (rows, heads, D) -> (rows, kv_heads, heads per KV head, D): the group rides as positions.
+        query = query.reshape(count, kv_heads, -1, dim)
+        if not self.in_place:
+            scattered = query.new_zeros(self.span, *query.shape[1:])
+            query = scattered.index_copy_(0, self.slot_rows, query)
+        k_span = keys[self.lo:self.lo + self.span, :, :self.kv_length]
+        v_span = values[self.lo:self.lo + self.span, :, :self.kv_length]
+        result = F.scaled_dot_product_attention(query, k_span, v_span, attn_mask=self.decode_mask)
+        if not self.in_place:
+            result = result.index_select(0, self.slot_rows)
+        return result.reshape(count, -1, dim)

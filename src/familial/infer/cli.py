@@ -36,10 +36,14 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--seed", type=int)
         parser.add_argument("--speculative", nargs="?", const="true",
                             help="self-speculative decoding: no value = the smallest member drafts; "
-                                 "a member (or 'a,b') drafts; 'cascade' = every smaller member")
+                                 "a member (or 'a,b') drafts; 'cascade' = every smaller member, alone or "
+                                 "in a chain, as measured acceptance favours (drafting pauses while it "
+                                 "does not pay)")
         parser.add_argument("--show-exits", action="store_true", help="print the exit after each token")
         parser.add_argument("--threads", type=int,
                             help="torch intra-op threads (default: 1 for small families, else torch's)")
+        parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                            help="weights and KV cache precision (default: the checkpoint's)")
     else:
         parser.add_argument("--data", required=True,
                             help="held-out tokens: token shards directory, .npy, or text of ids")
@@ -60,7 +64,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from familial.infer.engine import Engine, suggested_threads
 
-    engine = Engine.from_checkpoint(args.family, max_batch_size=1)
+    engine = Engine.from_checkpoint(args.family, max_batch_size=1, dtype=args.dtype)
     threads = args.threads or suggested_threads(engine.config)
     if threads:
         torch.set_num_threads(threads)
@@ -97,6 +101,11 @@ def _generate(args: argparse.Namespace) -> int:
                 mean_depth = sum(engine.config.member_layers(e) for e in exits) / max(1, len(exits))
                 print(f"\n[{len(exits)} tokens, {len(exits) / elapsed:.1f} tokens/s, finish: "
                       f"{event.finish_reason}, mean depth {mean_depth:.1f} layers]", file=sys.stderr)
+                stats = handle.speculative_stats()
+                if stats is not None:
+                    print(f"[speculative: {stats['drafted']} tokens drafted, {stats['accepted']} accepted "
+                          f"({stats['acceptance_rate']:.0%} acceptance), {len(exits) / elapsed:.1f} tokens/s; "
+                          f"drafting pauses while it does not pay]", file=sys.stderr)
     finally:
         engine.stop()
     return 0

@@ -1,100 +1,64 @@
 """The family runtime: one copy of the weights serving every member, per request.
 
-Requests wait in a bounded queue; between decode steps waiting requests take a free cache
-slot (prefill) and finished or cancelled ones leave. Each step runs the trunk once for all
-plain and adaptive sequences, whatever their member or length (see familial.infer.runner);
-speculative sequences then take one draft-and-verify round each. A background thread drives
+Requests wait in a bounded queue and take a free cache slot as one frees up. Each step then
+makes one packed call (familial.infer.runner) holding every decoding sequence's next token,
+whatever its member or length, plus prompt chunks of newly admitted requests up to
+`max_prefill_tokens` in all: several prompts prefill together, and a long prompt is cut into
+chunks, so no running sequence waits for more than one chunk. Tokens are chosen for the whole
+call at once on the device (familial.infer.sampling). Speculative sequences then take one
+draft-and-verify round together (familial.infer.speculative), each drafting only while its
+own measured acceptance makes it pay (familial.infer.draft_policy). A background thread drives
 the loop for a server; `generate` drives it inline when no thread runs.
+
+Isolation: a failure ends only the requests it belongs to. Choosing a token, detokenising and
+stop handling run per sequence; if a batched call fails, its sequences are run again one by
+one, so only the sequence that fails alone is ended. Such a request's handle receives a final
+`TokenEvent` with finish_reason "error" and `error` saying what failed ("<Type>: <message>");
+no token of it was lost or duplicated before that. The other requests continue untouched. A
+server answers it as an error for that request alone (an error event on a stream, an error
+response otherwise); every sampling value `SamplingParams.validate` accepts is numerically safe,
+so this path is for faults, not for inputs.
 """
 
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from familial.config import ConfigError
 from familial.infer.adaptive import AdaptiveState, ExitPolicy
 from familial.infer.cache import SlotCache
+from familial.infer.detokenize import TextStream
+from familial.infer.draft_policy import CallCosts, DraftPolicy, Plan
+from familial.infer.requests import (
+    GenerationResult,
+    QueueFull,
+    RequestHandle,
+    TokenEvent,
+)
 from familial.infer.runner import Row, Runner
-from familial.infer.sampling import Sampler, SamplingParams
-from familial.infer.speculative import SpeculativeDecoder
+from familial.infer.sampling import Draw, SamplingParams, choose, request_seed
+from familial.infer.speculative import Proposal, Speculator
 from familial.model import FamilyModel
 
-
-@dataclass
-class TokenEvent:
-    token_id: int | None
-    # newly detokenised text ('' without a tokenizer, or while a stop string may be forming).
-    text: str
-    # exit layer whose head produced this token.
-    exit: int | None
-    finished: bool = False
-    finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
+__all__ = ["DTYPES", "Engine", "GenerationResult", "QueueFull", "RequestHandle", "TokenEvent", "suggested_threads"]
 
 
 @dataclass
-class GenerationResult:
-    token_ids: list[int]
-    exits: list[int]
-    finish_reason: str
-    text: str
-    prompt_tokens: int
-    error: str | None = None
-    # speculative requests: drafted tokens and how many the verifier accepted.
-    drafted: int = 0
-    accepted: int = 0
-
-
-class QueueFull(Exception):
-    """The engine's queue is full: the caller should retry later (HTTP 429/503)."""
-
-
-class RequestHandle:
-    """A submitted request's stream of TokenEvents (thread-safe)."""
-
-    def __init__(self, request_id: str, prompt_tokens: int, wake: threading.Condition) -> None:
-        self.request_id, self.prompt_tokens = request_id, prompt_tokens
-        self.completion_tokens = 0
-        # speculative requests: tokens drafted and accepted by the verifier so far.
-        self.drafted = self.accepted = 0
-        self._events: queue.Queue[TokenEvent] = queue.Queue()
-        self._cancelled = threading.Event()
-        self._done = threading.Event()
-        self._wake = wake
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        while True:
-            event = self._events.get()
-            yield event
-            if event.finished:
-                return
-
-    def get(self, timeout: float | None = None) -> TokenEvent:
-        return self._events.get(timeout=timeout)
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-        with self._wake:
-            self._wake.notify_all()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _put(self, event: TokenEvent) -> None:
-        if event.token_id is not None:
-            self.completion_tokens += 1
-        if event.finished:
-            self._done.set()
-        self._events.put(event)
+class _Speculation:
+    policy: DraftPolicy
+    # drafter exit -> positions below which its branch holds KV (plain steps do not write it).
+    filled: dict[int, int]
+    # a plan waiting for its drafters' KV to catch up (this step), used next step.
+    waiting: Plan | None = None
+    # this step's round.
+    plan: Plan | None = None
 
 
 @dataclass
@@ -103,15 +67,31 @@ class _Sequence:
     prompt: list[int]
     member: int
     params: SamplingParams
-    sampler: Sampler
+    seed: int
     adaptive: AdaptiveState | None = None
-    speculative: SpeculativeDecoder | None = None
+    speculation: _Speculation | None = None
+    text: TextStream | None = None
     slot: int = -1
     # positions whose KV every needed layer holds; `pending` (the last token) is not yet in.
     length: int = 0
     pending: int = -1
     generated: list[int] = field(default_factory=list)
-    sent: str = ""
+    # this step's packed call: `chunk` tokens from position `length` (a prompt chunk or the
+    # pending token), and drafters' KV filled in from position `behind` up to `length`
+    # (a speculative sequence resuming after plain steps).
+    chunk: int = 0
+    behind: int | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return not self.generated
+
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+
+# `--dtype` of `generate` and `serve` (absent: the checkpoint's own).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def suggested_threads(config) -> int | None:
@@ -124,18 +104,24 @@ def suggested_threads(config) -> int | None:
 
 class Engine:
     def __init__(self, model: FamilyModel, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
-                 device: str = "cpu", max_seq_len: int | None = None) -> None:
-        if max_batch_size < 1 or max_queue < 1:
-            raise ValueError(f"max_batch_size ({max_batch_size}) and max_queue ({max_queue}) must be >= 1")
+                 device: str = "cpu", max_seq_len: int | None = None, max_prefill_tokens: int = 512) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
+            raise ValueError(f"max_batch_size ({max_batch_size}), max_queue ({max_queue}) and "
+                             f"max_prefill_tokens ({max_prefill_tokens}) must be >= 1")
         self.model = model.to(device).eval()
         self.config = model.config
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 4096)
         dtype = next(model.parameters()).dtype
         self.cache = SlotCache(self.config, max_batch_size, self.max_seq_len, dtype, device)
         self.runner = Runner(self.model, self.cache)
+        # Tokens each slot's sequence has seen, for the repetition penalty (penalised rows only).
+        self.seen = torch.zeros(max_batch_size, self.config.vocab_size, dtype=torch.bool, device=self.device)
+        self.costs = CallCosts(self.config)
+        self.speculator = Speculator(self.runner, self._choose, self.costs)
         eos = self.config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._waiting: deque[_Sequence] = deque()
@@ -148,10 +134,13 @@ class Engine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_checkpoint(cls, family_dir: str | Path, dtype: torch.dtype | None = None, **kwargs) -> "Engine":
+    def from_checkpoint(cls, family_dir: str | Path, dtype: torch.dtype | str | None = None, **kwargs) -> Engine:
+        """Load a family checkpoint (and its tokenizer); `dtype` (a torch dtype or a name in
+        DTYPES) converts the weights, and with them the KV cache."""
         from familial.checkpoint_io import load_family
 
         family_dir = Path(family_dir)
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         model = load_family(family_dir, dtype=dtype, device=kwargs.get("device", "cpu"))
         tokenizer = None
         if (family_dir / "tokenizer.json").exists():
@@ -238,13 +227,17 @@ class Engine:
         except ConfigError as error:
             raise ValueError(str(error)) from None
         handle = RequestHandle(f"req-{next(self._ids)}", len(prompt_ids), self._wake)
-        sequence = _Sequence(handle, list(prompt_ids), exit_layer, params, Sampler(params))
+        text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        sequence = _Sequence(handle, list(prompt_ids), exit_layer, params, request_seed(params), text=text)
         if auto:
             if speculative:
                 raise ValueError("speculative decoding and adaptive exit ('auto' or budget) exclude each other")
             sequence.adaptive = AdaptiveState(config, ExitPolicy.from_config(config), budget)
         elif speculative not in (None, False):
-            sequence.speculative = SpeculativeDecoder(self.runner, self.draft_chain(exit_layer, speculative))
+            candidates = self.draft_candidates(exit_layer, speculative)
+            drafters = {e for chain in candidates for e in chain[:-1]}
+            sequence.speculation = _Speculation(DraftPolicy(candidates), dict.fromkeys(drafters, 0))
+            handle.speculative = True
         return sequence
 
     def draft_chain(self, verifier: int, speculative: bool | int | str) -> list[int]:
@@ -267,6 +260,14 @@ class Engine:
         if chain[-1] >= verifier:
             raise ValueError(f"speculative: drafters {chain} must be smaller than the verifier exit-{verifier}")
         return chain + [verifier]
+
+    def draft_candidates(self, verifier: int, speculative: bool | int | str) -> list[list[int]]:
+        """Chains a speculative request may use: the one asked for and, for "cascade", each
+        smaller member drafting alone as well (the draft policy picks per round)."""
+        chain = self.draft_chain(verifier, speculative)
+        if speculative != "cascade" or len(chain) == 2:
+            return [chain]
+        return [[e, verifier] for e in chain[:-1]] + [chain]
 
     # The loop.
 
@@ -301,118 +302,214 @@ class Engine:
 
     def _step(self) -> None:
         """Admit waiting requests, drop cancelled ones, then advance every sequence once."""
-        admitted = []
+        self._admit()
+        main, speculating = self._schedule()
+        if main:
+            self._isolated(main, self._advance)
+        if speculating:
+            self._isolated(speculating, self._speculate)
+
+    def _admit(self) -> None:
         with self._wake:
-            for sequence in [s for s in self._waiting if s.handle._cancelled.is_set()]:
+            for sequence in [s for s in self._waiting if s.handle.cancelled]:
                 self._waiting.remove(sequence)
                 self._finish(sequence, "cancelled")
-            for sequence in [s for s in self._active.values() if s.handle._cancelled.is_set()]:
+            for sequence in [s for s in self._active.values() if s.handle.cancelled]:
                 self._finish(sequence, "cancelled")
             while self._free and self._waiting:
                 sequence = self._waiting.popleft()
+                # The lowest free slot, so running sequences stay packed at the front of the cache.
+                self._free.sort()
                 sequence.slot = self._free.pop(0)
                 self._active[sequence.slot] = sequence
-                admitted.append(sequence)
-        for sequence in admitted:
-            self._guard([sequence], self._prefill, sequence)
-        plain = [s for s in self._active.values() if s.speculative is None and not s.handle.done]
-        if plain:
-            self._guard(plain, self._decode, plain)
-        for sequence in [s for s in self._active.values() if s.speculative is not None]:
-            if not sequence.handle.done:
-                self._guard([sequence], self._speculate, sequence)
+                if sequence.params.repetition_penalty != 1.0:
+                    self.seen[sequence.slot] = False
+                    self.seen[sequence.slot, sequence.prompt] = True
 
-    def _guard(self, sequences: list[_Sequence], work, *args) -> None:
-        # A failure ends the requests involved with an error event; the engine keeps serving.
+    def _schedule(self) -> tuple[list[_Sequence], list[_Sequence]]:
+        """This step's work: sequences in the packed call (decoding ones first, in slot order,
+        then prompt chunks within the budget) and those taking a speculative round."""
+        budget = self.max_prefill_tokens
+        main, speculating = [], []
+        for sequence in sorted(self._active.values(), key=lambda s: s.slot):
+            if sequence.handle.done:
+                continue
+            sequence.chunk, sequence.behind = 1, None
+            speculation = sequence.speculation
+            if sequence.prefilling:
+                if budget == 0:
+                    continue
+                sequence.chunk = min(len(sequence.prompt) - sequence.length, budget)
+                budget -= sequence.chunk
+                main.append(sequence)
+                continue
+            plan = None
+            if speculation is not None:
+                plan = speculation.waiting or speculation.policy.plan(self.costs)
+                speculation.waiting = speculation.plan = None
+            if plan is None:
+                main.append(sequence)
+                continue
+            behind = min(speculation.filled[e] for e in plan.chain[:-1])
+            if behind < sequence.length:
+                # Plain steps left the drafters' KV behind: fill it in alongside this step's
+                # token, and speculate from the next step on.
+                speculation.waiting, sequence.behind = plan, behind
+                main.append(sequence)
+            else:
+                speculation.plan = plan
+                speculating.append(sequence)
+        main.sort(key=lambda s: (s.chunk > 1, s.slot))
+        return main, speculating
+
+    def _isolated(self, sequences: list[_Sequence], work) -> None:
+        """Run `work` on the sequences; if it fails, again one by one, ending only those that
+        fail alone (work changes no sequence before its batched part has succeeded)."""
+        try:
+            work(sequences)
+        except Exception as error:  # noqa: BLE001 - reported to the request, not swallowed
+            if len(sequences) == 1:
+                self._fail(sequences[0], error)
+                return
+            for sequence in sequences:
+                if not sequence.handle.done:
+                    self._isolated([sequence], work)
+
+    def _row(self, sequence: _Sequence) -> Row:
+        adaptive, speculation = sequence.adaptive, sequence.speculation
+        if sequence.prefilling:
+            last = sequence.length + sequence.chunk == len(sequence.prompt)
+            # Prompt KV for every branch the request may use later: all earlier exits when
+            # adaptive, the drafters' when speculative.
+            extra = frozenset(speculation.filled) if speculation else frozenset(
+                e for e in self.config.exits[:-1] if e < sequence.member) if adaptive else frozenset()
+            return Row(sequence.slot, sequence.length, sequence.member, length=sequence.chunk, logits=last,
+                       decide=adaptive.decide if adaptive and last else None, extra_branches=extra,
+                       full_kv=adaptive is not None)
+        extra = frozenset(speculation.waiting.chain[:-1]) if sequence.behind is not None else frozenset()
+        return Row(sequence.slot, sequence.length, sequence.member, extra_branches=extra,
+                   decide=adaptive.decide if adaptive else None)
+
+    def _inputs(self, sequence: _Sequence) -> list[int]:
+        if sequence.prefilling:
+            return sequence.prompt[sequence.length:sequence.length + sequence.chunk]
+        return [sequence.pending]
+
+    def _catch_up(self, sequence: _Sequence) -> tuple[Row, list[int]]:
+        """A row writing the drafters' KV of positions behind..length-1 (through the trunk up to
+        the deepest drafter and every drafter's branch), and its tokens."""
+        drafters = sequence.speculation.waiting.chain[:-1]
+        row = Row(sequence.slot, sequence.behind, drafters[-1], length=sequence.length - sequence.behind,
+                  logits=False, extra_branches=frozenset(drafters[:-1]))
+        return row, sequence.tokens()[sequence.behind:sequence.length]
+
+    def _advance(self, sequences: list[_Sequence]) -> None:
+        """One packed call for these sequences, then their next tokens."""
+        started = time.perf_counter()
+        rows = [self._row(s) for s in sequences]
+        inputs = [t for s in sequences for t in self._inputs(s)]
+        for sequence in sequences:
+            if sequence.behind is not None:
+                row, tokens = self._catch_up(sequence)
+                rows.append(row)
+                inputs += tokens
+        outputs = self.runner.forward(rows, tokens=inputs)[:len(sequences)]
+        choosing = [i for i, out in enumerate(outputs) if out.logits is not None]
+        chosen = []
+        if choosing:
+            logits = torch.cat([outputs[i].logits[-1:] for i in choosing])
+            chosen = self._choose(logits, [self._draw(sequences[i]) for i in choosing]).tolist()
+        exits = {s.member for s in sequences}
+        if len(rows) == len(sequences) and all(s.chunk == 1 and not s.prefilling for s in sequences) \
+                and len(exits) == 1:
+            # A decoding step's cost per row (the call and the token choice), for the draft policy.
+            self.costs.record(("step", exits.pop()), time.perf_counter() - started, len(rows))
+        tokens = dict(zip(choosing, chosen))
+        for i, sequence in enumerate(sequences):
+            self._guard(sequence, self._commit, sequence, tokens.get(i), outputs[i].exit)
+
+    def _commit(self, sequence: _Sequence, token: int | None, exit_layer: int | None) -> None:
+        speculation = sequence.speculation
+        if sequence.prefilling:
+            sequence.length += sequence.chunk
+            filled = list(speculation.filled) if speculation else []
+        else:
+            sequence.length += 1
+            filled = speculation.waiting.chain[:-1] if sequence.behind is not None else []
+        for e in filled:
+            speculation.filled[e] = sequence.length
+        if token is not None:
+            self._accept(sequence, token, exit_layer)
+
+    def _speculate(self, sequences: list[_Sequence]) -> None:
+        """One batched draft-and-verify round for these sequences."""
+        proposals = []
+        for s in sequences:
+            limit = min(s.params.max_new_tokens - len(s.generated), self.max_seq_len - s.length - 1)
+            proposals.append(Proposal(s.slot, s.length, s.pending, s.speculation.plan, limit, s.params,
+                                      s.seed, len(s.prompt) + len(s.generated)))
+        outcomes = self.speculator.round(proposals)
+        for sequence, outcome in zip(sequences, outcomes):
+            self._guard(sequence, self._commit_round, sequence, outcome)
+
+    def _commit_round(self, sequence: _Sequence, outcome) -> None:
+        speculation = sequence.speculation
+        chain = speculation.plan.chain
+        for level, (drafter, verifier) in enumerate(zip(chain, chain[1:])):
+            speculation.policy.record(drafter, verifier, outcome.accepted[level], outcome.compared[level])
+        sequence.handle.drafted += outcome.drafted[-1]
+        sequence.handle.accepted += outcome.accepted[-1]
+        for token in outcome.tokens:
+            if sequence.handle.done:
+                break
+            sequence.length += 1
+            for e in chain[:-1]:
+                speculation.filled[e] = sequence.length
+            self._accept(sequence, token, sequence.member)
+
+    def _choose(self, logits: torch.Tensor, draws: list[Draw]) -> torch.Tensor:
+        return choose(logits, draws, self.seen)
+
+    def _draw(self, sequence: _Sequence) -> Draw:
+        return Draw(sequence.params, sequence.seed, len(sequence.prompt) + len(sequence.generated), sequence.slot)
+
+    def _guard(self, sequence: _Sequence, work, *args) -> None:
+        """Per-sequence work after a batched call: a failure ends this sequence alone."""
         try:
             work(*args)
         except Exception as error:  # noqa: BLE001 - reported to the request, not swallowed
-            with self._wake:
-                for sequence in sequences:
-                    if not sequence.handle.done:
-                        self._finish(sequence, "error", f"{type(error).__name__}: {error}")
-
-    def _prefill(self, sequence: _Sequence) -> None:
-        # Prompt KV for every branch the request may use later: all earlier exits when
-        # adaptive, the drafters' when speculative.
-        adaptive = sequence.adaptive
-        extra = frozenset()
-        if adaptive:
-            extra = frozenset(e for e in self.config.exits[:-1] if e < sequence.member)
-        elif sequence.speculative:
-            extra = frozenset(sequence.speculative.chain[:-1])
-        row = Row(sequence.slot, 0, sequence.member, decide=adaptive.decide if adaptive else None,
-                  extra_branches=extra, full_kv=adaptive is not None)
-        prompt = torch.tensor([sequence.prompt], device=self.device)
-        out = self.runner.forward([row], tokens=prompt)[0]
-        sequence.length = len(sequence.prompt)
-        self._accept(sequence, sequence.sampler.choose(out.logits[-1], sequence.prompt), out.exit)
-
-    def _decode(self, sequences: list[_Sequence]) -> None:
-        rows = [Row(s.slot, s.length, s.member, decide=s.adaptive.decide if s.adaptive else None)
-                for s in sequences]
-        tokens = torch.tensor([[s.pending] for s in sequences], device=self.device)
-        outputs = self.runner.forward(rows, tokens=tokens)
-        for sequence, out in zip(sequences, outputs):
-            sequence.length += 1
-            token = sequence.sampler.choose(out.logits[-1], sequence.prompt + sequence.generated)
-            self._accept(sequence, token, out.exit)
-
-    def _speculate(self, sequence: _Sequence) -> None:
-        limit = min(sequence.params.max_new_tokens - len(sequence.generated),
-                    self.max_seq_len - sequence.length - 1)
-        tokens = sequence.speculative.round(sequence.slot, sequence.length, sequence.pending,
-                                            sequence.prompt + sequence.generated, sequence.sampler, limit)
-        sequence.length += len(tokens)
-        sequence.handle.drafted = sequence.speculative.proposed
-        sequence.handle.accepted = sequence.speculative.accepted
-        for token in tokens:
-            if sequence.handle.done:
-                break
-            self._accept(sequence, token, sequence.member)
+            self._fail(sequence, error)
 
     def _accept(self, sequence: _Sequence, token: int, exit_layer: int) -> None:
         """Commit one token: stream it, and finish the request on eos, stop string or length."""
+        if not 0 <= token < self.config.vocab_size:
+            raise RuntimeError(f"token {token} chosen outside the vocabulary [0, {self.config.vocab_size})")
         if sequence.adaptive:
             sequence.adaptive.record(exit_layer)
         sequence.generated.append(token)
         sequence.pending = token
+        if sequence.params.repetition_penalty != 1.0:
+            self.seen[sequence.slot, token] = True
         reason = None
-        if token in self.eos or token in sequence.params.stop_token_ids:
+        end = token in self.eos or token in sequence.params.stop_token_ids
+        if end:
             reason = "stop"
         elif len(sequence.generated) >= sequence.params.max_new_tokens \
                 or sequence.length + 1 >= self.max_seq_len:
             reason = "length"
-        text, stopped = self._text(sequence, final=reason is not None)
-        reason = "stop" if stopped else reason
+        text = ""
+        if sequence.text is not None:
+            text, stopped = sequence.text.add(None if end else token, final=reason is not None)
+            reason = "stop" if stopped else reason
         with self._wake:
             sequence.handle._put(TokenEvent(token, text, exit_layer, reason is not None, reason))
             if reason is not None:
                 self._release(sequence)
 
-    def _text(self, sequence: _Sequence, final: bool) -> tuple[str, bool]:
-        """Text new since the last event, holding back what might still become a stop string."""
-        if self.tokenizer is None:
-            return "", False
-        ends = self.eos.union(sequence.params.stop_token_ids)
-        ids = [t for t in sequence.generated if t not in ends]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        stops = sequence.params.stop
-        hits = [text.find(s) for s in stops if s in text]
-        if hits:
-            text, final = text[:min(hits)], True
-        safe = len(text)
-        if not final:
-            while safe and text[safe - 1] == "\ufffd":
-                safe -= 1
-            for stop in stops:
-                for n in range(min(len(stop) - 1, safe), 0, -1):
-                    if text[:safe].endswith(stop[:n]):
-                        safe -= n
-                        break
-        delta = text[len(sequence.sent):safe]
-        sequence.sent = text[:safe]
-        return delta, bool(hits)
+    def _fail(self, sequence: _Sequence, error: Exception) -> None:
+        with self._wake:
+            if not sequence.handle.done:
+                self._finish(sequence, "error", f"{type(error).__name__}: {error}")
 
     def _finish(self, sequence: _Sequence, reason: str, error: str | None = None) -> None:
         """End a request with an event carrying no token (called holding self._wake)."""

@@ -1,10 +1,12 @@
-"""One batched forward pass over a family, each row branching off at its own exit.
+"""One packed forward pass over a family, each row branching off at its own exit.
 
-The trunk runs once for the batch up to the deepest layer any row needs; at every exit the
-rows that stop there (their member, or an adaptive row that is confident enough) run that
-exit's branch, norm and head and leave the batch. So one decode step serves sequences of
-different members and different lengths, and speculative verification can resume from the
-hidden state a draft left at its exit (`start_layer`, `hidden`).
+Rows of any length (a decoding step's one token, a prompt chunk, drafted tokens to verify) are
+laid end to end as one sequence (see familial.infer.cache), so every projection and MLP runs
+once for the whole call. The trunk runs up to the deepest layer any row needs; at every exit
+the rows that stop there (their member, or an adaptive row that is confident enough) run that
+exit's branch, norm and head and leave. So one call serves sequences of different members,
+lengths and phases, and speculative verification can resume from the hidden state a draft left
+at its exit (`start_layer`, `hidden`).
 
 Adaptive rows that leave early supply the skipped layers' KV the CALM way: the trunk state
 entering the exit (the input of trunk layer `exit`) is copied forward, and every skipped
@@ -17,13 +19,13 @@ projections only: a few percent of the weights with grouped-query attention).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from familial.infer.cache import CacheView, SlotCache
+from familial.infer.cache import CacheBatch, SlotCache
 from familial.model import FamilyModel, LowRankLinear, rotate_half
 
 
@@ -34,6 +36,8 @@ class Row:
     start: int
     # the member's exit: the deepest exit this row may run to.
     exit: int
+    # tokens (or hidden states) this row brings to the call.
+    length: int = 1
     # adaptive rows: decide(exit, last-position logits) -> stop here? Asked at each earlier exit.
     decide: Callable[[int, torch.Tensor], bool] | None = None
     # branches to run for their KV only (prefill for adaptive and speculative requests).
@@ -44,6 +48,8 @@ class Row:
     keep_hidden: int | None = None
     # logits at every position (verification) instead of the last one only.
     all_logits: bool = False
+    # False: the call only writes this row's KV (a prompt chunk before the last).
+    logits: bool = True
 
 
 @dataclass
@@ -58,23 +64,24 @@ class _Active:
     """The rows still running, with their slices of everything a layer needs."""
 
     index: list[int]
-    x: torch.Tensor
-    view: CacheView
+    x: torch.Tensor                       # (1, N, hidden): the rows' tokens end to end
+    batch: CacheBatch
     rotary: tuple[torch.Tensor, torch.Tensor]
-    mask: torch.Tensor | None
     decided: set[int] = field(default_factory=set)
 
-    def select(self, keep: list[int]) -> "_Active":
+    def tokens(self, j: int) -> slice:
+        return slice(self.batch.offsets[j], self.batch.offsets[j + 1])
+
+    def select(self, keep: list[int]) -> _Active:
         """Rows at positions `keep` (into self.index) as a new _Active."""
         if len(keep) == len(self.index):
             return self
-        if not keep:
-            return _Active([], self.x[:0], self.view, self.rotary, None, self.decided)
-        at = torch.tensor(keep, dtype=torch.long, device=self.x.device)
-        view = self.view.rows(keep)
-        return _Active([self.index[i] for i in keep], self.x.index_select(0, at), view,
-                       (self.rotary[0].index_select(0, at), self.rotary[1].index_select(0, at)),
-                       view.mask(), self.decided)
+        offsets = self.batch.offsets
+        at = torch.tensor([t for j in keep for t in range(offsets[j], offsets[j + 1])], dtype=torch.long,
+                          device=self.x.device)
+        return _Active([self.index[j] for j in keep], self.x.index_select(1, at), self.batch.rows(keep),
+                       (self.rotary[0].index_select(1, at), self.rotary[1].index_select(1, at)),
+                       self.decided)
 
 
 class Runner:
@@ -85,29 +92,37 @@ class Runner:
         self._stack = None
 
     @torch.inference_mode()
-    def forward(self, rows: list[Row], tokens: torch.Tensor | None = None,
+    def forward(self, rows: list[Row], tokens: torch.Tensor | list[int] | None = None,
                 hidden: torch.Tensor | None = None, start_layer: int = 0) -> list[RowOutput]:
-        """tokens (B, T) from the embeddings, or hidden (B, T, H) entering `start_layer`."""
+        """tokens (N,) from the embeddings, or hidden (N, H) entering `start_layer`, where N is
+        the rows' lengths summed: row i's inputs follow row i-1's."""
         model = self.model
-        x = model.model.embed_tokens(tokens) if hidden is None else hidden
-        length = x.shape[1]
-        view = self.cache.view([r.slot for r in rows], [r.start for r in rows], length)
-        rotary = model.rotary(view.positions, x.dtype)
-        active = _Active(list(range(len(rows))), x, view, rotary, view.mask())
+        if hidden is None:
+            tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.cache.device)
+            x = model.model.embed_tokens(tokens)[None]
+        else:
+            x = hidden[None]
+        if x.shape[1] != sum(r.length for r in rows):
+            raise ValueError(f"{x.shape[1]} inputs for rows of {sum(r.length for r in rows)} tokens")
+        batch = self.cache.batch([r.slot for r in rows], [r.start for r in rows], [r.length for r in rows])
+        rotary = model.rotary(batch.positions[None], x.dtype)
+        active = _Active(list(range(len(rows))), x, batch, rotary)
         outputs = [RowOutput() for _ in rows]
+        keep = {r.keep_hidden for r in rows}
         for i in range(start_layer, self.config.num_hidden_layers):
-            for j, b in enumerate(active.index):
-                if rows[b].keep_hidden == i:
-                    outputs[b].hidden = active.x[j]
+            if i in keep:
+                for j, b in enumerate(active.index):
+                    if rows[b].keep_hidden == i:
+                        outputs[b].hidden = active.x[0, active.tokens(j)]
             if i in self.early:
                 active = self._exit_point(i, rows, active, outputs)
                 if not active.index:
                     return outputs
-            active.x = model.model.layers[str(i)](active.x, active.rotary, active.mask, active.view)
+            active.x = model.model.layers[str(i)](active.x, active.rotary, None, active.batch)
         finishing = [j for j, b in enumerate(active.index) if b not in active.decided]
         if finishing:
             done = active.select(finishing)
-            self._finish(self.last, done.x, [rows[b] for b in done.index], done.index, outputs)
+            self._finish(self.last, done, rows, outputs)
         return outputs
 
     def _exit_point(self, exit_layer: int, rows: list[Row], active: _Active,
@@ -118,18 +133,15 @@ class Runner:
         if not need:
             return active
         sub = active.select(need)
-        h = sub.x
+        branch = _Active(sub.index, sub.x, sub.batch, sub.rotary)
         for layer in self.model.branch_layers(exit_layer):
-            h = layer(h, sub.rotary, sub.mask, sub.view)
+            branch.x = layer(branch.x, branch.rotary, None, branch.batch)
         heads = [j for j, b in enumerate(sub.index) if b not in active.decided and (
             rows[b].exit == exit_layer or rows[b].decide is not None)]
         leaving: set[int] = set()
         copy_forward: list[int] = []
         if heads:
-            if len(heads) < len(sub.index):
-                h = h.index_select(0, torch.tensor(heads, dtype=torch.long, device=h.device))
-            self._finish(exit_layer, h, [rows[sub.index[j]] for j in heads],
-                         [sub.index[j] for j in heads], outputs)
+            self._finish(exit_layer, branch.select(heads), rows, outputs)
             for j in heads:
                 b = sub.index[j]
                 row = rows[b]
@@ -148,14 +160,26 @@ class Runner:
             return active
         return active.select([j for j, b in enumerate(active.index) if b not in leaving])
 
-    def _finish(self, exit_layer: int, h: torch.Tensor, rows: list[Row], index: list[int],
-                outputs: list[RowOutput]) -> None:
-        if not any(r.all_logits for r in rows):
-            h = h[:, -1:]
-        logits = self.model.exit_head(exit_layer)(self.model.exit_norm(exit_layer)(h))
-        for j, (b, row) in enumerate(zip(index, rows)):
-            outputs[b].logits = logits[j] if row.all_logits else logits[j, -1:]
+    def _finish(self, exit_layer: int, done: _Active, rows: list[Row], outputs: list[RowOutput]) -> None:
+        """Norm and head at the positions each row wants logits for."""
+        picks, counts = [], []
+        for j, b in enumerate(done.index):
+            span = done.tokens(j)
+            wanted = (range(span.start, span.stop) if rows[b].all_logits
+                      else [span.stop - 1] if rows[b].logits or rows[b].decide is not None else [])
+            picks += wanted
+            counts.append(len(wanted))
             outputs[b].exit = exit_layer
+        if not picks:
+            return
+        at = torch.tensor(picks, dtype=torch.long, device=done.x.device)
+        h = done.x[0].index_select(0, at)
+        logits = self.model.exit_head(exit_layer)(self.model.exit_norm(exit_layer)(h))
+        begin = 0
+        for b, count in zip(done.index, counts):
+            if count:
+                outputs[b].logits = logits[begin:begin + count]
+            begin += count
 
     def _copy_forward(self, exit_layer: int, rows: _Active) -> None:
         """CALM-style: write K/V of every layer these rows skip, projected from the exit state.
@@ -165,19 +189,19 @@ class Runner:
         skipped set is a suffix of the stack (see `_projection`).
         """
         weight, bias, k_norm, layers = self._projection(exit_layer)
-        batch, length, _ = rows.x.shape
+        _, length, _ = rows.x.shape
         eps, dtype = self.config.rms_norm_eps, rows.x.dtype
         x = rows.x.float()
         x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-        # (B, T, layers, k|v, kv_heads, head_dim)
-        kv = F.linear(x, weight, bias).view(batch, length, len(layers), 2, -1, self.config.head_dim)
+        # (1, N, layers, k|v, kv_heads, head_dim)
+        kv = F.linear(x, weight, bias).view(1, length, len(layers), 2, -1, self.config.head_dim)
         k, v = kv[:, :, :, 0], kv[:, :, :, 1]
         kf = k.float()
         k = k_norm * (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
         cos, sin = (t[:, :, None, None, :] for t in rows.rotary)
         k = k * cos + rotate_half(k) * sin
         for i, layer in enumerate(layers):
-            rows.view.update(layer.cache_name, k[:, :, i].transpose(1, 2), v[:, :, i].transpose(1, 2))
+            rows.batch.write(layer.cache_name, k[:, :, i].transpose(1, 2), v[:, :, i].transpose(1, 2))
 
     def _projection(self, exit_layer: int):
         """Stacked, norm-folded k/v projections of the layers skipped by exiting at `exit_layer`.

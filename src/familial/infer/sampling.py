@@ -1,19 +1,31 @@
-"""Per-request token selection: greedy, temperature, top-k, top-p, repetition penalty.
+"""Token selection for a batch of rows in one call on the device, safe for every accepted value.
 
-Each request owns a `Sampler` with its own random generator, so a seeded request draws the
-same tokens whatever else shares its batch. Speculative decoding needs the processed
-distribution itself (`probs`), not just a draw, to accept or reject drafted tokens.
+Each row carries its own `SamplingParams` (greedy, temperature, top-k, top-p, repetition
+penalty). The work is batched: one penalty pass, one top-k, one sort for top-p, one softmax and
+one inverse-CDF draw for all rows, never a loop over rows on the host.
+
+Numerics, in float32: logits are first made finite, then each row is shifted so its maximum is
+exactly 0 before it is divided by the temperature (clamped to the smallest normal float32), so
+no value the API accepts gives inf - inf or 0 / 0. A temperature too small to tell tokens apart
+picks the most likely token; a repetition penalty of 0.01 or 1e-300 only scales; a top_p that
+keeps nothing keeps the most likely token (as does top_k 1, with any top_p).
+
+Randomness: the token at sequence position t is drawn by inverse CDF with one uniform number
+u(seed, t), a hash of the request's seed and t. So a seeded request gets the same tokens whatever
+shares its batch, and a drafted token can be verified by recomputing the verifier's own draw at
+its position (familial.infer.speculative): speculative sampling returns exactly the tokens plain
+sampling returns.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
 
-# Cap on 1/temperature: temperatures down to 1e-38 (or 5e-324) are accepted and act as greedy
-# among the tied best tokens, and a finite factor keeps 0 * factor = 0 (never nan).
-MAX_INVERSE_TEMPERATURE = 1e30
+F32 = torch.finfo(torch.float32)
+MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -51,7 +63,7 @@ class SamplingParams:
             raise bad("top_k", "an integer >= 0")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise bad("top_p", "a number in (0, 1]")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < float("inf"):
             raise bad("repetition_penalty", "a positive number")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "a list of non-empty strings")
@@ -66,68 +78,103 @@ class SamplingParams:
         return self.greedy or self.temperature == 0
 
 
-class Sampler:
-    """Turns one position's logits into a token under a request's SamplingParams."""
+def request_seed(params: SamplingParams) -> int:
+    """The seed a request draws with: its own, or a fresh random one."""
+    return params.seed if params.seed is not None else random.getrandbits(63)
 
-    def __init__(self, params: SamplingParams) -> None:
-        self.params = params
-        self.generator = torch.Generator()
-        if params.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(params.seed)
 
-    def process(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
-        """(V,) raw logits -> float32 logits after repetition penalty and temperature, shifted
-        so that the best token is at 0 (every other one below it, -inf included)."""
-        logits = logits.float()
-        penalty = self.params.repetition_penalty
-        if penalty != 1.0 and history:
-            seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=logits.device)
-            picked = logits[seen]
-            logits = logits.clone()
-            logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-        logits = logits - logits.max()
-        if not self.params.is_greedy and self.params.temperature != 1.0:
-            # A tiny temperature must not overflow: 1/T is capped (finite), so the best token
-            # stays at 0 and the others go to -inf rather than to nan.
-            logits = logits * min(1.0 / self.params.temperature, MAX_INVERSE_TEMPERATURE)
-        return logits
+def uniform(seed: int, position: int) -> float:
+    """A number in [0, 1) that depends only on (seed, position): splitmix64 of the pair."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return ((x ^ (x >> 31)) >> 11) * 2.0**-53
 
-    def probs(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
-        """(V,) raw logits -> the distribution this request samples from (one-hot when greedy)."""
-        logits = self.process(logits, history)
-        if self.params.is_greedy:
-            out = torch.zeros_like(logits)
-            out[logits.argmax()] = 1.0
-            return out
-        top_k, top_p = self.params.top_k, self.params.top_p
-        if 0 < top_k < logits.shape[-1]:
-            kth = torch.topk(logits, top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep tokens whose preceding mass is below top_p (the most likely always stays).
-            drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-            # top_p below float32's smallest number compares as 0: the best token still stays.
-            drop[0] = False
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-            probs = probs / probs.sum()
-        return probs
 
-    def choose(self, logits: torch.Tensor, history: list[int]) -> int:
-        if self.params.is_greedy:
-            return int(self.process(logits, history).argmax())
-        return self.draw(self.probs(logits, history))
+@dataclass
+class Draw:
+    """One row of a sampling call: whose rules, which position, which tokens count as seen."""
 
-    def draw(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+    params: SamplingParams
+    seed: int
+    # sequence position of the token being chosen (the prompt's first token is 0).
+    position: int
+    # row of the seen-token mask holding the prompt and accepted tokens (repetition penalty).
+    slot: int = 0
+    # tokens before this position that the mask does not hold yet (drafted in this round).
+    extra_seen: tuple[int, ...] = ()
 
-    def accept(self, p: float, q: float) -> bool:
-        """Speculative acceptance of a drafted token: with probability min(1, p/q)."""
-        if q <= 0:
-            return p > 0
-        u = float(torch.rand((), generator=self.generator))
-        return u < min(1.0, p / q)
+
+def choose(logits: torch.Tensor, draws: list[Draw], seen: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) raw logits -> (B,) chosen token ids, one batched computation for every row.
+
+    `seen` is a (slots, V) boolean mask of tokens each slot's sequence has seen, for the
+    repetition penalty (rows whose penalty is 1 never read it).
+    """
+    z = logits.float()
+    if any(d.params.repetition_penalty != 1.0 for d in draws):
+        z = _penalise(z, draws, seen)
+    if all(d.params.is_greedy for d in draws):
+        return z.argmax(-1)
+    # Finite from here on: inf/nan logits (an overflowing half-precision model) cannot poison a row.
+    z = torch.nan_to_num(z, nan=-F32.max, posinf=F32.max, neginf=-F32.max)
+    most_likely = z.argmax(-1)
+    temperature = _column([1.0 if d.params.is_greedy else max(d.params.temperature, F32.tiny) for d in draws], z)
+    # Each row's maximum becomes exactly 0, so dividing by any positive temperature is safe
+    # (others may go to -inf, which softmax takes as probability 0).
+    scores = (z - z.amax(-1, keepdim=True)) / temperature
+    vocab = z.shape[-1]
+    top_k = [d.params.top_k if 0 < d.params.top_k < vocab else 0 for d in draws]
+    if any(top_k):
+        scores = _keep_top_k(scores, top_k)
+    top_p = [d.params.top_p for d in draws]
+    if any(p < 1.0 for p in top_p):
+        scores = _keep_top_p(scores, top_p)
+    probs = torch.softmax(scores, dim=-1)
+    cumulative = probs.cumsum(-1)
+    u = _column([min(uniform(d.seed, d.position), 1.0 - 2.0**-24) for d in draws], z)
+    drawn = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).clamp_(max=vocab - 1)
+    # Rounding at the top of the CDF may land on a token of probability 0: take the top one then.
+    drawn = torch.where(probs.gather(1, drawn) > 0, drawn, probs.argmax(-1, keepdim=True))[:, 0]
+    greedy = torch.tensor([d.params.is_greedy for d in draws], device=z.device)
+    return torch.where(greedy, most_likely, drawn)
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=like.device)[:, None]
+
+
+def _penalise(z: torch.Tensor, draws: list[Draw], seen: torch.Tensor | None) -> torch.Tensor:
+    """CTRL penalty on tokens already seen: positive logits divided by it, negative multiplied."""
+    if seen is None:
+        mask = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+    else:
+        mask = seen.index_select(0, torch.tensor([d.slot for d in draws], device=z.device))
+    extra = [(i, t) for i, d in enumerate(draws) for t in d.extra_seen]
+    if extra:
+        rows, tokens = zip(*extra)
+        mask[torch.tensor(rows, device=z.device), torch.tensor(tokens, device=z.device)] = True
+    # Clamped to float32's range, so 1e-300 is a huge factor rather than a division by zero.
+    penalty = [min(max(d.params.repetition_penalty, F32.tiny), F32.max) for d in draws]
+    inverse = [min(1.0 / p, F32.max) for p in penalty]
+    penalised = torch.where(z > 0, z * _column(inverse, z), z * _column(penalty, z))
+    return torch.where(mask, penalised, z)
+
+
+def _keep_top_k(scores: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    k = torch.tensor(top_k, device=scores.device)[:, None]
+    values = scores.topk(max(top_k), dim=-1).values
+    kth = values.gather(1, (k - 1).clamp(min=0))
+    kth = torch.where(k > 0, kth, torch.full_like(kth, -float("inf")))
+    return scores.masked_fill(scores < kth, -float("inf"))
+
+
+def _keep_top_p(scores: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    ordered = scores.sort(dim=-1, descending=True).values
+    probs = torch.softmax(ordered, dim=-1)
+    # A token stays while the mass before it is below top_p; the most likely always stays.
+    before = probs.cumsum(-1) - probs
+    keep = before < _column(top_p, scores)
+    keep[:, 0] = True
+    last = ordered.gather(1, keep.sum(-1, keepdim=True) - 1)
+    return scores.masked_fill(scores < last, -float("inf"))

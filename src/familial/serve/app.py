@@ -116,7 +116,8 @@ class Job:
 
     def usage(self) -> p.Usage:
         prompt, completion = self.handle.prompt_tokens, self.handle.completion_tokens
-        return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                       speculative=self.handle.speculative_stats())
 
 
 # End-of-turn markers of the common chat templates (ChatML/Qwen, Llama 3, Gemma).

@@ -25,6 +25,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="prompt plus answer tokens per request (default: the model's, at most 4096)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights and KV cache precision (default: the checkpoint's)")
     parser.add_argument("--threads", type=int,
                         help="torch intra-op threads (default: 1 for small families, else torch's)")
     parser.add_argument("--api-key", default=os.environ.get("FAMILIAL_API_KEY"),
@@ -71,7 +73,8 @@ def _serve(args: argparse.Namespace, family: Path, sock: socket.socket, policy) 
 
     template = _chat_template(family, args.chat_template)
     engine = Engine.from_checkpoint(family, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                                    max_seq_len=args.max_seq_len, device=args.device)
+                                    max_seq_len=args.max_seq_len, device=args.device,
+                                    dtype=args.dtype)
     threads = args.threads or suggested_threads(engine.config)
     if threads:
         torch.set_num_threads(threads)

@@ -111,10 +111,18 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class SpeculativeUsage(BaseModel):
+    drafted: int = Field(description="tokens the drafting members proposed to the verifier")
+    accepted: int = Field(description="drafted tokens the verifier accepted")
+    acceptance_rate: float
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Requests with `speculative` only.
+    speculative: SpeculativeUsage | None = None
 
 
 class FamilialInfo(BaseModel):

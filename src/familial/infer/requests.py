@@ -1,0 +1,90 @@
+"""What a caller of the engine holds: a request's handle, its stream of events, its result."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None
+    # newly detokenised text ('' without a tokenizer, or while a stop string may be forming).
+    text: str
+    # exit layer whose head produced this token.
+    exit: int | None
+    finished: bool = False
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "error"
+    # with finish_reason "error": what went wrong with this request (the others carry on).
+    error: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    exits: list[int]
+    finish_reason: str
+    text: str
+    prompt_tokens: int
+    error: str | None = None
+    # speculative requests: tokens drafted for the verifier and how many it accepted.
+    drafted: int = 0
+    accepted: int = 0
+
+
+class QueueFull(Exception):
+    """The engine's queue is full: the caller should retry later (HTTP 429/503)."""
+
+
+class RequestHandle:
+    """A submitted request's stream of TokenEvents (thread-safe)."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, wake: threading.Condition) -> None:
+        self.request_id, self.prompt_tokens = request_id, prompt_tokens
+        self.completion_tokens = 0
+        # speculative requests: tokens drafted for the verifier and accepted by it so far.
+        self.speculative = False
+        self.drafted = self.accepted = 0
+        self._events: queue.Queue[TokenEvent] = queue.Queue()
+        self._cancelled = threading.Event()
+        self._done = threading.Event()
+        self._wake = wake
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finished:
+                return
+
+    def get(self, timeout: float | None = None) -> TokenEvent:
+        return self._events.get(timeout=timeout)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        with self._wake:
+            self._wake.notify_all()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def speculative_stats(self) -> dict | None:
+        """Drafted and accepted tokens and their ratio, for a speculative request."""
+        if not self.speculative:
+            return None
+        return {"drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": round(self.accepted / max(self.drafted, 1), 4)}
+
+    def _put(self, event: TokenEvent) -> None:
+        if event.token_id is not None:
+            self.completion_tokens += 1
+        if event.finished:
+            self._done.set()
+        self._events.put(event)
