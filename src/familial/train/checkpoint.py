@@ -21,7 +21,6 @@ relative link survives moving or copying the whole run directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -37,7 +36,9 @@ from familial.checkpoint_io import (
     atomic_directory,
     load_family,
     save_family,
+    sha256_file,
 )
+from familial.config import FamilyConfig
 from familial.model import FamilyModel
 
 MANIFEST = "manifest.json"
@@ -137,17 +138,14 @@ def publish_family(run_dir: str | Path, family_dir: Path) -> Path:
 
 
 def _write_manifest(directory: Path) -> None:
-    files = {str(p.relative_to(directory)): _sha256(p)
-             for p in sorted(directory.rglob("*")) if p.is_file()}
+    # save_family hashed the weight files it wrote (family.json lists them): reuse those
+    # sums instead of reading the weights, tens of GB at the paper's scale, a second time.
+    family = directory / "family"
+    known = {str((family / name).relative_to(directory)): digest
+             for name, digest in (FamilyConfig.load_checksums(family) or {}).items()}
+    files = {name: known.get(name) or sha256_file(directory / name)
+             for name in (str(p.relative_to(directory)) for p in sorted(directory.rglob("*")) if p.is_file())}
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -186,7 +184,7 @@ def verify(directory: Path) -> None:
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in {MANIFEST} but missing")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: checksum mismatch (the checkpoint is corrupt)")
 
 
