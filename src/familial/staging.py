@@ -142,12 +142,17 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
 
 def write_text_atomically(target: str | Path, text: str) -> Path:
     """Replace one file in a single rename (a reader sees the old text or the new, never half)."""
+    return write_bytes_atomically(target, text.encode("utf-8"))
+
+
+def write_bytes_atomically(target: str | Path, data: bytes) -> Path:
+    """Replace one file in a single rename (a reader sees the old bytes or the new, never half)."""
     target = Path(target)
     remove_stale(target)
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with open(staging, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(staging, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, target)

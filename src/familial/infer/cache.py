@@ -33,6 +33,8 @@ class SlotCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
+        # Adaptive exit: each position's trunk state entering an early exit (familial.infer.runner).
+        self.exit_states: dict[int, torch.Tensor] = {}
 
     def buffers(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         # Allocated on first use, so branches a deployment never runs cost no memory.
@@ -41,6 +43,13 @@ class SlotCache:
             self.keys[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.values[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return self.keys[layer], self.values[layer]
+
+    def states(self, exit_layer: int) -> torch.Tensor:
+        """(slots, max_len, hidden) trunk states entering `exit_layer`, allocated on first use."""
+        if exit_layer not in self.exit_states:
+            self.exit_states[exit_layer] = torch.zeros(self.num_slots, self.max_len, self.config.hidden_size,
+                                                       dtype=self.dtype, device=self.device)
+        return self.exit_states[exit_layer]
 
     def batch(self, slots: list[int], starts: list[int], lengths: list[int]) -> CacheBatch:
         """A KVStore for rows writing `lengths[i]` positions from `starts[i]` of `slots[i]`."""
@@ -53,7 +62,8 @@ class SlotCache:
         return CacheBatch(self, slots, starts, lengths)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+        return sum(t.numel() * t.element_size()
+                   for t in (*self.keys.values(), *self.values.values(), *self.exit_states.values()))
 
 
 class CacheBatch:

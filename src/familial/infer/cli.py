@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from familial.infer.adaptive import MEASURES
 from familial.infer.sampling import SamplingParams
 
 
@@ -26,6 +27,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                             help="exit index, exit-E, alias, -1 (full) or auto (adaptive exit)")
         parser.add_argument("--budget", type=float,
                             help="adaptive exit with a cap on average depth (fraction of layers)")
+        parser.add_argument("--target", type=float,
+                            help="adaptive exit at the calibrated operating point for this agreement "
+                                 "with the full member (needs familial calibrate)")
         parser.add_argument("--max-new-tokens", type=int, default=64)
         parser.add_argument("--greedy", action="store_true")
         parser.add_argument("--temperature", type=float, default=1.0)
@@ -47,12 +51,16 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     else:
         parser.add_argument("--data", required=True,
                             help="held-out tokens: token shards directory, .npy, or text of ids")
-        parser.add_argument("--target", type=float, default=0.9,
-                            help="required agreement with the full member's top-1 among accepted tokens")
-        parser.add_argument("--metric", choices=["top1", "margin"], default="top1")
+        parser.add_argument("--target", type=float, default=0.95,
+                            help="token agreement with the full member's top-1 to guarantee (every token "
+                                 "decided on the true prefix)")
+        parser.add_argument("--delta", type=float, default=0.05,
+                            help="the guarantee holds with probability 1 - delta over the held-out tokens")
+        parser.add_argument("--metric", choices=list(MEASURES), default="classifier",
+                            help="decision measure of the default rule (every measure's table is stored)")
         parser.add_argument("--seq-len", type=int, default=128)
-        parser.add_argument("--max-tokens", type=int, default=16384)
-        parser.add_argument("--dry-run", action="store_true", help="print thresholds without writing")
+        parser.add_argument("--max-tokens", type=int, default=32768)
+        parser.add_argument("--dry-run", action="store_true", help="print the calibration without writing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +88,7 @@ def _generate(args: argparse.Namespace) -> int:
                             stop=args.stop, seed=args.seed, greedy=args.greedy)
     speculative = {None: None, "true": True}.get(args.speculative, args.speculative)
     handle = engine.submit(prompt, member=args.member, params=params, speculative=speculative,
-                           budget=args.budget)
+                           budget=args.budget, target=args.target)
     engine.start()
     started = time.perf_counter()
     exits = []
@@ -113,14 +121,27 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from familial.checkpoint_io import load_family
+    from familial.infer.adaptive import operating_point
     from familial.infer.calibrate import calibrate, load_token_ids, write_early_exit
 
     model = load_family(args.family)
-    settings = calibrate(model, load_token_ids(args.data), target=args.target, metric=args.metric,
-                         seq_len=args.seq_len, max_tokens=args.max_tokens)
-    for exit_layer, threshold in settings["thresholds"].items():
-        print(f"exit {exit_layer}: threshold {threshold:.4f} ({settings['metric']}), "
-              f"covers {settings['coverage'][exit_layer]:.1%} of tokens")
+    result = calibrate(model, load_token_ids(args.data), target=args.target, metric=args.metric,
+                       delta=args.delta, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    settings = result.settings()
+    print(f"{result.tokens} held-out tokens, half to fit, half to test; guarantee: with probability "
+          f">= {1 - args.delta:.0%}, token agreement with the full member >= {args.target} (tokens taken "
+          f"as independent draws)")
+    for measure, table in result.tables.items():
+        point = operating_point(table["points"], args.target) or table["points"][0]
+        print(f"  {measure:10s} agreement {point['agreement']:.4f} (lower bound {point['lower_bound']:.4f}), "
+              f"{point['layers']:.2f} layers per token = {point['speedup']:.2f}x fewer"
+              + ("  <- stored as the default rule" if measure == settings["metric"] else ""))
+    point = settings["operating_point"]
+    for exit_layer, share in point["exits"].items():
+        agreement = "-" if share["agreement"] is None else f"{share['agreement']:.4f}"
+        threshold = settings["thresholds"].get(exit_layer)
+        print(f"    exit {exit_layer}: {share['share']:.1%} of tokens leave here, agreement {agreement}"
+              + (f", threshold {threshold:.4f}" if threshold is not None else ""))
     if not args.dry_run:
-        print(f"wrote runtime.early_exit to {write_early_exit(args.family, settings)}")
+        print(f"wrote runtime.early_exit to {write_early_exit(args.family, settings, result.classifier)}")
     return 0

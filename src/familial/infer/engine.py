@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from familial.config import ConfigError
-from familial.infer.adaptive import AdaptiveState, ExitPolicy
+from familial.infer.adaptive import AdaptiveState, EarlyExit
 from familial.infer.cache import SlotCache
 from familial.infer.detokenize import TextStream
 from familial.infer.draft_policy import CallCosts, DraftPolicy, Plan
@@ -42,7 +42,7 @@ from familial.infer.requests import (
     RequestHandle,
     TokenEvent,
 )
-from familial.infer.runner import Row, Runner
+from familial.infer.runner import Adaptive, Row, Runner
 from familial.infer.sampling import Draw, SamplingParams, choose, request_seed
 from familial.infer.speculative import Proposal, Speculator
 from familial.model import FamilyModel
@@ -92,6 +92,8 @@ class _Sequence:
 
 # `--dtype` of `generate` and `serve` (absent: the checkpoint's own).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How adaptive rows supply the KV of layers a token skipped (familial.infer.runner).
+EXIT_KV = ("recompute", "copy")
 
 
 def suggested_threads(config) -> int | None:
@@ -104,10 +106,13 @@ def suggested_threads(config) -> int | None:
 
 class Engine:
     def __init__(self, model: FamilyModel, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
-                 device: str = "cpu", max_seq_len: int | None = None, max_prefill_tokens: int = 512) -> None:
+                 device: str = "cpu", max_seq_len: int | None = None, max_prefill_tokens: int = 512,
+                 early_exit: EarlyExit | None = None, exit_kv: str = "recompute") -> None:
         if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}), max_queue ({max_queue}) and "
                              f"max_prefill_tokens ({max_prefill_tokens}) must be >= 1")
+        if exit_kv not in EXIT_KV:
+            raise ValueError(f"exit_kv = {exit_kv!r}: expected one of {', '.join(EXIT_KV)}")
         self.model = model.to(device).eval()
         self.config = model.config
         self.tokenizer = tokenizer
@@ -115,6 +120,10 @@ class Engine:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 4096)
+        self.exit_kv = exit_kv
+        self.early_exit = early_exit
+        if early_exit is not None and early_exit.classifier is not None:
+            early_exit.classifier = early_exit.classifier.to(self.device)
         dtype = next(model.parameters()).dtype
         self.cache = SlotCache(self.config, max_batch_size, self.max_seq_len, dtype, device)
         self.runner = Runner(self.model, self.cache)
@@ -155,6 +164,8 @@ class Engine:
             if size > model.config.vocab_size:
                 raise ConfigError(f"{path}: {size} tokens, but {family_dir / 'family.json'} has vocab_size "
                                   f"{model.config.vocab_size} (the tokenizer belongs to another model)")
+        if "early_exit" not in kwargs:
+            kwargs["early_exit"] = EarlyExit.load(family_dir, model.config)
         return cls(model, tokenizer=tokenizer, **kwargs)
 
     def members(self) -> list[dict]:
@@ -177,9 +188,14 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], member: int | str = -1, params: SamplingParams | None = None,
                speculative: bool | int | str | None = None, budget: float | None = None,
-               _force: bool = False) -> RequestHandle:
-        """Queue a request; raises QueueFull when the queue is full, ValueError on bad input."""
-        sequence = self._make_sequence(prompt_ids, member, params, speculative, budget)
+               target: float | None = None, _force: bool = False) -> RequestHandle:
+        """Queue a request; raises QueueFull when the queue is full, ValueError on bad input.
+
+        Adaptive exit: member "auto" (or, with `budget` or `target`, any member as the deepest
+        exit). `target`: the agreement with the full member to hold, picking the request's
+        calibrated operating point; `budget`: a cap on average depth (fraction of the layers).
+        """
+        sequence = self._make_sequence(prompt_ids, member, params, speculative, budget, target)
         with self._wake:
             if len(self._waiting) >= self.max_queue and not _force:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue "
@@ -189,9 +205,10 @@ class Engine:
         return sequence.handle
 
     def generate(self, prompts: list[list[int]], member: int | str = -1, params: SamplingParams | None = None,
-                 speculative: bool | int | str | None = None, budget: float | None = None) -> list[GenerationResult]:
+                 speculative: bool | int | str | None = None, budget: float | None = None,
+                 target: float | None = None) -> list[GenerationResult]:
         """Run prompts to completion (batched) and return their tokens, exits and finish reasons."""
-        handles = [self.submit(p, member, params, speculative, budget, _force=True) for p in prompts]
+        handles = [self.submit(p, member, params, speculative, budget, target, _force=True) for p in prompts]
         if self._thread is None:
             with self._drive:
                 while not all(h.done for h in handles):
@@ -207,7 +224,7 @@ class Engine:
                                             handle.accepted))
         return results
 
-    def _make_sequence(self, prompt_ids, member, params, speculative, budget) -> _Sequence:
+    def _make_sequence(self, prompt_ids, member, params, speculative, budget, target) -> _Sequence:
         config = self.config
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt_ids: expected a non-empty list of token ids")
@@ -221,7 +238,7 @@ class Engine:
         params.validate()
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (tokenizer.json in the family directory)")
-        auto = member == "auto" or budget is not None
+        auto = member == "auto" or budget is not None or target is not None
         try:
             exit_layer = config.exits[-1] if member == "auto" else config.resolve_member(member)
         except ConfigError as error:
@@ -231,14 +248,28 @@ class Engine:
         sequence = _Sequence(handle, list(prompt_ids), exit_layer, params, request_seed(params), text=text)
         if auto:
             if speculative:
-                raise ValueError("speculative decoding and adaptive exit ('auto' or budget) exclude each other")
-            sequence.adaptive = AdaptiveState(config, ExitPolicy.from_config(config), budget)
+                raise ValueError("speculative decoding and adaptive exit ('auto', budget or target) exclude "
+                                 "each other")
+            rule = self._exit_rule(target)
+            if not rule.off or budget is not None:
+                sequence.adaptive = AdaptiveState(config, rule, exit_layer, budget, self.exit_kv == "recompute")
         elif speculative not in (None, False):
             candidates = self.draft_candidates(exit_layer, speculative)
             drafters = {e for chain in candidates for e in chain[:-1]}
             sequence.speculation = _Speculation(DraftPolicy(candidates), dict.fromkeys(drafters, 0))
             handle.speculative = True
         return sequence
+
+    def _exit_rule(self, target: float | None):
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                                   or not 0 < target <= 1):
+            raise ValueError(f"target = {target!r}: expected an agreement rate with the full member in (0, 1]")
+        if self.early_exit is None:
+            # Settings edited in memory since the engine started count (no classifier then).
+            early_exit = EarlyExit.from_config(self.config)
+        else:
+            early_exit = self.early_exit
+        return early_exit.rule if target is None else early_exit.for_target(target)
 
     def draft_chain(self, verifier: int, speculative: bool | int | str) -> list[int]:
         """Exits from drafter to verifier: True -> the smallest member drafts; "cascade" ->
@@ -377,18 +408,22 @@ class Engine:
 
     def _row(self, sequence: _Sequence) -> Row:
         adaptive, speculation = sequence.adaptive, sequence.speculation
+        if adaptive is not None:
+            last = not sequence.prefilling or sequence.length + sequence.chunk == len(sequence.prompt)
+            classifier = self.early_exit.classifier if self.early_exit is not None else None
+            info = Adaptive(adaptive.rule, adaptive.cap(), dict(adaptive.branch_from),
+                            None if adaptive.pending is None else list(adaptive.pending), classifier, last)
+            # A prompt runs every layer (its KV exact); its branches' KV is filled lazily.
+            return Row(sequence.slot, sequence.length, sequence.member, length=sequence.chunk, logits=last,
+                       adaptive=info, full_kv=sequence.prefilling)
         if sequence.prefilling:
             last = sequence.length + sequence.chunk == len(sequence.prompt)
-            # Prompt KV for every branch the request may use later: all earlier exits when
-            # adaptive, the drafters' when speculative.
-            extra = frozenset(speculation.filled) if speculation else frozenset(
-                e for e in self.config.exits[:-1] if e < sequence.member) if adaptive else frozenset()
+            # Prompt KV for the drafters' branches when speculative.
+            extra = frozenset(speculation.filled) if speculation else frozenset()
             return Row(sequence.slot, sequence.length, sequence.member, length=sequence.chunk, logits=last,
-                       decide=adaptive.decide if adaptive and last else None, extra_branches=extra,
-                       full_kv=adaptive is not None)
+                       extra_branches=extra)
         extra = frozenset(speculation.waiting.chain[:-1]) if sequence.behind is not None else frozenset()
-        return Row(sequence.slot, sequence.length, sequence.member, extra_branches=extra,
-                   decide=adaptive.decide if adaptive else None)
+        return Row(sequence.slot, sequence.length, sequence.member, extra_branches=extra)
 
     def _inputs(self, sequence: _Sequence) -> list[int]:
         if sequence.prefilling:
@@ -420,16 +455,23 @@ class Engine:
             logits = torch.cat([outputs[i].logits[-1:] for i in choosing])
             chosen = self._choose(logits, [self._draw(sequences[i]) for i in choosing]).tolist()
         exits = {s.member for s in sequences}
-        if len(rows) == len(sequences) and all(s.chunk == 1 and not s.prefilling for s in sequences) \
-                and len(exits) == 1:
+        if len(rows) == len(sequences) and all(s.chunk == 1 and not s.prefilling and s.adaptive is None
+                                               for s in sequences) and len(exits) == 1:
             # A decoding step's cost per row (the call and the token choice), for the draft policy.
             self.costs.record(("step", exits.pop()), time.perf_counter() - started, len(rows))
         tokens = dict(zip(choosing, chosen))
         for i, sequence in enumerate(sequences):
-            self._guard(sequence, self._commit, sequence, tokens.get(i), outputs[i].exit)
+            self._guard(sequence, self._commit, sequence, tokens.get(i), outputs[i].exit, outputs[i].branches)
 
-    def _commit(self, sequence: _Sequence, token: int | None, exit_layer: int | None) -> None:
-        speculation = sequence.speculation
+    def _commit(self, sequence: _Sequence, token: int | None, exit_layer: int | None,
+                branches: set[int] = frozenset()) -> None:
+        speculation, adaptive = sequence.speculation, sequence.adaptive
+        if adaptive is not None:
+            last = sequence.length + sequence.chunk - 1
+            if sequence.prefilling:
+                adaptive.advance(last, adaptive.member, branches)
+            else:
+                adaptive.advance(last, exit_layer, branches)
         if sequence.prefilling:
             sequence.length += sequence.chunk
             filled = list(speculation.filled) if speculation else []

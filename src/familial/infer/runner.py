@@ -8,25 +8,52 @@ exit's branch, norm and head and leave. So one call serves sequences of differen
 lengths and phases, and speculative verification can resume from the hidden state a draft left
 at its exit (`start_layer`, `hidden`).
 
-Adaptive rows that leave early supply the skipped layers' KV the CALM way: the trunk state
-entering the exit (the input of trunk layer `exit`) is copied forward, and every skipped
-layer (trunk layers exit..L-1 and the branches of deeper exits) gets K/V projected from it.
-For trunk layer `exit` this is exactly its KV; deeper layers get an approximation, which is
-what lets later tokens attend to this position without recomputing it. The projections of
-all skipped layers run as one matmul (weights stacked on first use, a copy of the k/v
-projections only: a few percent of the weights with grouped-query attention).
+Adaptive rows (familial.infer.adaptive) decide at each early exit whether their token leaves.
+What their positions lack is filled as late and as cheaply as it can be:
+- Branch KV, lazily. At every early exit an adaptive row passes, its tokens' trunk states go to
+  the cache's exit-state buffer (one write). When a token leaves at an exit, or a softmax
+  measure runs the exit's branch, the branch runs over every position since it last ran, from
+  those states. So a token that passes an exit pays for no branch layer.
+- The skipped layers' KV, one of two ways:
+  recompute (`Adaptive.pending` is a list; exact): positions that left early wait, each with
+  the exit where its KV stops (its frontier). The next pass that goes past a frontier takes
+  those positions along: their stored state joins the row there, and they run with it as deep
+  as it goes. Frontiers never increase with position, so a row stays one contiguous span. The
+  extra positions cost little next to the pass itself (the weights are read once either way),
+  and every layer's KV is what recomputing the whole sequence from scratch gives.
+  copy (`pending` is None; CALM): the state entering the exit is copied forward. Every skipped
+  trunk layer gets K/V projected from it (exact for trunk layer `exit`, an approximation
+  deeper), in one matmul (norm-folded k/v weights of the trunk stacked on first use, a few
+  percent of the weights with grouped-query attention), and deeper exits' branches read it as
+  their state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from familial.infer.adaptive import SOFTMAX, ExitClassifier, ExitRule, saturation, softmax_score
 from familial.infer.cache import CacheBatch, SlotCache
 from familial.model import FamilyModel, LowRankLinear, rotate_half
+
+
+@dataclass
+class Adaptive:
+    """An adaptive row: its rule and the state of its earlier positions (AdaptiveState)."""
+
+    rule: ExitRule
+    # the deepest exit the token may leave at this step (the member, or a budget's cap).
+    cap: int
+    # first position lacking each branch's KV, for every early exit up to the member's.
+    branch_from: dict[int, int]
+    # recompute: (first position, frontier exit) groups waiting for deeper KV; None: copy.
+    pending: list[tuple[int, int]] | None = None
+    classifier: ExitClassifier | None = None
+    # False: a prompt chunk before the last (its states are kept, nothing is decided).
+    decide: bool = True
 
 
 @dataclass
@@ -38,11 +65,11 @@ class Row:
     exit: int
     # tokens (or hidden states) this row brings to the call.
     length: int = 1
-    # adaptive rows: decide(exit, last-position logits) -> stop here? Asked at each earlier exit.
-    decide: Callable[[int, torch.Tensor], bool] | None = None
-    # branches to run for their KV only (prefill for adaptive and speculative requests).
+    # adaptive rows: where and how the last token may leave early.
+    adaptive: Adaptive | None = None
+    # branches to run for their KV only (prefill of speculative requests, KV catch-up).
     extra_branches: frozenset[int] = frozenset()
-    # keep running to the last layer even after `decide` chose an exit (exact prompt KV).
+    # keep running to the member's exit after the token's exit is decided (exact prompt KV).
     full_kv: bool = False
     # trunk layer whose input hidden state (all positions) to return, for speculative drafts.
     keep_hidden: int | None = None
@@ -57,6 +84,8 @@ class RowOutput:
     logits: torch.Tensor | None = None   # (T or 1, vocab)
     exit: int | None = None
     hidden: torch.Tensor | None = None   # (T, hidden) entering trunk layer `keep_hidden`
+    # adaptive rows: exits whose branch ran over every position up to this row's last.
+    branches: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -68,9 +97,16 @@ class _Active:
     batch: CacheBatch
     rotary: tuple[torch.Tensor, torch.Tensor]
     decided: set[int] = field(default_factory=set)
+    # (rows, hidden): each row's last token at the previous exit (saturation measure only).
+    previous: torch.Tensor | None = None
 
     def tokens(self, j: int) -> slice:
         return slice(self.batch.offsets[j], self.batch.offsets[j + 1])
+
+    def last(self, js: list[int]) -> torch.Tensor:
+        """(len(js), hidden): the last token of rows js."""
+        at = [self.batch.offsets[j + 1] - 1 for j in js]
+        return self.x[0, at[0]:at[0] + 1] if len(at) == 1 else self.x[0, at]
 
     def select(self, keep: list[int]) -> _Active:
         """Rows at positions `keep` (into self.index) as a new _Active."""
@@ -79,9 +115,10 @@ class _Active:
         offsets = self.batch.offsets
         at = torch.tensor([t for j in keep for t in range(offsets[j], offsets[j + 1])], dtype=torch.long,
                           device=self.x.device)
+        previous = None if self.previous is None else self.previous[keep]
         return _Active([self.index[j] for j in keep], self.x.index_select(1, at), self.batch.rows(keep),
                        (self.rotary[0].index_select(1, at), self.rotary[1].index_select(1, at)),
-                       self.decided)
+                       self.decided, previous)
 
 
 class Runner:
@@ -107,6 +144,8 @@ class Runner:
         batch = self.cache.batch([r.slot for r in rows], [r.start for r in rows], [r.length for r in rows])
         rotary = model.rotary(batch.positions[None], x.dtype)
         active = _Active(list(range(len(rows))), x, batch, rotary)
+        if any(r.adaptive is not None and r.adaptive.rule.measure == "saturation" for r in rows):
+            active.previous = active.last(list(range(len(rows))))
         outputs = [RowOutput() for _ in rows]
         keep = {r.keep_hidden for r in rows}
         for i in range(start_layer, self.config.num_hidden_layers):
@@ -122,103 +161,229 @@ class Runner:
         finishing = [j for j, b in enumerate(active.index) if b not in active.decided]
         if finishing:
             done = active.select(finishing)
-            self._finish(self.last, done, rows, outputs)
+            self._finish(self.last, done.x[0], done.batch.offsets, done.index, rows, outputs)
         return outputs
 
     def _exit_point(self, exit_layer: int, rows: list[Row], active: _Active,
                     outputs: list[RowOutput]) -> _Active:
-        need = [j for j, b in enumerate(active.index)
-                if rows[b].exit == exit_layer or exit_layer in rows[b].extra_branches
-                or (rows[b].decide is not None and b not in active.decided and exit_layer < rows[b].exit)]
-        if not need:
-            return active
-        sub = active.select(need)
-        branch = _Active(sub.index, sub.x, sub.batch, sub.rotary)
-        for layer in self.model.branch_layers(exit_layer):
-            branch.x = layer(branch.x, branch.rotary, None, branch.batch)
-        heads = [j for j, b in enumerate(sub.index) if b not in active.decided and (
-            rows[b].exit == exit_layer or rows[b].decide is not None)]
-        leaving: set[int] = set()
-        copy_forward: list[int] = []
-        if heads:
-            self._finish(exit_layer, branch.select(heads), rows, outputs)
-            for j in heads:
-                b = sub.index[j]
-                row = rows[b]
-                if row.exit != exit_layer and not row.decide(exit_layer, outputs[b].logits[-1]):
-                    outputs[b].logits = outputs[b].exit = None
-                    continue
-                if row.full_kv and row.exit != exit_layer:
-                    active.decided.add(b)
-                    continue
-                leaving.add(b)
-                if row.exit != exit_layer:
-                    copy_forward.append(need[j])
-        if copy_forward:
-            self._copy_forward(exit_layer, active.select(copy_forward))
-        if not leaving:
-            return active
-        return active.select([j for j, b in enumerate(active.index) if b not in leaving])
+        """Rows that stop at this exit leave (branch, norm, head); adaptive rows keep their
+        states, decide, and take pending positions along."""
+        passing = [j for j, b in enumerate(active.index)
+                   if rows[b].adaptive is not None and exit_layer in rows[b].adaptive.branch_from]
+        if passing:
+            self._store_states(exit_layer, active, passing)
+        leaving, branch_only, deciding, dropping = [], [], [], []
+        for j, b in enumerate(active.index):
+            row, info = rows[b], rows[b].adaptive
+            if info is None:
+                if row.exit == exit_layer:
+                    leaving.append(j)
+                elif exit_layer in row.extra_branches:
+                    branch_only.append(j)
+            elif b in active.decided or not info.decide:
+                if row.exit == exit_layer:
+                    dropping.append(j)   # prompt KV done; its branch KV is filled lazily
+            elif info.cap == exit_layer:
+                leaving.append(j)
+            elif exit_layer < info.cap and info.rule.enabled(exit_layer):
+                deciding.append(j)
+        ran: set[int] = set()
+        if deciding:
+            confident, ran = self._decide(exit_layer, rows, active, deciding, outputs)
+            leaving = sorted(leaving + confident)
+        if active.previous is not None:
+            active.previous = active.last(list(range(len(active.index))))
+        heads = [j for j in leaving if j not in ran]
+        if heads or branch_only:
+            if heads == list(range(len(active.index))) and all(rows[b].adaptive is None for b in active.index):
+                h, offsets = self._run_branch(exit_layer, active), active.batch.offsets
+                self._finish(exit_layer, h, offsets, active.index, rows, outputs)
+            else:
+                h, offsets = self._branch(exit_layer, rows, active, heads + branch_only, outputs)
+                self._finish(exit_layer, h, offsets[:len(heads) + 1], [active.index[j] for j in heads], rows,
+                             outputs)
+        copying = [j for j in leaving if rows[active.index[j]].adaptive is not None
+                   and rows[active.index[j]].adaptive.pending is None
+                   and not rows[active.index[j]].full_kv and exit_layer != rows[active.index[j]].exit]
+        if copying:
+            self._copy_forward(exit_layer, rows, active.select(copying))
+        gone = set(dropping)
+        for j in leaving:
+            b = active.index[j]
+            if rows[b].full_kv and rows[b].exit != exit_layer:
+                active.decided.add(b)
+            else:
+                gone.add(j)
+        if gone:
+            active = active.select([j for j in range(len(active.index)) if j not in gone])
+        joining = {}
+        for j, b in enumerate(active.index):
+            info = rows[b].adaptive
+            if info is not None and info.pending and b not in active.decided:
+                joining.update((j, p) for p, f in info.pending if f == exit_layer)
+        return self._join(exit_layer, active, joining) if joining else active
 
-    def _finish(self, exit_layer: int, done: _Active, rows: list[Row], outputs: list[RowOutput]) -> None:
-        """Norm and head at the positions each row wants logits for."""
+    def _decide(self, exit_layer: int, rows: list[Row], active: _Active, deciding: list[int],
+                outputs: list[RowOutput]) -> tuple[list[int], set[int]]:
+        """The deciding rows whose token leaves here, and those whose branch and head already
+        ran for a softmax measure (their logits are in `outputs`)."""
+        states = active.last(deciding)
+        leave, ran = [], set()
+        groups: dict[str, list[int]] = {}
+        for i, j in enumerate(deciding):
+            groups.setdefault(rows[active.index[j]].adaptive.rule.measure, []).append(i)
+        for measure, group in groups.items():
+            js = [deciding[i] for i in group]
+            infos = [rows[active.index[j]].adaptive for j in js]
+            mine = states if len(group) == len(deciding) else states[group]
+            if measure == "classifier":
+                scores = infos[0].classifier.probability(exit_layer, mine)
+            elif measure == "saturation":
+                scores = saturation(mine, active.previous[js])
+            else:
+                screened = [info.rule.screen is not None for info in infos]
+                if any(screened):
+                    hope = infos[0].classifier.probability(exit_layer, mine).tolist()
+                    keep = [k for k, info in enumerate(infos)
+                            if info.rule.screen is None or hope[k] >= info.rule.screen[exit_layer]]
+                    js, infos = [js[k] for k in keep], [infos[k] for k in keep]
+                if not js:
+                    continue
+                h, offsets = self._branch(exit_layer, rows, active, js, outputs)
+                indices = [active.index[j] for j in js]
+                self._finish(exit_layer, h, offsets, indices, rows, outputs)
+                ran.update(js)
+                scores = softmax_score(torch.cat([outputs[b].logits[-1:] for b in indices]), measure)
+            for j, info, score in zip(js, infos, scores.tolist()):
+                if score >= info.rule.thresholds[exit_layer]:
+                    leave.append(j)
+                elif measure in SOFTMAX:
+                    b = active.index[j]
+                    outputs[b].logits = outputs[b].exit = None
+        return leave, ran & set(leave)
+
+    def _store_states(self, exit_layer: int, active: _Active, js: list[int]) -> None:
+        """Keep the trunk states entering `exit_layer` of rows js' tokens (the exit-state buffer)."""
+        buffer, batch = self.cache.states(exit_layer), active.batch
+        if len(js) == 1:
+            j = js[0]
+            buffer[batch.slots[j], batch.starts[j]:batch.starts[j] + batch.lengths[j]] = active.x[0, active.tokens(j)]
+            return
+        slots = [batch.slots[j] for j in js for _ in range(batch.lengths[j])]
+        positions = [p for j in js for p in range(batch.starts[j], batch.starts[j] + batch.lengths[j])]
+        device = active.x.device
+        x = active.x[0]
+        if len(positions) != batch.tokens:
+            x = x[torch.tensor([t for j in js for t in range(batch.offsets[j], batch.offsets[j + 1])],
+                               device=device)]
+        buffer[torch.tensor(slots, device=device), torch.tensor(positions, device=device)] = x
+
+    def _run_branch(self, exit_layer: int, active: _Active) -> torch.Tensor:
+        x = active.x
+        for layer in self.model.branch_layers(exit_layer):
+            x = layer(x, active.rotary, None, active.batch)
+        return x[0]
+
+    def _branch(self, exit_layer: int, rows: list[Row], active: _Active, js: list[int],
+                outputs: list[RowOutput]) -> tuple[torch.Tensor, list[int]]:
+        """Exit `exit_layer`'s branch for rows js, in one packed call: (N, hidden) and each row's
+        offsets. An adaptive row runs over every position since the branch last ran, from the
+        stored states (those positions' branch KV is written on the way)."""
+        pieces, slots, starts = [], [], []
+        for j in js:
+            b = active.index[j]
+            info, slot, start = rows[b].adaptive, active.batch.slots[j], active.batch.starts[j]
+            if info is None:
+                pieces.append(active.x[0, active.tokens(j)])
+            else:
+                first = info.branch_from[exit_layer]
+                pieces.append(self.cache.states(exit_layer)[slot, first:start + active.batch.lengths[j]])
+                start = first
+                outputs[b].branches.add(exit_layer)
+            slots.append(slot)
+            starts.append(start)
+        batch = self.cache.batch(slots, starts, [len(p) for p in pieces])
+        x = (torch.cat(pieces) if len(pieces) > 1 else pieces[0])[None]
+        branch = _Active(js, x, batch, self.model.rotary(batch.positions[None], x.dtype))
+        return self._run_branch(exit_layer, branch), batch.offsets
+
+    def _finish(self, exit_layer: int, h: torch.Tensor, offsets: list[int], index: list[int], rows: list[Row],
+                outputs: list[RowOutput]) -> None:
+        """Norm and head at the positions each row wants logits for; h (N, hidden) holds row
+        index[i]'s tokens at offsets[i]:offsets[i + 1]."""
         picks, counts = [], []
-        for j, b in enumerate(done.index):
-            span = done.tokens(j)
-            wanted = (range(span.start, span.stop) if rows[b].all_logits
-                      else [span.stop - 1] if rows[b].logits or rows[b].decide is not None else [])
+        for i, b in enumerate(index):
+            begin, end = offsets[i], offsets[i + 1]
+            wanted = range(begin, end) if rows[b].all_logits else [end - 1] if rows[b].logits else []
             picks += wanted
             counts.append(len(wanted))
             outputs[b].exit = exit_layer
         if not picks:
             return
-        at = torch.tensor(picks, dtype=torch.long, device=done.x.device)
-        h = done.x[0].index_select(0, at)
+        if len(picks) < h.shape[0]:
+            h = h[picks[0]:picks[0] + 1] if len(picks) == 1 else h[picks]
         logits = self.model.exit_head(exit_layer)(self.model.exit_norm(exit_layer)(h))
         begin = 0
-        for b, count in zip(done.index, counts):
+        for b, count in zip(index, counts):
             if count:
                 outputs[b].logits = logits[begin:begin + count]
             begin += count
 
-    def _copy_forward(self, exit_layer: int, rows: _Active) -> None:
-        """CALM-style: write K/V of every layer these rows skip, projected from the exit state.
+    def _join(self, exit_layer: int, active: _Active, joining: dict[int, int]) -> _Active:
+        """Rows j in `joining` take their pending positions from joining[j] on along from here:
+        the stored states of those positions go in front of the row's tokens."""
+        buffer, batch = self.cache.states(exit_layer), active.batch
+        pieces, starts = [], []
+        for j in range(len(active.index)):
+            x, start = active.x[0, active.tokens(j)], batch.starts[j]
+            if j in joining:
+                x = torch.cat([buffer[batch.slots[j], joining[j]:start], x])
+                start = joining[j]
+            pieces.append(x)
+            starts.append(start)
+        joined = self.cache.batch(batch.slots, starts, [len(p) for p in pieces])
+        x = torch.cat(pieces)[None]
+        return _Active(active.index, x, joined, self.model.rotary(joined.positions[None], x.dtype),
+                       active.decided, active.previous)
 
-        All skipped layers' K and V come from one matmul: each layer's input RMSNorm weight
-        is folded into its k/v projection, and the layers are stacked so that every exit's
-        skipped set is a suffix of the stack (see `_projection`).
+    def _copy_forward(self, exit_layer: int, rows: list[Row], leaving: _Active) -> None:
+        """CALM-style: K/V of every trunk layer these rows skip, projected from the exit state,
+        and that state as the state of every deeper exit (whose branches read it lazily).
+
+        All skipped trunk layers' K and V come from one matmul: each layer's input RMSNorm
+        weight is folded into its k/v projection, and the layers are stacked in order.
         """
-        weight, bias, k_norm, layers = self._projection(exit_layer)
-        _, length, _ = rows.x.shape
-        eps, dtype = self.config.rms_norm_eps, rows.x.dtype
-        x = rows.x.float()
-        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-        # (1, N, layers, k|v, kv_heads, head_dim)
-        kv = F.linear(x, weight, bias).view(1, length, len(layers), 2, -1, self.config.head_dim)
-        k, v = kv[:, :, :, 0], kv[:, :, :, 1]
-        kf = k.float()
-        k = k_norm * (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-        cos, sin = (t[:, :, None, None, :] for t in rows.rotary)
-        k = k * cos + rotate_half(k) * sin
-        for i, layer in enumerate(layers):
-            rows.batch.write(layer.cache_name, k[:, :, i].transpose(1, 2), v[:, :, i].transpose(1, 2))
+        stops: dict[int, list[int]] = {}
+        for j, b in enumerate(leaving.index):
+            member = rows[b].exit
+            stops.setdefault(self.config.num_hidden_layers if member == self.last else member, []).append(j)
+        for stop, js in stops.items():
+            rows_ = leaving.select(js)
+            weight, bias, k_norm, layers = self._projection(exit_layer, stop)
+            _, length, _ = rows_.x.shape
+            eps, dtype = self.config.rms_norm_eps, rows_.x.dtype
+            x = rows_.x.float()
+            x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+            # (1, N, layers, k|v, kv_heads, head_dim)
+            kv = F.linear(x, weight, bias).view(1, length, len(layers), 2, -1, self.config.head_dim)
+            k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+            kf = k.float()
+            k = k_norm * (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+            cos, sin = (t[:, :, None, None, :] for t in rows_.rotary)
+            k = k * cos + rotate_half(k) * sin
+            for i, layer in enumerate(layers):
+                rows_.batch.write(layer.cache_name, k[:, :, i].transpose(1, 2), v[:, :, i].transpose(1, 2))
+            for deeper in sorted(self.early):
+                if exit_layer < deeper <= stop:
+                    self._store_states(deeper, rows_, list(range(len(rows_.index))))
 
-    def _projection(self, exit_layer: int):
-        """Stacked, norm-folded k/v projections of the layers skipped by exiting at `exit_layer`.
-
-        Order: for each trunk layer i, the branch of exit i (if any) and then layer i, so the
-        layers after exit e's branch are exactly those e skips (trunk e.., deeper branches).
-        Built on first use, from the weights at that time.
-        """
+    def _projection(self, exit_layer: int, stop: int):
+        """Stacked, norm-folded k/v projections of trunk layers exit_layer..stop-1 (built on
+        first use, from the weights at that time)."""
         if self._stack is None:
-            order, starts = [], {}
-            for i in range(self.config.num_hidden_layers):
-                if i in self.early:
-                    order += self.model.branch_layers(i)
-                starts[i] = len(order)
-                order.append(self.model.model.layers[str(i)])
+            layers = [self.model.model.layers[str(i)] for i in range(self.config.num_hidden_layers)]
             weights, biases = [], []
-            for layer in order:
+            for layer in layers:
                 gain = layer.input_layernorm.weight
                 for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
                     dense = proj.dense_weight() if isinstance(proj, LowRankLinear) else proj.weight
@@ -227,9 +392,8 @@ class Runner:
                                   else torch.zeros(dense.shape[0], dtype=dense.dtype, device=dense.device))
             rows_per_layer = 2 * self.config.num_key_value_heads * self.config.head_dim
             self._stack = (torch.cat(weights), torch.cat(biases),
-                           torch.stack([layer.self_attn.k_norm.weight for layer in order])[:, None, :],
-                           order, starts, rows_per_layer)
-        weight, bias, k_norm, order, starts, rows_per_layer = self._stack
-        first = starts[exit_layer]
-        return (weight[first * rows_per_layer:], bias[first * rows_per_layer:], k_norm[first:],
-                order[first:])
+                           torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, :],
+                           layers, rows_per_layer)
+        weight, bias, k_norm, layers, per = self._stack
+        return (weight[exit_layer * per:stop * per], bias[exit_layer * per:stop * per],
+                k_norm[exit_layer:stop], layers[exit_layer:stop])

@@ -211,7 +211,8 @@ class Server:
                                 stop_token_ids=list(stop_token_ids or []))
         try:
             handle = self.engine.submit(prompt_ids, member=member.id, params=params,
-                                        speculative=body.speculative, budget=body.budget)
+                                        speculative=body.speculative, budget=body.budget,
+                                        target=body.target)
         except QueueFull:
             raise APIError(429, "the request queue is full; retry later", None, "queue_full",
                            {"Retry-After": "1"}) from None

@@ -3,8 +3,8 @@
 Requests are strict (no "5" for 5, no NaN) and reject unknown fields, as OpenAI does, so a
 client learns at once that a parameter it relies on is not honoured here. The models are also
 what FastAPI publishes in /openapi.json, so the published schema is the validation itself.
-Beyond OpenAI's fields, `top_k` and `repetition_penalty` (as in vLLM) tune sampling, `budget`
-and `speculative` pick the family's adaptive or speculative decoding, and every response
+Beyond OpenAI's fields, `top_k` and `repetition_penalty` (as in vLLM) tune sampling, `budget`,
+`target` and `speculative` pick the family's adaptive or speculative decoding, and every response
 carries `familial`: the member that answered and the exit that produced each token.
 """
 
@@ -45,6 +45,9 @@ class _Sampling(_Request):
     budget: float | None = Field(None, gt=0, le=1, description=(
         "adaptive exit under a cap on average depth, as a fraction of the layers; the model "
         "is the deepest member tokens may reach"))
+    target: float | None = Field(None, gt=0, le=1, description=(
+        "adaptive exit at the family's calibrated operating point for this token agreement with "
+        "the full member (familial calibrate); the model is the deepest member tokens may reach"))
     speculative: bool | Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
         None, description=("self-speculative decoding: true (the smallest member drafts), "
                            "'cascade' (every smaller member), or drafting members such as 'exit-1,exit-3'"))
