@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("familial.commands.family", "export members as dense HF Qwen3 checkpoints"),
     "info": ("familial.commands.family", "show a family: exits, members, parameters, memory"),
     "data": ("familial.data.cli", "prepare packed token shards from text, JSONL or chat data"),
+    "tokenizer": ("familial.data.tokenizer_train", "fit a byte-level BPE tokenizer to text files"),
     "train": ("familial.train.cli", "train every member at once from a TOML config"),
     "plot": ("familial.train.cli", "plot per-exit training curves of a run directory"),
     "demo": ("familial.demo", "train, evaluate and export a small family on the bundled corpus"),
@@ -27,6 +28,7 @@ COMMANDS = {
     "calibrate": ("familial.infer.cli", "pick early-exit thresholds for a target agreement"),
     "serve": ("familial.serve.cli", "OpenAI-compatible server for every member of a family"),
     "eval": ("familial.eval.cli", "per-member loss, perplexity and task accuracy"),
+    "compare": ("familial.eval.evidence", "members against n-gram baselines and each other, paired intervals"),
     "report": ("familial.eval.cli", "Markdown report with the family's quality/cost charts"),
 }
 
