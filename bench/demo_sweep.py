@@ -1,17 +1,19 @@
 """Sweeps behind the demo's recipe: which shape and schedule learn most in a few CPU minutes.
 
-Each point is the demo recipe (`familial.demo.recipe.FULL`) with a few fields changed. A
-point first measures its CPU seconds per step on one thread (which load on a shared machine
-barely changes, unlike wall time), then trains for as many steps as fit in `--budget` seconds of that
-speed, through the same trainer and data as the demo, and evaluates every member on the
-held-out files. Losses after N steps do not depend on load, so points compare fairly on a
-busy machine; only the step counts rest on the timing. Points with different vocabularies
-are compared in nats per byte of held-out text (a token of a larger vocabulary covers more
-text). The bigram column is the interpolated Kneser-Ney bigram fitted to the same training
-tokens (familial.eval.ngram).
+Each point is the demo recipe (`familial.demo.recipe.FULL`) with a few fields changed. It
+trains through the same trainer and data as the demo for the CPU time that `--budget` steps
+of the recipe take (timed on one thread against the recipe, interleaved, so that load on a
+shared machine inflates both alike), then evaluates every member on the held-out files.
+Losses after N steps do not depend on load, so points compare fairly on a busy machine; only
+the step counts rest on the timing. Points that change nothing a step costs (learning rates,
+schedules, exit weights) run exactly `--budget` steps with `--same-cost`. Points with
+different vocabularies also compare in nats per byte of held-out text (a token of a larger
+vocabulary covers more text). The bigram column is the interpolated Kneser-Ney bigram
+fitted to the same training tokens (familial.eval.ngram).
 
-    python bench/demo_sweep.py --group lr --budget 90       # runs, appends to --results
-    python bench/demo_sweep.py --table                       # Markdown table of all results
+    python bench/demo_sweep.py --group lr --budget 600 --same-cost   # appends to --results
+    python bench/demo_sweep.py --group width --budget 600
+    python bench/demo_sweep.py --table                                 # Markdown table of all
 
 The last line printed is one JSON object of the points run.
 """
@@ -37,26 +39,41 @@ from familial.eval.perplexity import evaluate_held_out
 from familial.train.config import load_config
 from familial.train.loop import Trainer
 
-FOUR = {"exits": (1, 3, 5, 7), "names": ("tiny", "small", "medium", "full")}
-THREE = {"layers": 8, "exits": (1, 3, 7), "names": ("small", "medium", "full")}
 GROUPS: dict[str, dict[str, dict]] = {
-    "lr": {"lr2e-3": {"lr": 2e-3}, "lr4e-3": {"lr": 4e-3}, "lr8e-3": {"lr": 8e-3},
-           "lr1.6e-2": {"lr": 1.6e-2}},
-    "batch": {"b4": {"batch_size": 4}, "b8": {"batch_size": 8}, "b16": {"batch_size": 16}},
-    "vocab": {"v512": {"vocab_size": 512}, "v1024": {"vocab_size": 1024}, "v2048": {"vocab_size": 2048},
-              "v4096": {"vocab_size": 4096}},
+    "recipe": {"recipe": {}},
+    "lr": {"lr1e-3": {"lr": 1e-3}, "lr1.5e-3": {"lr": 1.5e-3}, "lr3e-3": {"lr": 3e-3}},
+    "low-lr": {"lr7e-4": {"lr": 7e-4}, "lr5e-4": {"lr": 5e-4}},
+    "schedule": {"cosine": {"lr_kind": "cosine"}, "wsd-0.5": {"decay_fraction": 0.5}},
+    "batch": {"b2": {"batch_size": 2}, "b8": {"batch_size": 8}},
+    "vocab": {"v384": {"vocab_size": 384}, "v1024": {"vocab_size": 1024}},
+    "small-vocab": {"v320": {"vocab_size": 320}, "v259": {"vocab_size": 259}},
     "width": {"h96": {"hidden_size": 96, "intermediate_size": 288},
-              "h128": {"hidden_size": 128, "intermediate_size": 384},
-              "h192": {"hidden_size": 192, "intermediate_size": 576, "heads": 3},
-              "h256": {"hidden_size": 256, "intermediate_size": 768, "heads": 4, "kv_heads": 2}},
-    "seq": {"t64": {"seq_len": 64}, "t128": {"seq_len": 128}, "t256": {"seq_len": 256}},
-    "depth": {"four-of-8": FOUR, "three-of-8": THREE,
-              "four-of-6": {"layers": 6, "exits": (0, 1, 3, 5), "names": FOUR["names"]},
-              "three-of-6": {"layers": 6, "exits": (1, 3, 5), "names": THREE["names"]}},
-    "schedule": {"wsd": {}, "cosine": {"lr_kind": "cosine"}, "wsd-0.5": {"decay_fraction": 0.5}},
-    "weights": {"equal": {}, "decay-shallow": {"exit_weights": {"tiny": (1.0, 0.3), "small": (1.0, 0.5)}},
+              "h160": {"hidden_size": 160, "intermediate_size": 480}},
+    "seq": {"t64": {"seq_len": 64, "batch_size": 8}, "t256": {"seq_len": 256, "batch_size": 2}},
+    "exits": {"three-of-8": {"exits": (1, 3, 7), "names": ("small", "medium", "full")},
+              "four-of-6": {"layers": 6, "exits": (0, 1, 3, 5)},
+              "three-of-6": {"layers": 6, "exits": (1, 3, 5), "names": ("small", "medium", "full")}},
+    "weights": {"decay-shallow": {"exit_weights": {"tiny": (1.0, 0.3), "small": (1.0, 0.5)}},
                 "deep-heavy": {"exit_weights": {"tiny": 0.5, "small": 0.75, "medium": 1.0, "full": 1.5}}},
 }
+# The second round starts from the first round's best vocabulary (384 ids).
+for _group in ("width", "seq", "exits", "weights", "lr", "low-lr", "batch"):
+    GROUPS[f"{_group}-v384"] = {name: {"vocab_size": 384, **changes}
+                                for name, changes in GROUPS[_group].items()}
+# The third round starts from the second's best: 384 ids, lr 7e-4, a 6-layer trunk with
+# exits 0/1/3/5 (members of 1, 2, 4 and 6 layers).
+GROUPS.update({
+    "r3-base": {"r3-base": {}},
+    "r3-exits": {"1-3-6": {"exits": (0, 2, 5), "names": ("small", "medium", "full")},
+                 "2-4-6": {"exits": (1, 3, 5), "names": ("small", "medium", "full")}},
+    "r3-weights": {"decay-shallow": {"exit_weights": {"tiny": (1.0, 0.3), "small": (1.0, 0.5)}},
+                   "deep-heavy": {"exit_weights": {"tiny": 0.5, "small": 0.75, "medium": 1.0, "full": 1.5}}},
+    "r3-width": {"h96": {"hidden_size": 96, "intermediate_size": 288},
+                 "h160": {"hidden_size": 160, "intermediate_size": 480}},
+    "r3-batch": {"b2": {"batch_size": 2}, "b8": {"batch_size": 8}},
+    "r3-seq": {"t64": {"seq_len": 64, "batch_size": 8}, "t256": {"seq_len": 256, "batch_size": 2}},
+    "r3-schedule": {"cosine": {"lr_kind": "cosine"}},
+})
 
 
 def _cpu_seconds_of_run(plan: DemoPlan, data_dir: Path, tokenizer_dir: Path, run_dir: Path) -> float:
@@ -68,24 +85,32 @@ def _cpu_seconds_of_run(plan: DemoPlan, data_dir: Path, tokenizer_dir: Path, run
     return time.process_time() - started
 
 
-def probe_step_seconds(plan: DemoPlan, data_dir: Path, tokenizer_dir: Path, work: Path) -> float:
-    """CPU seconds per step on one thread: the difference of a 15-step and a 3-step run.
+def relative_cost(plan: DemoPlan, cache: Path, work: Path) -> tuple[float, float]:
+    """(CPU seconds per step of `plan`, the same of the recipe): one thread, interleaved.
 
-    Process CPU time does not advance while other jobs hold the core, so on a loaded machine
-    it stays close to the idle wall time of a one-thread step; the difference of two runs
-    cancels the model's construction and the final checkpoint, and a first 2-step run takes
-    the one-time costs (kernel selection, lazy imports).
+    Each is the difference of a 15-step and a 3-step run (which cancels the model's
+    construction and the final checkpoint), after a 2-step run that takes one-time costs.
+    Process CPU time hardly advances while other jobs hold the core, and the two plans are
+    timed alternately, so load that comes and goes inflates both alike: their ratio is what
+    the step counts of a sweep rest on.
     """
-    seconds = [_cpu_seconds_of_run(replace(plan, steps=n, warmup_steps=1), data_dir, tokenizer_dir,
-                                   work / "probe") for n in (2, 3, 15)]
+    seconds: dict[tuple[int, int], float] = {}
+    for n in (2, 3, 15):
+        for k, p in enumerate((FULL, plan)):
+            tokenizer_dir, data_dir = prepare_corpus(p, cache)
+            seconds[k, n] = _cpu_seconds_of_run(replace(p, steps=n, warmup_steps=1), data_dir,
+                                                tokenizer_dir, work / "probe")
     shutil.rmtree(work / "probe", ignore_errors=True)
-    return (seconds[2] - seconds[1]) / 12
+    return ((seconds[1, 15] - seconds[1, 3]) / 12, (seconds[0, 15] - seconds[0, 3]) / 12)
 
 
-def run_point(name: str, plan: DemoPlan, budget: float, cache: Path, work: Path) -> dict:
+def run_point(name: str, plan: DemoPlan, budget: int, cache: Path, work: Path,
+              same_cost: bool = False) -> dict:
+    """Train `plan` for the CPU time of `budget` steps of the recipe (exactly `budget` steps
+    with `same_cost`, for points whose steps cost what the recipe's do)."""
     tokenizer_dir, data_dir = prepare_corpus(plan, cache)
-    step_s = probe_step_seconds(plan, data_dir, tokenizer_dir, work)
-    steps = max(20, int(budget / step_s))
+    step_s, reference_s = relative_cost(plan, cache, work)
+    steps = budget if same_cost else max(20, round(budget * reference_s / step_s))
     plan = replace(plan, steps=steps, warmup_steps=max(1, round(steps * plan.warmup_steps / FULL.steps)))
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -106,7 +131,7 @@ def run_point(name: str, plan: DemoPlan, budget: float, cache: Path, work: Path)
     bigram_loss = float(bigram.nll(ids[:-1], ids[1:]).mean())
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"name": name, "plan": asdict(plan),
-            "steps": steps, "step_s": step_s, "tokens_seen": steps * plan.seq_len * plan.batch_size,
+            "steps": steps, "step_s": step_s, "reference_step_s": reference_s, "tokens_seen": steps * plan.seq_len * plan.batch_size,
             "train_tokens": len(train_tokens), "wall_s": wall, "cpu_s": cpu,
             "members": list(plan.names), "loss": [float(x) for x in losses],
             "nats_per_byte": [float(x * per_byte) for x in losses],
@@ -135,8 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--group", choices=sorted(GROUPS), help="points to run")
     parser.add_argument("--only", help="comma-separated point names of the group")
-    parser.add_argument("--budget", type=float, default=90.0,
-                        help="training seconds per point at the probed one-thread speed")
+    parser.add_argument("--budget", type=int, default=600,
+                        help="per point, the CPU time of this many steps of the recipe")
+    parser.add_argument("--same-cost", action="store_true",
+                        help="train every point exactly --budget steps (points whose steps cost "
+                             "what the recipe's do, e.g. learning rates)")
     parser.add_argument("--quick", action="store_true", help="one tiny point, to check the script")
     parser.add_argument("--results", default="bench/out/demo_sweep.jsonl")
     parser.add_argument("--work", default="bench/out/demo_sweep")
@@ -152,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         points = {"quick": {"hidden_size": 64, "intermediate_size": 192, "layers": 4, "exits": (1, 3),
                             "names": ("small", "full"), "corpus_bytes": 400_000, "eval_tokens": 4096}}
-        group, budget = "quick", 5.0
+        group, budget = "quick", 20
     else:
         if not args.group:
             parser.error("--group is required (or --table, --quick)")
@@ -162,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.parent.mkdir(parents=True, exist_ok=True)
     done = []
     for name, overrides in points.items():
-        record = run_point(name, replace(FULL, **overrides), budget, work / "cache", work)
+        record = run_point(name, replace(FULL, **overrides), budget, work / "cache", work, args.same_cost)
         record["group"] = group
         done.append(record)
         print(table([record]).splitlines()[-1], flush=True)
