@@ -74,6 +74,19 @@ GROUPS.update({
     "r3-seq": {"t64": {"seq_len": 64, "batch_size": 8}, "t256": {"seq_len": 256, "batch_size": 2}},
     "r3-schedule": {"cosine": {"lr_kind": "cosine"}},
 })
+# The fourth round starts from the third's best (width 96) and runs at about the budget of
+# the demo itself (3000 steps of the recipe).
+GROUPS.update({
+    "r4-base": {"r4-base": {}},
+    "r4-width": {"h64": {"hidden_size": 64, "intermediate_size": 192},
+                 "h128": {"hidden_size": 128, "intermediate_size": 384}},
+    "r4-depth": {"1-2-4-8": {"layers": 8, "exits": (0, 1, 3, 7)},
+                 "1-3-6": {"exits": (0, 2, 5), "names": ("small", "medium", "full")}},
+    "r4-lr": {"lr1e-3": {"lr": 1e-3}, "lr5e-4": {"lr": 5e-4}},
+    "r4-batch": {"b8": {"batch_size": 8}},
+    "r4-weights": {"decay-shallow": {"exit_weights": {"tiny": (1.0, 0.3), "small": (1.0, 0.5)}}},
+    "r4-seq": {"t64": {"seq_len": 64, "batch_size": 8}},
+})
 
 
 def _cpu_seconds_of_run(plan: DemoPlan, data_dir: Path, tokenizer_dir: Path, run_dir: Path) -> float:

@@ -46,22 +46,43 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def busy_cpus(seconds: float = 1.0) -> float | None:
+    """CPUs' worth of work other processes did over the last `seconds` (Linux), or None."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(values), values[3] + values[4]           # all time, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def threads_for(cpus: int, busy: float) -> int:
+    """One thread per CPU that other processes leave idle (at least one, at most MAX_THREADS)."""
+    return max(1, min(cpus, MAX_THREADS, cpus - round(busy)))
+
+
 def choose_threads(requested: int | None) -> tuple[int, str]:
     """Intra-op threads, and why.
 
-    Every op waits for all its threads, so one thread that shares a core with another busy
-    process stalls every step; on a 2-core machine with one other job, two threads ran 15x
-    slower than one. So the default counts only the CPUs the 1-minute load average leaves idle.
+    Every op waits for all of its threads, so a thread that shares a core with another busy
+    process stalls every step: on this project's 2-core machine at a load average of 8, a
+    demo step took 73 s with two threads and 6 s with one. So the default counts only the
+    CPUs nobody else is using, measured over a second when the demo starts.
     """
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads {requested}: expected a positive integer")
         return requested, "--threads"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    threads = max(1, min(cpus, MAX_THREADS, int(cpus - load + 0.5)))
-    return threads, (f"{cpus} CPUs, 1-minute load average {load:.1f}: one thread per idle CPU; "
-                     f"--threads N to choose")
+    busy = busy_cpus()
+    if busy is None:
+        return 1, "cannot tell how busy the CPUs are; --threads N to use more"
+    return threads_for(cpus, busy), (f"{cpus} CPUs, other processes busy on {busy:.1f} of them; "
+                                     f"--threads N to choose")
 
 
 def run(args: argparse.Namespace) -> int:

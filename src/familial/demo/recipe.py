@@ -15,25 +15,27 @@ from typing import Any
 @dataclass(frozen=True)
 class DemoPlan:
     # The corpus: standard library files up to `corpus_bytes`, every `held_out_every`-th
-    # file held out, tokenised by a BPE of `vocab_size` ids fitted to the training files.
+    # file held out (its first `held_out_file_bytes`), tokenised by a BPE of `vocab_size`
+    # ids fitted to the training files.
     corpus_bytes: int = 3_400_000
     held_out_every: int = 10
-    vocab_size: int = 2048
+    held_out_file_bytes: int | None = None
+    vocab_size: int = 384
     # The family: exits of a `layers`-deep trunk, one branch layer per early exit.
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    layers: int = 8
+    hidden_size: int = 96
+    intermediate_size: int = 288
+    layers: int = 6
     heads: int = 2
     kv_heads: int = 1
-    exits: tuple[int, ...] = (1, 3, 5, 7)
+    exits: tuple[int, ...] = (0, 1, 3, 5)
     names: tuple[str, ...] = ("tiny", "small", "medium", "full")
     # Joint training.
-    steps: int = 400
+    steps: int = 3000
     seq_len: int = 128
-    batch_size: int = 16
-    lr: float = 3e-3
+    batch_size: int = 4
+    lr: float = 7e-4
     min_lr: float = 1e-4
-    warmup_steps: int = 20
+    warmup_steps: int = 60
     lr_kind: str = "wsd"
     decay_fraction: float = 0.3
     weight_decay: float = 0.05
