@@ -18,6 +18,7 @@ COMMANDS = {
     "info": ("familial.commands.family", "show a family: exits, members, parameters, memory"),
     "verify": ("familial.commands.family", "check a family's tensors and their sha256 checksums"),
     "data": ("familial.data.cli", "prepare packed token shards from text, JSONL or chat data"),
+    "tokenizer": ("familial.data.tokenizer_train", "fit a byte-level BPE tokenizer to text files"),
     "train": ("familial.commands.train", "train every member at once from a TOML config"),
     "plot": ("familial.commands.train", "plot per-exit training curves of a run directory"),
     "demo": ("familial.demo", "train, evaluate and export a small family on the bundled corpus"),
@@ -28,6 +29,7 @@ COMMANDS = {
     "calibrate": ("familial.infer.cli", "pick early-exit thresholds for a target agreement"),
     "serve": ("familial.serve.cli", "OpenAI-compatible server for every member of a family"),
     "eval": ("familial.eval.cli", "per-member loss, perplexity and task accuracy"),
+    "compare": ("familial.eval.evidence", "members against n-gram baselines and each other, paired intervals"),
     "report": ("familial.eval.cli", "Markdown report with the family's quality/cost charts"),
 }
 

@@ -3,18 +3,20 @@
 torch's default is one intra-op thread per core. On a machine whose cores are busy with
 other work, every parallel op then waits for its slowest thread, which is waiting for a
 core: a step can take several times longer than with one thread (measured on a shared
-2-core machine: the demo went from 3 minutes to over 4 hours). So:
+2-core machine at a load average of 8: a demo step took 73 s with two threads, 6 s with
+one). So:
 
 - a small model gets 1 thread: its ops are too small to split profitably (the same rule as
   serving, see `familial.infer.engine.suggested_threads`);
-- otherwise, the cores this process may run on minus the load already on them (the
-  1-minute load average), at least 1.
+- otherwise, one thread per core that other processes leave idle, measured over half a
+  second from /proc/stat (the load average lags by a minute), at least 1.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import time
+from pathlib import Path
 
 # hidden_size x layers at or below which ops are dispatch-bound (as in serving).
 SMALL_MODEL = 16384
@@ -27,14 +29,32 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def busy_cores(seconds: float = 0.5) -> float | None:
+    """Cores' worth of work other processes did over the next `seconds` (Linux), else None."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(fields), fields[3] + fields[4]      # all time; idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
 def pick_threads(hidden_size: int | None = None, layers: int | None = None) -> tuple[int, str]:
     """(threads, why) for a compute command on this machine right now."""
     cores = available_cores()
     if hidden_size is not None and layers is not None and hidden_size * layers <= SMALL_MODEL:
         return 1, f"a small model (hidden {hidden_size} x {layers} layers): ops too small to split"
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    idle = max(1, min(cores, math.floor(cores - load + 0.5)))
-    return idle, f"{cores} core(s), load average {load:.1f}"
+    busy = busy_cores()
+    if busy is not None:
+        why = f"{cores} core(s), other processes busy on {busy:.1f}"
+    else:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+        why = f"{cores} core(s), load average {busy:.1f}"
+    return max(1, min(cores, round(cores - busy))), why

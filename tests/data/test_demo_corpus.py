@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from familial.data.demo_corpus import (SPECIAL_TOKENS, TOKENIZER_PATH, demo_documents,
+from familial.data.demo_corpus import (TOKENIZER_PATH, demo_documents,
                                        prepare_demo_data)
 from familial.data.tokenize import load_tokenizer
+from familial.data.tokenizer_train import SPECIAL_TOKENS
 
 
 def test_shipped_tokenizer_is_small_and_round_trips():

@@ -109,3 +109,18 @@ def alphabet_held_out(alphabet_family, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("held_out") / "shards"
     write_shards(path, documents, vocab_size=tokenizer.get_vocab_size())
     return path
+
+
+@pytest.fixture(scope="session")
+def alphabet_train(alphabet_family, tmp_path_factory) -> Path:
+    """Token shards of alphabet runs standing in for the family's training data (n-gram baselines)."""
+    from familial.data.shards import write_shards
+
+    tokenizer = Tokenizer.from_file(str(alphabet_family / "tokenizer.json"))
+    rng = random.Random(3)
+    eos = tokenizer.token_to_id(EOS)
+    documents = [tokenizer.encode(alphabet_run(rng, rng.randint(6, 14))).ids + [eos]
+                 for _ in range(200)]
+    path = tmp_path_factory.mktemp("train") / "shards"
+    write_shards(path, documents, vocab_size=tokenizer.get_vocab_size())
+    return path

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from familial.checkpoint_io import load_family, save_family, verify_checksums
+from familial.checkpoint_io import save_family, verify_checksums
 from familial.cli import main
 from familial.infer import Engine, SamplingParams
 from familial.infer.adaptive import OFF, EarlyExit, ExitClassifier, ExitRule

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -207,10 +208,21 @@ def test_thread_count_never_oversubscribes_a_busy_machine(monkeypatch):
     from familial import threads
 
     monkeypatch.setattr(threads, "available_cores", lambda: 8)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.2, 0.0, 0.0))
-    assert threads.pick_threads(2048, 24) == (2, "8 core(s), load average 6.2")
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    monkeypatch.setattr(threads, "busy_cores", lambda: 6.2)
+    assert threads.pick_threads(2048, 24) == (2, "8 core(s), other processes busy on 6.2")
+    monkeypatch.setattr(threads, "busy_cores", lambda: 30.0)
     assert threads.pick_threads(2048, 24)[0] == 1
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0.1)
     assert threads.pick_threads(2048, 24)[0] == 8
     assert threads.pick_threads(128, 8)[0] == 1  # a small model: its ops are too small to split
+    # Without /proc/stat, the load average stands in.
+    monkeypatch.setattr(threads, "busy_cores", lambda: None)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.2, 0.0, 0.0))
+    assert threads.pick_threads(2048, 24) == (2, "8 core(s), load average 6.2")
+
+
+def test_busy_cores_measures_this_machine():
+    from familial import threads
+
+    busy = threads.busy_cores(0.05)
+    assert busy is None or 0 <= busy <= os.cpu_count()

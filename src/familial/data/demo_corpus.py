@@ -26,24 +26,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from familial.chat_template import CHATML
 from familial.data.shards import ShardWriter, TokenShards
 from familial.data.tokenize import encode_texts, load_tokenizer, token_id, vocab_size
+from familial.data.tokenizer_train import save_tokenizer, train_bpe
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_PATH = ASSETS / "tokenizer.json"
 TOKENIZER_CONFIG_PATH = ASSETS / "tokenizer_config.json"
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DEMO_VOCAB_SIZE = 2048
 DEFAULT_LIMIT_BYTES = 4_000_000
 HELD_OUT_EVERY = 20
 _SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings",
                "_bundled"}
 _MAX_FILE_BYTES = 100_000
-# The pre-tokenizer regex of Qwen2/Qwen3: single digits, words with their leading space,
-# runs of punctuation and whitespace kept apart, so code indentation becomes few tokens.
-_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def stdlib_files() -> list[Path]:
@@ -57,8 +52,12 @@ def stdlib_files() -> list[Path]:
                   .hexdigest())
 
 
-def demo_documents(limit_bytes: int = DEFAULT_LIMIT_BYTES) -> tuple[list[str], list[str]]:
-    """(train, held_out) documents: standard library files up to `limit_bytes` in total."""
+def demo_documents(limit_bytes: int = DEFAULT_LIMIT_BYTES, held_out_every: int = HELD_OUT_EVERY,
+                   held_out_file_bytes: int | None = None) -> tuple[list[str], list[str]]:
+    """(train, held_out) documents: standard library files up to `limit_bytes` in total,
+    every `held_out_every`-th of them held out; with `held_out_file_bytes`, only the first
+    lines of each held-out file that fit in that many bytes (evaluation then covers many
+    files at a bounded cost)."""
     documents: list[str] = []
     used = 0
     for path in stdlib_files():
@@ -70,25 +69,35 @@ def demo_documents(limit_bytes: int = DEFAULT_LIMIT_BYTES) -> tuple[list[str], l
         if used + size <= limit_bytes:
             documents.append(text)
             used += size
-    held_out = documents[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
+    held_out = [_head(text, held_out_file_bytes) for text in documents[held_out_every - 1::held_out_every]]
     train = [text for index, text in enumerate(documents)
-             if index % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+             if index % held_out_every != held_out_every - 1]
     if not train or not held_out:
         raise ValueError(f"the standard library at {sysconfig.get_paths()['stdlib']} gave too "
                          f"little text for the demo corpus ({used} bytes)")
     return train, held_out
 
 
+def _head(text: str, limit: int | None) -> str:
+    data = text.encode("utf-8")
+    if limit is None or len(data) <= limit:
+        return text
+    cut = data.rfind(b"\n", 0, limit)
+    return data[:cut + 1 if cut >= 0 else limit].decode("utf-8", errors="ignore")
+
+
 def prepare_demo_data(out_dir: str | Path, limit_bytes: int = DEFAULT_LIMIT_BYTES,
-                      overwrite: bool = False) -> tuple[TokenShards, TokenShards]:
+                      overwrite: bool = False, tokenizer_path: str | Path = TOKENIZER_PATH,
+                      held_out_every: int = HELD_OUT_EVERY,
+                      held_out_file_bytes: int | None = None) -> tuple[TokenShards, TokenShards]:
     """Tokenise the demo corpus into `out_dir/train` and `out_dir/held_out` shards."""
     out_dir = Path(out_dir)
-    tokenizer = load_tokenizer(TOKENIZER_PATH)
-    eos = token_id(tokenizer, "<|endoftext|>", str(TOKENIZER_PATH))
-    train, held_out = demo_documents(limit_bytes)
+    tokenizer = load_tokenizer(tokenizer_path)
+    eos = token_id(tokenizer, "<|endoftext|>", str(tokenizer_path))
+    train, held_out = demo_documents(limit_bytes, held_out_every, held_out_file_bytes)
     result = []
     for name, texts in (("train", train), ("held_out", held_out)):
-        writer = ShardWriter(out_dir / name, vocab_size(tokenizer), tokenizer=str(TOKENIZER_PATH),
+        writer = ShardWriter(out_dir / name, vocab_size(tokenizer), tokenizer=str(tokenizer_path),
                              eos_token_id=eos, sources=[f"python-stdlib:{name}"],
                              overwrite=overwrite)
         try:
@@ -125,41 +134,16 @@ def write_arithmetic_chat(path: str | Path, count: int, seed: int = 0) -> Path:
     return path
 
 
-def train_demo_tokenizer(out_path: str | Path = TOKENIZER_PATH,
-                         vocab: int = DEMO_VOCAB_SIZE) -> Path:
-    """Train the byte-level BPE tokenizer on the demo corpus's training part and save it."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  min_frequency=2, show_progress=False)
-    train, _ = demo_documents()
-    tokenizer.train_from_iterator(train, trainer=trainer)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out_path))
-    write_tokenizer_config(out_path.parent / TOKENIZER_CONFIG_PATH.name)
-    return out_path
-
-
-def write_tokenizer_config(path: str | Path = TOKENIZER_CONFIG_PATH) -> Path:
-    """tokenizer_config.json so that transformers loads the demo tokenizer and chat template."""
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
-              "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-              "model_max_length": 32768, "clean_up_tokenization_spaces": False,
-              "chat_template": CHATML}
-    path = Path(path)
-    path.write_text(json.dumps(config, indent=2) + "\n")
-    return path
+def train_demo_tokenizer(out_dir: str | Path = ASSETS, vocab: int = DEMO_VOCAB_SIZE,
+                         limit_bytes: int = DEFAULT_LIMIT_BYTES, overwrite: bool = True) -> Path:
+    """Fit the byte-level BPE tokenizer to the demo corpus's training part; write it to `out_dir`."""
+    train, _ = demo_documents(limit_bytes)
+    save_tokenizer(train_bpe(train, vocab), out_dir, overwrite=overwrite)
+    return Path(out_dir) / TOKENIZER_PATH.name
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="retrain the shipped demo tokenizer")
-    parser.add_argument("--out", default=str(TOKENIZER_PATH))
+    parser.add_argument("--out", default=str(ASSETS))
     written = train_demo_tokenizer(parser.parse_args().out)
     print(f"wrote {written} and {written.parent / TOKENIZER_CONFIG_PATH.name}")

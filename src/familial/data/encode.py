@@ -68,13 +68,9 @@ class Encoder:
                                     self.tokenizer.encode_batch)
 
     def __call__(self, chunk: Chunk) -> Encoded:
-        if chunk.kind == "texts":
-            return self._texts(chunk.texts)
-        records = _records(chunk)
-        if chunk.kind == "jsonl":
-            return self._texts([_text(record, self.spec.field, chunk.where, number)
-                                for number, record in records])
-        return self._conversations(records, chunk.where)
+        if chunk.kind in ("texts", "jsonl"):
+            return self._texts(chunk_texts(chunk, self.spec.field))
+        return self._conversations(_records(chunk), chunk.where)
 
     def _texts(self, texts: list[str]) -> Encoded:
         kept = [text for text in texts if text.strip()]
@@ -106,6 +102,13 @@ class Encoder:
             tokens = np.concatenate([np.zeros(0, np.int64), *ids]).astype(self.spec.dtype)
             mask = np.concatenate([np.zeros(0, np.uint8), *masks]).astype(np.uint8)
         return Encoded(tokens, lengths[keep], mask, blank + int((~keep).sum()))
+
+
+def chunk_texts(chunk: Chunk, field: str) -> list[str]:
+    """The documents of a `texts` or `jsonl` chunk (JSONL: each line's `field`)."""
+    if chunk.kind == "texts":
+        return chunk.texts
+    return [_text(record, field, chunk.where, number) for number, record in _records(chunk)]
 
 
 def _records(chunk: Chunk) -> list[tuple[int, object]]:

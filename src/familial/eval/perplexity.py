@@ -87,8 +87,12 @@ def window_count(shards: TokenShards, seq_len: int, max_tokens: int | None) -> i
 @torch.inference_mode()
 def evaluate_held_out(model: FamilyModel, shards: TokenShards, seq_len: int,
                       max_tokens: int | None = None, batch_size: int = 8,
-                      chunk_size: int = DEFAULT_CHUNK) -> HeldOut:
-    """Per-window loss sums and agreement counts of every member over the shards' first windows."""
+                      chunk_size: int = DEFAULT_CHUNK, exits: list[int | str] | None = None) -> HeldOut:
+    """Per-window loss sums and agreement counts of every member over the shards' first windows.
+
+    `exits` limits the pass to those members (the trunk runs only as deep as the deepest of
+    them, whose top-1 is then the agreement reference).
+    """
     config = model.config
     if shards.vocab_size > config.vocab_size:
         raise ValueError(f"{shards.path}: manifest vocab_size {shards.vocab_size} exceeds the "
@@ -96,7 +100,8 @@ def evaluate_held_out(model: FamilyModel, shards: TokenShards, seq_len: int,
     if seq_len > config.max_position_embeddings:
         raise ValueError(f"seq_len {seq_len} exceeds the family's max_position_embeddings "
                          f"{config.max_position_embeddings}")
-    exits = list(config.exits)
+    exits = (list(config.exits) if exits is None
+             else sorted({config.resolve_member(e) for e in exits}))
     windows = window_count(shards, seq_len, max_tokens)
     rows = StreamRows(shards, seq_len, shuffle=False, loop=False)
     device = next(model.parameters()).device

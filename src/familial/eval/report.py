@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from familial.checkpoint_io import atomic_directory  # noqa: E402
+from familial.staging import atomic_directory  # noqa: E402
 from familial.config import ConfigError, FamilyConfig, read_json  # noqa: E402
 from familial.eval.cost import member_costs  # noqa: E402
 from familial.summary import format_count, summarize  # noqa: E402
