@@ -9,9 +9,9 @@ the quick demo family, trained once into bench/out/demo-quick and reused). For e
 2. Per prompt: the full member with self-speculative decoding (the smallest member drafts) and
    with the cascade (the draft policy may pick any smaller member, or several in a chain),
    against plain greedy decoding, at identical output, with the acceptance rates.
-3. Adaptive exit ("auto") against the same plain decoding (speed, mean depth, agreement).
-4. Continuous batching: mixed-member requests served together against one at a time.
-5. Memory: the family's weights loaded once against every member loaded separately.
+3. Continuous batching: mixed-member requests served together against one at a time.
+4. Memory: the family's weights loaded once against every member loaded separately.
+Adaptive exit ("auto") has its own bench, bench/adaptive.py.
 Last line: one JSON object of the figures.
 """
 
@@ -30,8 +30,6 @@ import torch
 from familial.checkpoint_io import export_member, load_family, save_family
 from familial.config import FamilyConfig
 from familial.infer import Engine, SamplingParams
-from familial.infer.adaptive import DEFAULT_THRESHOLD
-from familial.infer.calibrate import calibrate, load_token_ids
 from familial.model import FamilyModel
 
 OUT = Path(__file__).parent / "out"
@@ -129,7 +127,7 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 
 
 def measure_family(family_dir: Path, source: str, prompts_wanted: int, new_tokens: int, repeats: int,
-                   work: Path, quick: bool, held_out: Path | None, calibration_data: str | None) -> dict:
+                   work: Path, quick: bool) -> dict:
     print(f"\n== family: {source}")
     model = load_family(family_dir)
     config = model.config
@@ -179,27 +177,6 @@ def measure_family(family_dir: Path, source: str, prompts_wanted: int, new_token
         del dense
 
     figures["speculative"] = speculative_per_prompt(engine, prompts, full, greedy, new_tokens, repeats)
-
-    thresholds = "checkpoint"
-    if "early_exit" not in config.runtime:
-        if calibration_data or held_out is not None:
-            tokens = load_token_ids(calibration_data) if calibration_data else torch.load(held_out).numpy()
-            config.runtime["early_exit"] = calibrate(model, tokens, target=0.9, seq_len=64)
-            thresholds = "calibrated in this run for 90% agreement"
-        else:
-            thresholds = f"default ({DEFAULT_THRESHOLD} top-1, no calibration data)"
-    timed = race({"plain": lambda: engine.generate([prompts[0]], full, greedy)[0],
-                  "auto": lambda: engine.generate([prompts[0]], "auto", greedy)[0]}, new_tokens, repeats)
-    (plain, reference), (speed, result) = timed["plain"], timed["auto"]
-    depth = sum(config.member_layers(e) for e in result.exits) / len(result.exits) / config.num_hidden_layers
-    same = next((i for i, (a, b) in enumerate(zip(result.token_ids, reference.token_ids)) if a != b),
-                len(result.token_ids))
-    figures["auto"] = {"tokens_per_s": round(speed, 1), "speedup": round(speed / plain, 2),
-                       "mean_depth": round(depth, 3), "tokens_before_divergence": same,
-                       "thresholds": thresholds}
-    print(f"auto exit ({thresholds}): {speed:.1f} tok/s = {speed / plain:.2f}x plain full, mean depth "
-          f"{depth:.0%} of layers, first {same} of {len(result.token_ids)} tokens equal to the full "
-          f"member's greedy output")
 
     figures["batching"] = batching(engine, prompts[0], new_tokens, repeats)
     family_bytes = parameter_bytes(model)
@@ -272,8 +249,6 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, help="new tokens per generation")
     parser.add_argument("--prompts", type=int, help="prompts per family for the speculative comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--calibration-data", help="held-out tokens for the trained family's early-exit "
-                                                   "thresholds when it has none (shards dir, .npy or text of ids)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                         help="cpu: this process's CPU time (steady on a shared machine; with one thread "
                              "it equals wall time on an idle core); wall: elapsed time")
@@ -290,14 +265,12 @@ def main() -> int:
     trained_dir, trained_source = trained_family(args)
     synthetic_dir = work / "synthetic"
     save_family(train_tiny_family(150 if args.quick else 400), synthetic_dir)
-    held_out = markov_batch(markov_chain(), 32, 128, torch.Generator().manual_seed(2)).flatten()
-    torch.save(held_out, work / "held_out.pt")
     figures = {"threads": args.threads, "clock": args.clock, "new_tokens": new_tokens, "families": {}}
     figures["families"]["synthetic"] = measure_family(
         synthetic_dir, "tiny family trained in this run on a synthetic Markov language", prompts, new_tokens,
-        repeats, work, args.quick, work / "held_out.pt", None)
+        repeats, work, args.quick)
     figures["families"]["trained"] = measure_family(trained_dir, trained_source, prompts, new_tokens, repeats,
-                                                    work, args.quick, None, args.calibration_data)
+                                                    work, args.quick)
     print(json.dumps(figures))
     return 0
 
