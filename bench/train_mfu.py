@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+
+from train import best_times
 
 from familial.config import FamilyConfig
 from familial.train.config import InitConfig, LRConfig, OptimConfig, TrainConfig
@@ -94,19 +95,6 @@ def transformers_step(config: FamilyConfig, batch: dict):
     return step
 
 
-def best_times(contenders: dict, rounds: int, warmup: int) -> dict[str, float]:
-    for step in contenders.values():
-        for _ in range(warmup):
-            step()
-    best = {name: float("inf") for name in contenders}
-    for _ in range(rounds):
-        for name, step in contenders.items():
-            start = time.perf_counter()
-            step()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="widths 256 and 1024, fewer rounds")
@@ -130,7 +118,7 @@ def main() -> None:
                       "transformers_full_member": transformers_step(config, batch), "matmul": matmul()}
         if not args.no_compile:
             contenders["joint_compiled"] = ours(config, batch, compile=True)
-        times = best_times(contenders, rounds, warmup=1)
+        times = best_times(contenders, rounds, steps=1, warmup=1)
         # The peak: the best square matmul of any round of any width.
         peak = max(peak, 2 * PEAK_SIZE ** 3 / times.pop("matmul"))
         flops = {name: step_flops(config, rows * length, length,
