@@ -22,6 +22,11 @@ Calibrated families keep, in `config.runtime["early_exit"]` (see familial.infer.
 picks its point from `points`. Uncalibrated families use DEFAULT_THRESHOLD of "top1".
 A request's depth budget (a cap on average depth as a fraction of the layers) caps each token's
 exit whenever going deeper would lift the running average above the cap.
+
+Sequences decoding together leave an exit together, when every one's token may leave there
+(familial.infer.runner): a token that could leave beside one that cannot goes on to the exit
+where the batch leaves, so a batch holds at least the agreement of its sequences alone and
+is never slower than running every layer; calibration describes a sequence alone.
 """
 
 from __future__ import annotations
