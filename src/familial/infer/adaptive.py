@@ -25,8 +25,8 @@ exit whenever going deeper would lift the running average above the cap.
 
 Sequences decoding together leave an exit together, when every one's token may leave there
 (familial.infer.runner): a token that could leave beside one that cannot goes on to the exit
-where the batch leaves, so a batch holds at least the agreement of its sequences alone and
-is never slower than running every layer; calibration describes a sequence alone.
+where the batch leaves. Every token that leaves early is one its measure lets leave there, at
+an exit no earlier than alone; calibration describes a sequence alone.
 """
 
 from __future__ import annotations

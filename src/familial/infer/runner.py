@@ -116,7 +116,10 @@ class _Active:
     def last(self, js: list[int]) -> torch.Tensor:
         """(len(js), hidden): the last token of rows js."""
         at = [self.batch.offsets[j + 1] - 1 for j in js]
-        return self.x[0, at[0]:at[0] + 1] if len(at) == 1 else self.x[0, at]
+        if at == list(range(at[0], at[0] + len(at))):
+            # Single-token rows side by side (a decoding step): a view, no gather.
+            return self.x[0, at[0]:at[0] + len(at)]
+        return self.x[0, at]
 
     def select(self, keep: list[int]) -> _Active:
         """Rows at positions `keep` (into self.index) as a new _Active."""
@@ -275,6 +278,10 @@ class Runner:
         if len(js) == 1:
             j = js[0]
             buffer[batch.slots[j], batch.starts[j]:batch.starts[j] + batch.lengths[j]] = active.x[0, active.tokens(j)]
+            return
+        if len(js) == len(batch.slots):
+            # Every row: the call's own cache indices.
+            buffer[batch.slice or (batch.slot_index, batch.positions)] = active.x[0]
             return
         slots = [batch.slots[j] for j in js for _ in range(batch.lengths[j])]
         positions = [p for j in js for p in range(batch.starts[j], batch.starts[j] + batch.lengths[j])]
