@@ -160,6 +160,24 @@ def test_threshold_zero_exits_first_or_with_a_deeper_fixed_member(family, greedy
     assert [e.token_id for e in fixed] == greedy_reference(family, [7, 7], 3, 12)
 
 
+def test_batch_checks_an_exit_only_where_all_its_rows_may_well_leave(family, greedy_reference):
+    """With calibrated leave rates of 10%, three sequences together would all leave 1 time in
+    1,000: the batch does not check and runs the full member, while a lone sequence checks
+    (and leaves: every token is confident at threshold 0)."""
+    prompts = [[1, 2, 3], [40, 41, 42, 43, 44], [7, 7]]
+    rule = ExitRule("top1", {1: 0.0, 3: 0.0}, leave={1: 0.1, 3: 0.1})
+    together = Engine(family, max_batch_size=3, early_exit=EarlyExit(rule))
+    for prompt, result in zip(prompts, together.generate(prompts, member="auto", params=GREEDY)):
+        assert result.token_ids == greedy_reference(family, prompt, 5, 12) and set(result.exits) == {5}
+    alone = Engine(family, max_batch_size=1, early_exit=EarlyExit(rule))
+    result = alone.generate(prompts[:1], member="auto", params=GREEDY)[0]
+    assert result.token_ids == greedy_reference(family, prompts[0], 1, 12) and set(result.exits) == {1}
+    likely = dataclasses.replace(rule, leave={1: 0.9, 3: 0.9})
+    result = Engine(family, max_batch_size=3, early_exit=EarlyExit(likely)).generate(prompts, member="auto",
+                                                                                     params=GREEDY)
+    assert all(set(r.exits) == {1} for r in result)
+
+
 def test_copied_kv_is_exact_at_the_exit_layer_and_fills_deeper_layers(family):
     """CALM's copy: tokens leaving at exit 1 write K/V for the trunk layers they skip from
     their state there; layer 1's is exact, deeper ones approximate."""
@@ -257,6 +275,8 @@ def test_stored_calibration_reproduces_its_decisions(calibrated, tmp_path):
         exits, _ = leave_at(family.config, loaded.rule, _scores(features, loaded.classifier, measure))
         for e, share in point["exits"].items():
             assert share["share"] == round(float((exits == int(e)).float().mean()), 4)
+        for e, rate in loaded.rule.leave.items():
+            assert rate == round(float((exits == e).sum() / (exits >= e).sum()), 4)
     assert settings["points"] and all("exits" not in p for p in settings["points"])
 
 

@@ -15,9 +15,10 @@ leave. A decoding step's layer costs about the same for one row as for all of th
 are read once either way), so a row leaving while another goes on saves nothing and costs its
 own branch, head and a split of the batch, and later a second pass over its skipped layers.
 So a token whose measure says "leave" beside one that says "go on" goes on, and takes the token
-of the exit where the batch leaves; the rule is checked row by row and stops at the first
-"go on", so a batch that cannot leave pays for no more scores. Alone, a row leaves at its own
-first confident exit. Rows that must stop (a fixed member's exit, a budget's cap) still leave
+of the exit where the batch leaves; the rule is checked measure by measure and stops at the
+first "go on", and with calibrated leave rates a batch checks an exit only where all of its
+rows may well leave (familial.infer.adaptive), so a batch that cannot leave pays for no
+scores. Alone, a row leaves at its own first confident exit. Rows that must stop (a fixed member's exit, a budget's cap) still leave
 alone, and prompt rows keep running for their KV after their token's exit is decided.
 What adaptive positions lack is filled as late and as cheaply as it can be:
 - Branch KV, lazily. At every early exit an adaptive row passes, its tokens' trunk states go to
@@ -204,6 +205,7 @@ class Runner:
         # Adaptive rows leave together or not at all: only when no row goes deeper does
         # leaving save a layer (see the module docstring).
         if deciding and len(leaving) + len(dropping) + len(deciding) == len(active.index) \
+                and self._worth_checking(exit_layer, rows, active, deciding) \
                 and self._confident(exit_layer, rows, active, deciding, outputs):
             ran = {j for j in deciding if rows[active.index[j]].adaptive.rule.measure in SOFTMAX}
             leaving = sorted(leaving + deciding)
@@ -238,6 +240,23 @@ class Runner:
             if info is not None and info.pending and b not in active.decided:
                 joining.update((j, p) for p, f in info.pending if f == exit_layer)
         return self._join(exit_layer, active, joining) if joining else active
+
+    def _worth_checking(self, exit_layer: int, rows: list[Row], active: _Active, deciding: list[int]) -> bool:
+        """Whether checking several rows here can pay: the chance that all of them leave (their
+        rules' calibrated leave rates multiplied) times the layers leaving saves, against the
+        check's cost. A lone row checks wherever its rule does, as calibrated."""
+        if len(deciding) == 1:
+            return True
+        chance, cost, deepest = 1.0, 0.0, exit_layer
+        for j in deciding:
+            info = rows[active.index[j]].adaptive
+            if info.rule.leave is None:
+                return True
+            chance *= info.rule.leave.get(exit_layer, 0.0)
+            cost = max(cost, info.rule.check_cost(self.config, exit_layer))
+            deepest = max(deepest, info.cap)
+        saved = self.config.member_layers(deepest) - self.config.member_layers(exit_layer)
+        return chance * saved > cost
 
     def _confident(self, exit_layer: int, rows: list[Row], active: _Active, deciding: list[int],
                    outputs: list[RowOutput]) -> bool:
