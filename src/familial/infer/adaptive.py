@@ -237,7 +237,8 @@ class EarlyExit:
         screen = chosen.get("screen")
         screen = {int(e): float(s) for e, s in screen.items()} if screen and self.classifier else None
         leave = chosen.get("leave")
-        return ExitRule(measure, thresholds, screen, None if leave is None else {int(e): float(r) for e, r in leave.items()})
+        leave = {int(e): float(r) for e, r in leave.items()} if leave else None
+        return ExitRule(measure, thresholds, screen, leave)
 
 
 def operating_point(points: list[dict], target: float) -> dict | None:

@@ -18,8 +18,9 @@ So a token whose measure says "leave" beside one that says "go on" goes on, and 
 of the exit where the batch leaves; the rule is checked measure by measure and stops at the
 first "go on", and with calibrated leave rates a batch checks an exit only where all of its
 rows may well leave (familial.infer.adaptive), so a batch that cannot leave pays for no
-scores. Alone, a row leaves at its own first confident exit. Rows that must stop (a fixed member's exit, a budget's cap) still leave
-alone, and prompt rows keep running for their KV after their token's exit is decided.
+scores. Alone, a row leaves at its own first confident exit. Rows that must stop (a fixed
+member's exit, a budget's cap) still leave alone, and prompt rows keep running for their KV
+after their token's exit is decided.
 What adaptive positions lack is filled as late and as cheaply as it can be:
 - Branch KV, lazily. At every early exit an adaptive row passes, its tokens' trunk states go to
   the cache's exit-state buffer (one write). When a token leaves at an exit, or a softmax
@@ -274,7 +275,7 @@ class Runner:
                 hope = infos[0].classifier.probability(exit_layer, mine).tolist()
                 if any(info.rule.screen is not None and h < info.rule.screen[exit_layer]
                        for info, h in zip(infos, hope)):
-                    return False
+                    return self._stay(active, deciding, outputs)
             if measure == "classifier":
                 scores = infos[0].classifier.probability(exit_layer, mine)
             elif measure == "saturation":
@@ -285,11 +286,16 @@ class Runner:
                 self._finish(exit_layer, h, offsets, indices, rows, outputs)
                 scores = softmax_score(torch.cat([outputs[b].logits[-1:] for b in indices]), measure)
             if any(score < info.rule.thresholds[exit_layer] for info, score in zip(infos, scores.tolist())):
-                for j in deciding:
-                    out = outputs[active.index[j]]
-                    out.logits = out.exit = None
-                return False
+                return self._stay(active, deciding, outputs)
         return True
+
+    @staticmethod
+    def _stay(active: _Active, deciding: list[int], outputs: list[RowOutput]) -> bool:
+        """The batch goes on: drop the logits a softmax check left (the branch KV it wrote stays)."""
+        for j in deciding:
+            out = outputs[active.index[j]]
+            out.logits = out.exit = None
+        return False
 
     def _store_states(self, exit_layer: int, active: _Active, js: list[int]) -> None:
         """Keep the trunk states entering `exit_layer` of rows js' tokens (the exit-state buffer)."""
