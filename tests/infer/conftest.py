@@ -44,6 +44,6 @@ def greedy_reference():
     return reference_greedy
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def family_factory():
     return make_family

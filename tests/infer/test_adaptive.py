@@ -28,22 +28,21 @@ def _thresholds(family, value):
 
 
 @pytest.fixture(scope="module")
-def calibrated():
+def calibrated(family_factory):
     """The test family calibrated on random tokens (its exits rarely agree, so the rules the
     tests need set their thresholds by hand, from the stored classifier's scores)."""
-    from conftest import make_family
-
-    family = make_family()
+    family = family_factory()
     ids = np.random.default_rng(0).integers(0, 97, 2048)
     return family, calibrate(family, ids, target=0.5, seq_len=64)
 
 
-def _median_rule(family, classifier: ExitClassifier, measure: str) -> ExitRule:
-    """Thresholds at the median score of each exit on random text: tokens leave at every exit."""
+def _quantile_rule(family, classifier: ExitClassifier, measure: str, q: float = 0.5) -> ExitRule:
+    """Thresholds at the q-quantile of each exit's scores on random text (the median: tokens
+    leave at every exit)."""
     windows = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(5))
     features = exit_features(family, windows)
     scores = _scores(features, classifier, measure)
-    return ExitRule(measure, {e: float(s.median()) + 1e-4 for e, s in scores.items()},
+    return ExitRule(measure, {e: float(s.float().quantile(q)) + 1e-4 for e, s in scores.items()},
                     {e: 0.0 for e in scores} if measure == "top1" else None)
 
 
@@ -51,6 +50,23 @@ def _scores(features, classifier, measure):
     if measure == "classifier":
         return {e: classifier.probability(e, s) for e, s in features.states.items()}
     return features.scores[measure]
+
+
+def together_from_scratch(family, prompts, early_exit: EarlyExit, steps: int) -> list[tuple[list[int], list[int]]]:
+    """Adaptive greedy decoding of sequences in lockstep, every layer recomputed for every
+    position each step: the batch leaves at the first exit where every sequence's last token
+    may leave (its teacher-forced score reaches the threshold), each with its token there."""
+    ids, exits = [list(p) for p in prompts], [[] for _ in prompts]
+    rule, classifier = early_exit.rule, early_exit.classifier
+    for _ in range(steps):
+        features = [exit_features(family, torch.tensor([s])) for s in ids]
+        scores = [_scores(f, classifier, rule.measure) for f in features]
+        leave = next((e for e in family.config.exits[:-1] if rule.enabled(e)
+                      and all(float(s[e][-1]) >= rule.thresholds[e] for s in scores)), family.config.exits[-1])
+        for s, f, e in zip(ids, features, exits):
+            e.append(leave)
+            s.append(int(f.tokens[leave][-1]))
+    return [(s[len(p):], e) for s, p, e in zip(ids, prompts, exits)]
 
 
 def from_scratch(family, prompt, early_exit: EarlyExit, steps: int) -> tuple[list[int], list[int]]:
@@ -81,16 +97,30 @@ def _generate(engine, prompts, **kwargs):
 
 @pytest.mark.parametrize("measure", ["classifier", "saturation", "top1"])
 def test_recomputed_kv_gives_the_tokens_and_exits_of_deciding_from_scratch(calibrated, measure):
-    """Batched, with tokens leaving at every exit: each sequence's tokens and exits are those
-    of recomputing it from scratch every step (the stored classifier's decisions included)."""
+    """Sequences decoded one after another in a running engine, tokens leaving at every exit:
+    each one's tokens and exits are those of recomputing it from scratch every step (the
+    stored classifier's decisions included)."""
     family, calibration = calibrated
     early_exit = calibration.early_exit()
-    early_exit = dataclasses.replace(early_exit, rule=_median_rule(family, early_exit.classifier, measure))
-    engine = Engine(family, max_batch_size=3, max_seq_len=64, early_exit=early_exit, exit_kv="recompute")
+    early_exit = dataclasses.replace(early_exit, rule=_quantile_rule(family, early_exit.classifier, measure))
+    engine = Engine(family, max_batch_size=1, max_seq_len=64, early_exit=early_exit, exit_kv="recompute")
     got = _generate(engine, PROMPTS)
     for prompt, (tokens, exits) in zip(PROMPTS, got):
         assert (tokens, exits) == from_scratch(family, prompt, early_exit, 12)
     assert {e for _, exits in got for e in exits} == {1, 3, 5}
+
+
+@pytest.mark.parametrize("measure", ["classifier", "top1"])
+def test_batch_leaves_together_where_every_sequence_may_leave(calibrated, measure):
+    """Decoded together, the batch leaves an exit only when every sequence's token may leave
+    there; tokens and exits are those of recomputing the lockstep batch from scratch."""
+    family, calibration = calibrated
+    early_exit = calibration.early_exit()
+    early_exit = dataclasses.replace(early_exit, rule=_quantile_rule(family, early_exit.classifier, measure, 0.2))
+    engine = Engine(family, max_batch_size=3, max_seq_len=64, early_exit=early_exit, exit_kv="recompute")
+    got = _generate(engine, PROMPTS)
+    assert got == together_from_scratch(family, PROMPTS, early_exit, 12)
+    assert {e for _, exits in got for e in exits} > {5}
 
 
 def test_threshold_one_gives_exactly_the_full_member(calibrated, greedy_reference):
@@ -114,16 +144,38 @@ def test_threshold_one_gives_exactly_the_full_member(calibrated, greedy_referenc
         family.config.runtime.pop("early_exit")
 
 
-def test_threshold_zero_exits_first_beside_fixed_members(family, greedy_reference):
+def test_threshold_zero_exits_first_or_with_a_deeper_fixed_member(family, greedy_reference):
+    """Alone, the batch leaves at the first exit; beside a fixed member-3 sequence, whose rows
+    run to exit 3 anyway, it leaves there with it."""
     prompts = [[1, 2, 3], [40, 41, 42, 43, 44]]
     _thresholds(family, 0.0)
     engine = Engine(family, max_batch_size=4)
-    # Adaptive rows share the batch with fixed-member rows.
-    fixed = engine.submit([7, 7], member=3, params=GREEDY)
     for prompt, result in zip(prompts, engine.generate(prompts, member="auto", params=GREEDY)):
         assert result.token_ids == greedy_reference(family, prompt, 1, 12)
         assert set(result.exits) == {1}
+    fixed = engine.submit([7, 7], member=3, params=GREEDY)
+    for prompt, result in zip(prompts, engine.generate(prompts, member="auto", params=GREEDY)):
+        assert result.token_ids == greedy_reference(family, prompt, 3, 12)
+        assert set(result.exits) == {3}
     assert [e.token_id for e in fixed] == greedy_reference(family, [7, 7], 3, 12)
+
+
+def test_batch_checks_an_exit_only_where_all_its_rows_may_well_leave(family, greedy_reference):
+    """With calibrated leave rates of 10%, three sequences together would all leave 1 time in
+    1,000: the batch does not check and runs the full member, while a lone sequence checks
+    (and leaves: every token is confident at threshold 0)."""
+    prompts = [[1, 2, 3], [40, 41, 42, 43, 44], [7, 7]]
+    rule = ExitRule("top1", {1: 0.0, 3: 0.0}, leave={1: 0.1, 3: 0.1})
+    together = Engine(family, max_batch_size=3, early_exit=EarlyExit(rule))
+    for prompt, result in zip(prompts, together.generate(prompts, member="auto", params=GREEDY)):
+        assert result.token_ids == greedy_reference(family, prompt, 5, 12) and set(result.exits) == {5}
+    alone = Engine(family, max_batch_size=1, early_exit=EarlyExit(rule))
+    result = alone.generate(prompts[:1], member="auto", params=GREEDY)[0]
+    assert result.token_ids == greedy_reference(family, prompts[0], 1, 12) and set(result.exits) == {1}
+    likely = dataclasses.replace(rule, leave={1: 0.9, 3: 0.9})
+    result = Engine(family, max_batch_size=3, early_exit=EarlyExit(likely)).generate(prompts, member="auto",
+                                                                                     params=GREEDY)
+    assert all(set(r.exits) == {1} for r in result)
 
 
 def test_copied_kv_is_exact_at_the_exit_layer_and_fills_deeper_layers(family):
@@ -223,6 +275,8 @@ def test_stored_calibration_reproduces_its_decisions(calibrated, tmp_path):
         exits, _ = leave_at(family.config, loaded.rule, _scores(features, loaded.classifier, measure))
         for e, share in point["exits"].items():
             assert share["share"] == round(float((exits == int(e)).float().mean()), 4)
+        for e, rate in loaded.rule.leave.items():
+            assert rate == round(float((exits == e).sum() / (exits >= e).sum()), 4)
     assert settings["points"] and all("exits" not in p for p in settings["points"])
 
 

@@ -16,12 +16,22 @@ a few small operations per exit, not a decoder layer and a head.
 
 Calibrated families keep, in `config.runtime["early_exit"]` (see familial.infer.calibrate):
     {"metric": "classifier", "thresholds": {"<exit>": 0.93, ...}, "screen": {...},
-     "target": 0.95, "delta": 0.05, "classifier": {"file": ..., "hidden": 64},
+     "leave": {"<exit>": 0.31, ...}, "target": 0.95, "delta": 0.05, "classifier": {"file": ..., "hidden": 64},
      "points": [the measure's calibrated rules, conservative first], ...}
 `thresholds` is the operating point for `target`; a request may ask for its own target, which
 picks its point from `points`. Uncalibrated families use DEFAULT_THRESHOLD of "top1".
 A request's depth budget (a cap on average depth as a fraction of the layers) caps each token's
 exit whenever going deeper would lift the running average above the cap.
+
+Sequences decoding together leave an exit together, when every one's token may leave there
+(familial.infer.runner): a token that could leave beside one that cannot goes on to the exit
+where the batch leaves. Every token that leaves early is one its measure lets leave there, at
+an exit no earlier than alone; calibration describes a sequence alone. A calibrated rule also
+knows, per exit, the share of tokens reaching it that leave there (`leave`); a batch of
+several sequences checks an exit only when the chance that all of them leave (the product of
+their shares), times the layers leaving would save, outweighs the check's own cost
+(`check_cost`, in decoder layers). Eight sequences at a 30% exit all leave 1 time in 15,000:
+checking costs more than it can save, so the batch runs like the full member.
 """
 
 from __future__ import annotations
@@ -36,6 +46,10 @@ import torch.nn.functional as F
 from familial.config import ConfigError, FamilyConfig
 
 MEASURES = ("top1", "margin", "saturation", "classifier")
+# A check's cost in decoder layers, where it runs no branch: a few small kernels against a
+# layer's ~25 (decoding is dispatch-bound; measured on the demo family on CPU: the classifier
+# ~0.05 ms, saturation ~0.02 ms, a layer ~0.3 ms). A softmax check adds its branch and head.
+CHECK_COST = {"classifier": 0.25, "saturation": 0.1, "top1": 0.0, "margin": 0.0}
 # Measures that need the exit's branch and head (the others read the trunk state).
 SOFTMAX = ("top1", "margin")
 DEFAULT_THRESHOLD = 0.9
@@ -103,9 +117,19 @@ class ExitRule:
     measure: str
     thresholds: dict[int, float]
     screen: dict[int, float] | None = None
+    # calibrated: per early exit, the share of tokens reaching it that leave there.
+    leave: dict[int, float] | None = None
 
     def enabled(self, exit_layer: int) -> bool:
         return self.thresholds.get(exit_layer, OFF) < OFF
+
+    def check_cost(self, config: FamilyConfig, exit_layer: int) -> float:
+        """Decoder layers one check at `exit_layer` costs (a softmax check: the classifier
+        screen, the exit's branch and its head, counted as a layer)."""
+        if self.measure in SOFTMAX:
+            screened = CHECK_COST["classifier"] if self.screen is not None else 0.0
+            return screened + config.branch_depth(exit_layer) + 1
+        return CHECK_COST[self.measure]
 
     @property
     def off(self) -> bool:
@@ -153,8 +177,9 @@ class EarlyExit:
             raise ConfigError(f"{WHERE}.points: expected a list of calibrated rules")
         for point in points:
             _numbers(point.get("thresholds"), config, f"{WHERE}.points[].thresholds")
-            if point.get("screen") is not None:
-                _numbers(point["screen"], config, f"{WHERE}.points[].screen")
+            for key in ("screen", "leave"):
+                if point.get(key) is not None:
+                    _numbers(point[key], config, f"{WHERE}.points[].{key}")
             if isinstance(point.get("lower_bound"), bool) or not isinstance(point.get("lower_bound"), (int, float)):
                 raise ConfigError(f"{WHERE}.points[]: no numeric 'lower_bound'")
         if classifier is None and (metric == "classifier" or screen) and settings.get("classifier"):
@@ -164,8 +189,10 @@ class EarlyExit:
         if metric == "classifier" and classifier is None:
             raise ConfigError(f"{WHERE}.metric = 'classifier' but no classifier is stored "
                               f"(run familial calibrate)")
+        leave = settings.get("leave")
+        leave = None if leave is None else _numbers(leave, config, f"{WHERE}.leave")
         target = settings.get("target")
-        return cls(ExitRule(metric, thresholds, screen if classifier is not None else None),
+        return cls(ExitRule(metric, thresholds, screen if classifier is not None else None, leave),
                    target if isinstance(target, (int, float)) else None, points, classifier)
 
     @classmethod
@@ -209,7 +236,9 @@ class EarlyExit:
         thresholds = {int(e): float(t) for e, t in chosen["thresholds"].items()}
         screen = chosen.get("screen")
         screen = {int(e): float(s) for e, s in screen.items()} if screen and self.classifier else None
-        return ExitRule(measure, thresholds, screen)
+        leave = chosen.get("leave")
+        leave = {int(e): float(r) for e, r in leave.items()} if leave else None
+        return ExitRule(measure, thresholds, screen, leave)
 
 
 def operating_point(points: list[dict], target: float) -> dict | None:

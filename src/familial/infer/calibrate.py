@@ -257,9 +257,13 @@ def describe(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor, checked:
             layers += ((exits > e) & checked[e]) * config.branch_depth(e)
     agreed = int(agreeing.sum())
     mean_layers = float(layers.mean())
+    # Of the tokens reaching each early exit, the share leaving there: how likely a batch of
+    # sequences all leave together (familial.infer.runner asks a batch only where that pays).
+    leave = {str(e): round(int((exits == e).sum()) / max(int((exits >= e).sum()), 1), 4)
+             for e in config.exits[:-1]}
     return {"agreement": round(agreed / n, 5), "lower_bound": round(agreement_lower_bound(agreed, n, delta), 5),
             "layers": round(mean_layers, 3),
-            "speedup": round(config.num_hidden_layers / mean_layers, 3), "exits": per_exit}
+            "speedup": round(config.num_hidden_layers / mean_layers, 3), "leave": leave, "exits": per_exit}
 
 
 @dataclass
@@ -286,7 +290,7 @@ class Calibration:
         chosen = operating_point(points, target) or points[0]
         kept = [{k: v for k, v in p.items() if k != "exits"} for p in points if p["lower_bound"] >= 0.5]
         settings = {"metric": metric, "target": target, "delta": self.delta, "tokens": self.tokens,
-                    "thresholds": chosen["thresholds"], "operating_point": chosen,
+                    "thresholds": chosen["thresholds"], "leave": chosen["leave"], "operating_point": chosen,
                     "classifier": {"hidden": self.hidden}, "points": kept or points[:1]}
         if chosen.get("screen"):
             settings["screen"] = chosen["screen"]

@@ -8,8 +8,20 @@ exit's branch, norm and head and leave. So one call serves sequences of differen
 lengths and phases, and speculative verification can resume from the hidden state a draft left
 at its exit (`start_layer`, `hidden`).
 
-Adaptive rows (familial.infer.adaptive) decide at each early exit whether their token leaves.
-What their positions lack is filled as late and as cheaply as it can be:
+Adaptive rows (familial.infer.adaptive) decide at each early exit whether their token leaves,
+and they leave together: at an exit where every row still running is either done there (its
+member's or its budget's exit) or an adaptive row deciding, and every deciding row's token may
+leave. A decoding step's layer costs about the same for one row as for all of them (the weights
+are read once either way), so a row leaving while another goes on saves nothing and costs its
+own branch, head and a split of the batch, and later a second pass over its skipped layers.
+So a token whose measure says "leave" beside one that says "go on" goes on, and takes the token
+of the exit where the batch leaves; the rule is checked measure by measure and stops at the
+first "go on", and with calibrated leave rates a batch checks an exit only where all of its
+rows may well leave (familial.infer.adaptive), so a batch that cannot leave pays for no
+scores. Alone, a row leaves at its own first confident exit. Rows that must stop (a fixed
+member's exit, a budget's cap) still leave alone, and prompt rows keep running for their KV
+after their token's exit is decided.
+What adaptive positions lack is filled as late and as cheaply as it can be:
 - Branch KV, lazily. At every early exit an adaptive row passes, its tokens' trunk states go to
   the cache's exit-state buffer (one write). When a token leaves at an exit, or a softmax
   measure runs the exit's branch, the branch runs over every position since it last ran, from
@@ -106,7 +118,10 @@ class _Active:
     def last(self, js: list[int]) -> torch.Tensor:
         """(len(js), hidden): the last token of rows js."""
         at = [self.batch.offsets[j + 1] - 1 for j in js]
-        return self.x[0, at[0]:at[0] + 1] if len(at) == 1 else self.x[0, at]
+        if at == list(range(at[0], at[0] + len(at))):
+            # Single-token rows side by side (a decoding step): a view, no gather.
+            return self.x[0, at[0]:at[0] + len(at)]
+        return self.x[0, at]
 
     def select(self, keep: list[int]) -> _Active:
         """Rows at positions `keep` (into self.index) as a new _Active."""
@@ -188,9 +203,13 @@ class Runner:
             elif exit_layer < info.cap and info.rule.enabled(exit_layer):
                 deciding.append(j)
         ran: set[int] = set()
-        if deciding:
-            confident, ran = self._decide(exit_layer, rows, active, deciding, outputs)
-            leaving = sorted(leaving + confident)
+        # Adaptive rows leave together or not at all: only when no row goes deeper does
+        # leaving save a layer (see the module docstring).
+        if deciding and len(leaving) + len(dropping) + len(deciding) == len(active.index) \
+                and self._worth_checking(exit_layer, rows, active, deciding) \
+                and self._confident(exit_layer, rows, active, deciding, outputs):
+            ran = {j for j in deciding if rows[active.index[j]].adaptive.rule.measure in SOFTMAX}
+            leaving = sorted(leaving + deciding)
         if active.previous is not None:
             active.previous = active.last(list(range(len(active.index))))
         heads = [j for j in leaving if j not in ran]
@@ -223,12 +242,28 @@ class Runner:
                 joining.update((j, p) for p, f in info.pending if f == exit_layer)
         return self._join(exit_layer, active, joining) if joining else active
 
-    def _decide(self, exit_layer: int, rows: list[Row], active: _Active, deciding: list[int],
-                outputs: list[RowOutput]) -> tuple[list[int], set[int]]:
-        """The deciding rows whose token leaves here, and those whose branch and head already
-        ran for a softmax measure (their logits are in `outputs`)."""
+    def _worth_checking(self, exit_layer: int, rows: list[Row], active: _Active, deciding: list[int]) -> bool:
+        """Whether checking several rows here can pay: the chance that all of them leave (their
+        rules' calibrated leave rates multiplied) times the layers leaving saves, against the
+        check's cost. A lone row checks wherever its rule does, as calibrated."""
+        if len(deciding) == 1:
+            return True
+        chance, cost, deepest = 1.0, 0.0, exit_layer
+        for j in deciding:
+            info = rows[active.index[j]].adaptive
+            if info.rule.leave is None:
+                return True
+            chance *= info.rule.leave.get(exit_layer, 0.0)
+            cost = max(cost, info.rule.check_cost(self.config, exit_layer))
+            deepest = max(deepest, info.cap)
+        saved = self.config.member_layers(deepest) - self.config.member_layers(exit_layer)
+        return chance * saved > cost
+
+    def _confident(self, exit_layer: int, rows: list[Row], active: _Active, deciding: list[int],
+                   outputs: list[RowOutput]) -> bool:
+        """Whether every deciding row's token may leave here. Stops at the first measure that
+        says no; softmax measures leave their logits in `outputs` when it says yes."""
         states = active.last(deciding)
-        leave, ran = [], set()
         groups: dict[str, list[int]] = {}
         for i, j in enumerate(deciding):
             groups.setdefault(rows[active.index[j]].adaptive.rule.measure, []).append(i)
@@ -236,31 +271,31 @@ class Runner:
             js = [deciding[i] for i in group]
             infos = [rows[active.index[j]].adaptive for j in js]
             mine = states if len(group) == len(deciding) else states[group]
+            if measure in SOFTMAX and any(info.rule.screen is not None for info in infos):
+                hope = infos[0].classifier.probability(exit_layer, mine).tolist()
+                if any(info.rule.screen is not None and h < info.rule.screen[exit_layer]
+                       for info, h in zip(infos, hope)):
+                    return self._stay(active, deciding, outputs)
             if measure == "classifier":
                 scores = infos[0].classifier.probability(exit_layer, mine)
             elif measure == "saturation":
                 scores = saturation(mine, active.previous[js])
             else:
-                screened = [info.rule.screen is not None for info in infos]
-                if any(screened):
-                    hope = infos[0].classifier.probability(exit_layer, mine).tolist()
-                    keep = [k for k, info in enumerate(infos)
-                            if info.rule.screen is None or hope[k] >= info.rule.screen[exit_layer]]
-                    js, infos = [js[k] for k in keep], [infos[k] for k in keep]
-                if not js:
-                    continue
                 h, offsets = self._branch(exit_layer, rows, active, js, outputs)
                 indices = [active.index[j] for j in js]
                 self._finish(exit_layer, h, offsets, indices, rows, outputs)
-                ran.update(js)
                 scores = softmax_score(torch.cat([outputs[b].logits[-1:] for b in indices]), measure)
-            for j, info, score in zip(js, infos, scores.tolist()):
-                if score >= info.rule.thresholds[exit_layer]:
-                    leave.append(j)
-                elif measure in SOFTMAX:
-                    b = active.index[j]
-                    outputs[b].logits = outputs[b].exit = None
-        return leave, ran & set(leave)
+            if any(score < info.rule.thresholds[exit_layer] for info, score in zip(infos, scores.tolist())):
+                return self._stay(active, deciding, outputs)
+        return True
+
+    @staticmethod
+    def _stay(active: _Active, deciding: list[int], outputs: list[RowOutput]) -> bool:
+        """The batch goes on: drop the logits a softmax check left (the branch KV it wrote stays)."""
+        for j in deciding:
+            out = outputs[active.index[j]]
+            out.logits = out.exit = None
+        return False
 
     def _store_states(self, exit_layer: int, active: _Active, js: list[int]) -> None:
         """Keep the trunk states entering `exit_layer` of rows js' tokens (the exit-state buffer)."""
@@ -268,6 +303,10 @@ class Runner:
         if len(js) == 1:
             j = js[0]
             buffer[batch.slots[j], batch.starts[j]:batch.starts[j] + batch.lengths[j]] = active.x[0, active.tokens(j)]
+            return
+        if len(js) == len(batch.slots):
+            # Every row: the call's own cache indices.
+            buffer[batch.slice or (batch.slot_index, batch.positions)] = active.x[0]
             return
         slots = [batch.slots[j] for j in js for _ in range(batch.lengths[j])]
         positions = [p for j in js for p in range(batch.starts[j], batch.starts[j] + batch.lengths[j])]
