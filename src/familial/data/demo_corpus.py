@@ -52,12 +52,10 @@ def stdlib_files() -> list[Path]:
                   .hexdigest())
 
 
-def demo_documents(limit_bytes: int = DEFAULT_LIMIT_BYTES, held_out_every: int = HELD_OUT_EVERY,
-                   held_out_file_bytes: int | None = None) -> tuple[list[str], list[str]]:
+def demo_documents(limit_bytes: int = DEFAULT_LIMIT_BYTES,
+                   held_out_every: int = HELD_OUT_EVERY) -> tuple[list[str], list[str]]:
     """(train, held_out) documents: standard library files up to `limit_bytes` in total,
-    every `held_out_every`-th of them held out; with `held_out_file_bytes`, only the first
-    lines of each held-out file that fit in that many bytes (evaluation then covers many
-    files at a bounded cost)."""
+    every `held_out_every`-th of them held out."""
     documents: list[str] = []
     used = 0
     for path in stdlib_files():
@@ -69,7 +67,7 @@ def demo_documents(limit_bytes: int = DEFAULT_LIMIT_BYTES, held_out_every: int =
         if used + size <= limit_bytes:
             documents.append(text)
             used += size
-    held_out = [_head(text, held_out_file_bytes) for text in documents[held_out_every - 1::held_out_every]]
+    held_out = documents[held_out_every - 1::held_out_every]
     train = [text for index, text in enumerate(documents)
              if index % held_out_every != held_out_every - 1]
     if not train or not held_out:
@@ -78,23 +76,14 @@ def demo_documents(limit_bytes: int = DEFAULT_LIMIT_BYTES, held_out_every: int =
     return train, held_out
 
 
-def _head(text: str, limit: int | None) -> str:
-    data = text.encode("utf-8")
-    if limit is None or len(data) <= limit:
-        return text
-    cut = data.rfind(b"\n", 0, limit)
-    return data[:cut + 1 if cut >= 0 else limit].decode("utf-8", errors="ignore")
-
-
 def prepare_demo_data(out_dir: str | Path, limit_bytes: int = DEFAULT_LIMIT_BYTES,
                       overwrite: bool = False, tokenizer_path: str | Path = TOKENIZER_PATH,
-                      held_out_every: int = HELD_OUT_EVERY,
-                      held_out_file_bytes: int | None = None) -> tuple[TokenShards, TokenShards]:
+                      held_out_every: int = HELD_OUT_EVERY) -> tuple[TokenShards, TokenShards]:
     """Tokenise the demo corpus into `out_dir/train` and `out_dir/held_out` shards."""
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(tokenizer_path)
     eos = token_id(tokenizer, "<|endoftext|>", str(tokenizer_path))
-    train, held_out = demo_documents(limit_bytes, held_out_every, held_out_file_bytes)
+    train, held_out = demo_documents(limit_bytes, held_out_every)
     result = []
     for name, texts in (("train", train), ("held_out", held_out)):
         writer = ShardWriter(out_dir / name, vocab_size(tokenizer), tokenizer=str(tokenizer_path),

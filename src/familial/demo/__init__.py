@@ -48,7 +48,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 def choose_threads(requested: int | None) -> tuple[int, str]:
     """Intra-op threads, and why: one per core other processes leave idle (see
-    `familial.threads`; the demo's model, small as it is, trains 30% faster on two idle
+    `familial.threads`; the demo's model, small as it is, trains 25% faster on two idle
     cores than on one), at most MAX_THREADS."""
     if requested is not None:
         if requested < 1:

@@ -17,7 +17,7 @@ from familial.demo.recipe import DemoPlan
 
 def prepare_corpus(plan: DemoPlan, output: Path) -> tuple[Path, Path]:
     """(tokenizer directory, data directory with train/ and held_out/ shards)."""
-    key = f"{plan.corpus_bytes}-{plan.held_out_every}-{plan.held_out_file_bytes}-{plan.vocab_size}"
+    key = f"{plan.corpus_bytes}-{plan.held_out_every}-{plan.vocab_size}"
     tokenizer_dir, data_dir = output / f"tokenizer-{key}", output / f"data-{key}"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         train, _ = demo_documents(plan.corpus_bytes, plan.held_out_every)
@@ -25,12 +25,11 @@ def prepare_corpus(plan: DemoPlan, output: Path) -> tuple[Path, Path]:
     if not all((data_dir / part / "manifest.json").is_file() for part in ("train", "held_out")):
         prepare_demo_data(data_dir, plan.corpus_bytes, overwrite=True,
                           tokenizer_path=tokenizer_dir / "tokenizer.json",
-                          held_out_every=plan.held_out_every,
-                          held_out_file_bytes=plan.held_out_file_bytes)
+                          held_out_every=plan.held_out_every)
     return tokenizer_dir, data_dir
 
 
 def held_out_bytes_per_token(plan: DemoPlan, data_dir: Path) -> float:
     """UTF-8 bytes of held-out text per held-out token (converts nats/token to nats/byte)."""
-    _, held_out = demo_documents(plan.corpus_bytes, plan.held_out_every, plan.held_out_file_bytes)
+    _, held_out = demo_documents(plan.corpus_bytes, plan.held_out_every)
     return sum(len(text.encode("utf-8")) for text in held_out) / TokenShards(data_dir / "held_out").num_tokens

@@ -15,11 +15,9 @@ from typing import Any
 @dataclass(frozen=True)
 class DemoPlan:
     # The corpus: standard library files up to `corpus_bytes`, every `held_out_every`-th
-    # file held out (its first `held_out_file_bytes`), tokenised by a BPE of `vocab_size`
-    # ids fitted to the training files.
+    # file held out, tokenised by a BPE of `vocab_size` ids fitted to the training files.
     corpus_bytes: int = 3_400_000
     held_out_every: int = 10
-    held_out_file_bytes: int | None = None
     vocab_size: int = 384
     # The family: exits of a `layers`-deep trunk, one branch layer per early exit.
     hidden_size: int = 96
