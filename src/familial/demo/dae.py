@@ -45,10 +45,8 @@ class DaEResult:
     added: int                         # parameters of the new blocks (dense)
     added_compressed: int              # the same after decomposition
     trainable: int                     # parameters the DaE stage trained
-    trained: FamilyModel               # after training, before decomposition
     healed: FamilyModel                # decomposed, then healed: what the member ships as
-    healed_dir: Path
-    seconds: float                     # the whole stage, evaluations included
+    seconds: float                     # training, decomposition, healing and the evaluations between
 
 
 def member_parameters(model: FamilyModel, exit_layer: int) -> int:
@@ -87,12 +85,11 @@ def run_dae(plan: DemoPlan, family_dir: Path, data_dir: Path, out_dir: Path, see
     compressed_dir = save_family(compressed, out_dir / "compressed", tokenizer_source=family_dir,
                                  overwrite=True)
     compressed_loss = _member_units(compressed.eval(), exit_layer, held_out, plan)
-    healed, healed_dir = compressed.eval(), compressed_dir
+    healed = compressed.eval()
     if plan.heal_steps:
         # A new seed: healing should not replay the first batches the blocks trained on.
         healed = _train(dae_config(plan, compressed_dir, data_dir, out_dir / "heal", name, frozen,
                                    seed + 2, plan.heal_steps, plan.heal_lr))
-        healed_dir = out_dir / "heal" / "family"
     seconds = time.perf_counter() - started
     return DaEResult(
         member=name, exit=exit_layer,
@@ -103,8 +100,7 @@ def run_dae(plan: DemoPlan, family_dir: Path, data_dir: Path, out_dir: Path, see
                     "compressed": member_parameters(compressed, exit_layer)},
         added=expanded - before,
         added_compressed=expanded - before - sum(p.dense_parameters - p.parameters for p in plans),
-        trainable=trainable, trained=trained, healed=healed,
-        healed_dir=healed_dir, seconds=seconds)
+        trainable=trainable, healed=healed, seconds=seconds)
 
 
 def _train(config: dict) -> FamilyModel:
