@@ -1,11 +1,11 @@
 """`familial train` processes that SIGKILL themselves at a chosen point: the crash tests'
-fault injector, run as a fork server so each trial skips the seconds of importing torch.
+fault injector, run as a fork server (fork_server.py).
 
     python crashing_train.py        # then, per line on stdin:
     {"point": "weights", "at": 2, "argv": ["CONFIG.toml", "--resume"], "log": "PREFIX"}
 
-For each line it forks a child that runs `familial train ARGV` (stdout to PREFIX.out, stderr
-to PREFIX.err), prints `pid N`, waits, and prints `exit CODE` (-9 when killed). `point`
+For each line a child runs `familial train ARGV` (stdout to PREFIX.out, stderr to
+PREFIX.err); the server prints `pid N`, then `exit CODE` (-9 when killed). `point`
 names where the child dies, `at` which occurrence (1-based): during a training step (after
 backward, before the update), half-way through a checkpoint's weights, optimizer state or
 manifest, right after a checkpoint is renamed into place (before older ones are pruned),
@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 
 import familial.checkpoint_io as io
@@ -32,6 +31,7 @@ from familial import cli
 from familial.train import checkpoint as ckpt
 from familial.train import loop, step
 from familial.train.metrics import MetricsWriter
+from fork_server import serve
 
 
 def die() -> None:
@@ -120,28 +120,5 @@ def child(job: dict) -> int:
     return cli.main(["train", *job["argv"]])
 
 
-def serve() -> None:
-    for line in sys.stdin:
-        job = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            for fd, suffix in ((1, ".out"), (2, ".err")):
-                os.dup2(os.open(job["log"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-            code = 1
-            try:
-                code = child(job)
-            except SystemExit as error:
-                code = error.code if isinstance(error.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        print(f"pid {pid}", flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(f"exit {os.waitstatus_to_exitcode(status)}", flush=True)
-
-
 if __name__ == "__main__":
-    serve()
+    serve(child)

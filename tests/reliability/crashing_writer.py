@@ -1,11 +1,11 @@
 """`familial export | import` processes that SIGKILL themselves at a point they report: the
-fault injector of the writer kill tests, run as a fork server (torch is imported once).
+fault injector of the writer kill tests, run as a fork server (fork_server.py).
 
     python crashing_writer.py        # then, per line on stdin:
     {"point": "weights", "at": 2, "argv": ["export", "FAMILY", "OUT", "--all"], "log": "PREFIX"}
 
-For each line it forks a child that runs `familial ARGV` (stdout to PREFIX.out, stderr to
-PREFIX.err), waits, and prints `exit CODE` (-9 when killed). `point` names where the child
+For each line a child runs `familial ARGV` (stdout to PREFIX.out, stderr to PREFIX.err);
+the server prints `pid N`, then `exit CODE` (-9 when killed). `point` names where the child
 dies, `at` which occurrence (1-based): `weights` with half of a safetensors file on disk,
 `member` right after a member's directory is complete (export --all), `publish` right after
 the staging directory is renamed to OUT, `swap` between an overwrite's two renames (the old
@@ -15,11 +15,8 @@ OUT moved aside, the new one not yet in place); "none" never. Before dying the c
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -27,6 +24,7 @@ import torch
 import familial.checkpoint_io as io
 import familial.staging as staging
 from familial import cli
+from fork_server import serve
 
 
 def inject(point: str, at: int) -> None:
@@ -69,32 +67,14 @@ def inject(point: str, at: int) -> None:
         raise ValueError(f"unknown point {point!r}")
 
 
-def serve() -> None:
+def child(job: dict) -> int:
+    inject(job["point"], job.get("at", 1))
+    return cli.main(job["argv"])
+
+
+if __name__ == "__main__":
     # The first random init of a meta tensor (every family load builds its model on the meta
     # device) loads torch's reference kernels for seconds: pay that once here, not per child.
     # A meta tensor holds no data, so no compute thread pool exists when the server forks.
     torch.empty(1, device="meta").normal_()
-    for line in sys.stdin:
-        job = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            for fd, suffix in ((1, ".out"), (2, ".err")):
-                os.dup2(os.open(job["log"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-            code = 1
-            try:
-                inject(job["point"], job.get("at", 1))
-                code = cli.main(job["argv"])
-            except SystemExit as error:
-                code = error.code if isinstance(error.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        print(f"exit {os.waitstatus_to_exitcode(status)}", flush=True)
-
-
-if __name__ == "__main__":
-    serve()
+    serve(child)

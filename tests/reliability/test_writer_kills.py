@@ -31,6 +31,7 @@ class Writers:
         job = {"point": point, "at": at, "log": str(log), "argv": [str(a) for a in argv]}
         self.server.stdin.write(json.dumps(job) + "\n")
         self.server.stdin.flush()
+        self.server.stdout.readline()          # pid N
         code = int(self.server.stdout.readline().split()[1])
         return code, Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
 
