@@ -4,6 +4,7 @@ checkpoint on disk loads with wrong contents."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -38,23 +39,30 @@ class Injector:
     """The fork server of crashing_train.py: one `familial train` child per trial."""
 
     def __init__(self, logs: Path) -> None:
-        self.logs, self.count = logs, 0
+        self.logs, self.count, self.running = logs, 0, None
         self.server = subprocess.Popen([sys.executable, str(INJECTOR)], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
 
     def start(self, config: Path, point: str, at: int, resume: bool) -> tuple[int, Path]:
         self.count += 1
         log = self.logs / f"trial-{self.count}"
-        job = {"point": "none" if point == "external" else point, "at": at, "log": str(log),
+        job = {"point": point, "at": at, "log": str(log),
                "argv": [str(config), *(["--resume"] if resume else [])]}
         self.server.stdin.write(json.dumps(job) + "\n")
         self.server.stdin.flush()
-        return int(self.server.stdout.readline().split()[1]), log
+        self.running = int(self.server.stdout.readline().split()[1])
+        return self.running, log
 
     def wait(self) -> int:
-        return int(self.server.stdout.readline().split()[1])
+        code = int(self.server.stdout.readline().split()[1])
+        self.running = None
+        return code
 
     def close(self) -> None:
+        # A trial that failed before its kill leaves a child holding forever: end it.
+        if self.running is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.running, signal.SIGKILL)
         self.server.stdin.close()
         self.server.wait(timeout=60)
 
