@@ -9,9 +9,12 @@ import torch
 from familial.infer import Engine, SamplingParams
 from familial.infer.draft_policy import (
     MAX_DRAFT,
+    MIN_BACKOFF,
+    PROBE_DRAFT,
     CallCosts,
     DraftPolicy,
     Plan,
+    PooledAcceptance,
     expected_tokens,
 )
 
@@ -123,9 +126,23 @@ def test_policy_drafts_long_when_acceptance_is_high_and_not_at_all_when_low(tiny
     bad = DraftPolicy([[1, 5]], probe_due=False)
     for _ in range(10):
         bad.record(1, 5, accepted=0, compared=1)
-    assert [bad.plan(costs) is None for _ in range(17)] == [True] * 17
-    assert bad.plan(costs) is not None          # a probe after 16 plain tokens
-    assert bad.plan(costs) is None and bad.plain_left == 32   # still losing: wait twice as long
+    assert [bad.plan(costs) is None for _ in range(MIN_BACKOFF + 1)] == [True] * (MIN_BACKOFF + 1)
+    assert bad.plan(costs) is not None          # a probe after MIN_BACKOFF plain tokens
+    assert bad.plan(costs) is None and bad.plain_left == 2 * MIN_BACKOFF   # still losing: wait twice as long
+
+
+def test_a_new_sequence_starts_from_the_acceptance_earlier_sequences_measured(tiny_config):
+    """Where the drafter has been wrong for earlier sequences, a new one probes with a short
+    round instead of drafting long on an optimistic guess; where it has been right, it drafts long."""
+    costs = CallCosts(tiny_config)
+    costs.per_unit = 1.0
+    losing, winning = PooledAcceptance(), PooledAcceptance()
+    for _ in range(20):
+        DraftPolicy([[1, 5]], losing).record(1, 5, accepted=0, compared=1)
+        DraftPolicy([[1, 5]], winning).record(1, 5, accepted=16, compared=16)
+    probe = DraftPolicy([[1, 5]], losing).plan(costs)
+    assert probe.chain == [1, 5] and probe.draft[0] <= PROBE_DRAFT
+    assert DraftPolicy([[1, 5]], winning).plan(costs) == Plan([1, 5], [MAX_DRAFT])
 
 
 def test_expected_tokens_of_a_round():

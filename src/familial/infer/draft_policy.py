@@ -7,10 +7,12 @@ keeps the measured cost of each kind of forward call (`CallCosts`). Every round 
 `DraftPolicy` estimates, for each candidate chain of drafters and the best draft length at each
 level, the cost per token against plain decoding with the verifier. It starts drafting only
 when that is clearly cheaper (START_GAIN) and keeps drafting while it stays cheaper (KEEP_GAIN).
-Otherwise it decodes plainly for a while (16 tokens, doubling up to 256 while drafting keeps
+Otherwise it decodes plainly for a while (32 tokens, doubling up to 256 while drafting keeps
 losing) and then probes with one short round, so a sequence whose acceptance recovers
 speculates again and one whose acceptance stays low loses only its probes and the KV catch-up
-before each.
+before each. A new sequence starts from the acceptance every earlier sequence of the engine
+measured for the same pair (`PooledAcceptance`), so on a family whose drafter is often wrong
+its first round is a short probe, not a long draft.
 
 With k tokens drafted and each accepted with probability a, a round yields (1 - a^k)/(1 - a)
 tokens on average (the accepted ones plus the verifier's correction).
@@ -29,13 +31,17 @@ MAX_DRAFT = 16
 # bookkeeping, probes, KV catch-ups), and the gap between them stops a sequence near the
 # threshold from switching back and forth, which costs a KV catch-up each time.
 START_GAIN, KEEP_GAIN = 1.15, 1.05
-MIN_BACKOFF, MAX_BACKOFF = 16, 256
+MIN_BACKOFF, MAX_BACKOFF = 32, 256
 # A probe drafts at most this many tokens: it is a measurement, likely to lose.
-PROBE_DRAFT = 3
-# Starting acceptance (as counts): optimistic enough that a fresh sequence tries drafting.
-PRIOR_ACCEPTED, PRIOR_COMPARED = 1.6, 2.0
+PROBE_DRAFT = 2
+# Acceptance before any sequence has measured a pair: optimistic enough that drafting is tried.
+FIRST_PRIOR = 0.8
+# Weight (in compared tokens) of the prior in a sequence's own rate.
+PRIOR_COMPARED = 2.0
 # Weight of older rounds: acceptance follows the text as it changes.
 DECAY = 0.8
+# Weight of older rounds in the engine-wide rate: it follows the traffic, slowly.
+POOLED_DECAY = 0.99
 # Recent calls of each kind that its cost is taken from, and how many make it measured.
 WINDOW, MIN_SAMPLES = 128, 8
 
@@ -86,6 +92,22 @@ def _quiet(values) -> float:
     return ordered[len(ordered) // 8]
 
 
+class PooledAcceptance:
+    """Acceptance per (drafter, verifier) over every round of every sequence: a new sequence's prior."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[int, int], list[float]] = {}
+
+    def record(self, drafter: int, verifier: int, accepted: int, compared: int) -> None:
+        counts = self.counts.setdefault((drafter, verifier), [0.0, 0.0])
+        counts[0] = POOLED_DECAY * counts[0] + accepted
+        counts[1] = POOLED_DECAY * counts[1] + compared
+
+    def rate(self, drafter: int, verifier: int) -> float:
+        accepted, compared = self.counts.get((drafter, verifier), (0.0, 0.0))
+        return accepted / compared if compared > 0 else FIRST_PRIOR
+
+
 @dataclass
 class Plan:
     # exits from the first drafter to the verifier.
@@ -105,6 +127,7 @@ def expected_tokens(acceptance: float, k: int) -> float:
 class DraftPolicy:
     # chains the request allows, each ending at the verifier.
     candidates: list[list[int]]
+    pooled: PooledAcceptance = field(default_factory=PooledAcceptance)
     acceptance: dict[tuple[int, int], list[float]] = field(default_factory=dict)
     plain_left: int = 0
     backoff: int = MIN_BACKOFF
@@ -114,9 +137,11 @@ class DraftPolicy:
 
     def rate(self, drafter: int, verifier: int) -> float:
         accepted, compared = self.acceptance.get((drafter, verifier), (0.0, 0.0))
-        return (accepted + PRIOR_ACCEPTED) / (compared + PRIOR_COMPARED)
+        prior = self.pooled.rate(drafter, verifier)
+        return (accepted + prior * PRIOR_COMPARED) / (compared + PRIOR_COMPARED)
 
     def record(self, drafter: int, verifier: int, accepted: int, compared: int) -> None:
+        self.pooled.record(drafter, verifier, accepted, compared)
         counts = self.acceptance.setdefault((drafter, verifier), [0.0, 0.0])
         counts[0] = DECAY * counts[0] + accepted
         counts[1] = DECAY * counts[1] + compared

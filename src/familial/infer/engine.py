@@ -35,7 +35,7 @@ from familial.config import ConfigError
 from familial.infer.adaptive import AdaptiveState, EarlyExit
 from familial.infer.cache import SlotCache
 from familial.infer.detokenize import TextStream
-from familial.infer.draft_policy import CallCosts, DraftPolicy, Plan
+from familial.infer.draft_policy import CallCosts, DraftPolicy, Plan, PooledAcceptance
 from familial.infer.requests import (
     GenerationResult,
     QueueFull,
@@ -130,6 +130,7 @@ class Engine:
         # Tokens each slot's sequence has seen, for the repetition penalty (penalised rows only).
         self.seen = torch.zeros(max_batch_size, self.config.vocab_size, dtype=torch.bool, device=self.device)
         self.costs = CallCosts(self.config)
+        self.acceptance = PooledAcceptance()
         self.speculator = Speculator(self.runner, self._choose, self.costs)
         eos = self.config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -256,7 +257,7 @@ class Engine:
         elif speculative not in (None, False):
             candidates = self.draft_candidates(exit_layer, speculative)
             drafters = {e for chain in candidates for e in chain[:-1]}
-            sequence.speculation = _Speculation(DraftPolicy(candidates), dict.fromkeys(drafters, 0))
+            sequence.speculation = _Speculation(DraftPolicy(candidates, self.acceptance), dict.fromkeys(drafters, 0))
             handle.speculative = True
         return sequence
 
