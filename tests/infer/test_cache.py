@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from familial.infer.cache import CALL_POSITIONS, SlotCache, decode_runs
@@ -18,19 +19,22 @@ def test_rows_of_very_different_lengths_attend_in_separate_runs():
     assert decode_runs([0, 30], [long, long]) == [(0, 1), (1, 2)]
 
 
-def test_runs_attend_exactly_as_one_call_over_every_slot(family):
+@pytest.mark.parametrize("slots, lengths, groups", [
+    ([0, 1, 2, 4, 5], [3, 7, 280, 290, 9], 4),   # runs side by side
+    ([0, 2, 3, 5], [5, 6, 280, 290], 3),         # a run over a free slot (slot 1)
+    ([5, 0, 3, 2], [290, 5, 280, 6], 1),         # rows out of slot order: one call
+])
+def test_decode_attention_equals_each_row_over_its_own_slot(family, slots, lengths, groups):
     cache = SlotCache(family.config, num_slots=6, max_len=300)
-    slots, lengths = [0, 1, 2, 4, 5], [3, 7, 280, 290, 9]
     keys, values = cache.buffers("layer")
     keys.normal_()
     values.normal_()
     batch = cache.batch(slots, [n - 1 for n in lengths], [1] * len(slots))
-    assert len(batch.decode_groups) > 1
+    assert len(batch.decode_groups) == groups
     heads, dim = family.config.num_attention_heads, family.config.head_dim
     q = torch.randn(1, heads, len(slots), dim)
     k, v = (torch.randn(1, family.config.num_key_value_heads, len(slots), dim) for _ in range(2))
     out = batch.attend("layer", q, k, v)
-    keys, values = cache.buffers("layer")
     for i, (slot, length) in enumerate(zip(slots, lengths)):
         expected = torch.nn.functional.scaled_dot_product_attention(
             q[:, :, i:i + 1], keys[slot:slot + 1, :, :length], values[slot:slot + 1, :, :length], enable_gqa=True)
