@@ -9,7 +9,6 @@ is answered (200) or refused with a 4xx or an error event; the normal streams fi
 from __future__ import annotations
 
 import json
-import queue
 import threading
 
 import pytest
@@ -104,10 +103,12 @@ class FailedHandle:
     def __init__(self) -> None:
         self.events = [TokenEvent(7, "x", 3), TokenEvent(None, "", None, True, "error", "RuntimeError: boom")]
 
-    def get(self, timeout: float | None = None) -> TokenEvent:
-        if not self.events:
-            raise queue.Empty
-        return self.events.pop(0)
+    def listen(self, callback) -> None:
+        pass  # every event is there from the start
+
+    def drain(self) -> list[TokenEvent]:
+        events, self.events = self.events, []
+        return events
 
     def cancel(self) -> None:
         pass

@@ -348,10 +348,12 @@ class Engine:
                 self._finish(sequence, "cancelled")
             for sequence in [s for s in self._active.values() if s.handle.cancelled]:
                 self._finish(sequence, "cancelled")
-            while self._free and self._waiting:
-                sequence = self._waiting.popleft()
-                # The lowest free slot, so running sequences stay packed at the front of the cache.
-                self._free.sort()
+            admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+            # The lowest free slots, so running sequences stay packed at the front of the cache,
+            # shortest prompt first, so neighbouring slots hold sequences of similar lengths
+            # (decode attention reads each run of slots up to its longest: familial.infer.cache).
+            self._free.sort()
+            for sequence in sorted(admitted, key=lambda s: len(s.prompt)):
                 sequence.slot = self._free.pop(0)
                 self._active[sequence.slot] = sequence
                 if sequence.params.repetition_penalty != 1.0:

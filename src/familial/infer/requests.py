@@ -51,6 +51,7 @@ class RequestHandle:
         self._cancelled = threading.Event()
         self._done = threading.Event()
         self._wake = wake
+        self._listener = None
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
@@ -61,6 +62,20 @@ class RequestHandle:
 
     def get(self, timeout: float | None = None) -> TokenEvent:
         return self._events.get(timeout=timeout)
+
+    def drain(self) -> list[TokenEvent]:
+        """Every event waiting now, without blocking (possibly none)."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def listen(self, callback) -> None:
+        """Call `callback()` (from the engine's thread) after each new event, so an event loop
+        can wait for events without a thread blocked in `get` per request."""
+        self._listener = callback
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -88,3 +103,5 @@ class RequestHandle:
         if event.finished:
             self._done.set()
         self._events.put(event)
+        if self._listener is not None:
+            self._listener()

@@ -2,9 +2,10 @@
 
 Every request becomes one `Engine.submit`; the engine's scheduler batches them (continuous
 batching), so this module only translates: OpenAI fields -> `SamplingParams`, model name ->
-member, `TokenEvent`s -> JSON or server-sent events. Handles are read in a thread pool sized to
-the engine's batch plus queue so a waiting request never blocks the event loop, and a request
-whose client goes away is cancelled so its batch slot goes to the next one.
+member, `TokenEvent`s -> JSON or server-sent events. A request waits for its events on the
+event loop itself, woken by the engine's thread as each arrives (no thread per request), and
+events that arrived together go out as one chunk; a request whose client goes away is
+cancelled so its batch slot goes to the next one.
 
 The event loop does no work whose size a client or a checkpoint controls: a prompt longer than
 the context could hold is refused by its length before it is tokenised, tokenising runs in the
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -220,9 +220,11 @@ class Server:
             raise APIError(400, str(error)) from None
         return Job(handle, member.id, f"{prefix}-{uuid.uuid4().hex}")
 
-    async def events(self, job: Job, request: Request) -> AsyncIterator[Any]:
-        """The job's TokenEvents; cancels it if the client leaves or the caller stops reading."""
-        loop = asyncio.get_running_loop()
+    async def events(self, job: Job, request: Request) -> AsyncIterator[list[Any]]:
+        """The job's TokenEvents, in lists of those that arrived together (a reader that falls
+        behind the engine catches up in one chunk); cancels the job if the client leaves or the
+        caller stops reading."""
+        waiter = _Waiter(asyncio.get_running_loop(), job.handle)
         finished = False
         checked = time.monotonic()
         try:
@@ -231,22 +233,24 @@ class Server:
                     checked = time.monotonic()
                     if await request.is_disconnected():
                         return
-                try:
-                    event = await loop.run_in_executor(self.pool, job.handle.get, POLL_SECONDS)
-                except queue.Empty:
-                    continue
-                finished = event.finished
-                if event.token_id is not None:
-                    job.exits.append(event.exit)
-                if finished and event.finish_reason == "error":
-                    # The engine ends only the failing request; what failed there is this
-                    # request's own (its sampling parameters, its stop handling): a 400.
-                    raise APIError(400, f"generation failed for this request: {event.error}", None,
-                                   "generation_failed")
-                if finished and event.finish_reason == "cancelled":
-                    # The engine cancels a request only when the server stops.
-                    raise APIError(503, "the server is shutting down", None, "cancelled")
-                yield event
+                ready = []
+                for event in await waiter.next(POLL_SECONDS):
+                    finished = event.finished
+                    if event.token_id is not None:
+                        job.exits.append(event.exit)
+                    if finished and event.finish_reason in ("error", "cancelled"):
+                        if ready:
+                            yield ready
+                        if event.finish_reason == "error":
+                            # The engine ends only the failing request; what failed there is
+                            # this request's own (its sampling parameters, its stop handling): a 400.
+                            raise APIError(400, f"generation failed for this request: {event.error}", None,
+                                           "generation_failed")
+                        # The engine cancels a request only when the server stops.
+                        raise APIError(503, "the server is shutting down", None, "cancelled")
+                    ready.append(event)
+                if ready:
+                    yield ready
         finally:
             if not finished:
                 job.handle.cancel()
@@ -262,6 +266,48 @@ class Server:
                         max_batch_size=stats["max_batch_size"], max_queue=stats["max_queue"])
 
 
+class _Waiter:
+    """Wakes a request's coroutine when the engine puts an event for it, from the engine's
+    thread (no thread blocks per request, and the loop is woken only while one waits)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handle) -> None:
+        self.loop, self.handle = loop, handle
+        self.future: asyncio.Future | None = None
+        handle.listen(self._wake)
+
+    def _wake(self) -> None:
+        future, self.future = self.future, None
+        if future is not None:
+            try:
+                self.loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:
+                pass  # the loop has closed: nobody waits any more
+
+    async def next(self, timeout: float) -> list[Any]:
+        """The events waiting now, else those that come within `timeout` seconds (maybe none)."""
+        events = self.handle.drain()
+        if events:
+            return events
+        future = self.future = self.loop.create_future()
+        # An event put before the future was set has no wake-up coming: look again.
+        events = self.handle.drain()
+        if events:
+            self.future = None
+            return events
+        timer = self.loop.call_later(timeout, _resolve, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self.future = None
+        return self.handle.drain()
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _sse(payload: Any) -> str:
     data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return f"data: {data}\n\n"
@@ -275,20 +321,21 @@ async def _stream(server: Server, job: Job, request: Request, chat: bool, usage:
             familial=p.FamilialInfo(member=job.model, exits=[])))
     sent = 0
     try:
-        async for event in server.events(job, request):
+        async for events in server.events(job, request):
             new_exits = job.exits[sent:]
-            if not event.text and not event.finished:
+            text, last = "".join(event.text for event in events), events[-1]
+            if not text and not last.finished:
                 continue
             sent = len(job.exits)
-            reason = event.finish_reason if event.finished else None
+            reason = last.finish_reason if last.finished else None
             info = p.FamilialInfo(member=job.model, exits=new_exits)
             if chat:
                 yield _sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
-                    index=0, delta=p.ChatDelta(content=event.text or None), finish_reason=reason)],
+                    index=0, delta=p.ChatDelta(content=text or None), finish_reason=reason)],
                     familial=info))
             else:
                 yield _sse(p.CompletionChunk(**head, choices=[p.CompletionChoice(
-                    index=0, text=event.text, finish_reason=reason)], familial=info))
+                    index=0, text=text, finish_reason=reason)], familial=info))
     except APIError as error:
         yield _sse(error_body(error.status_code, error.detail, error.param, error.code))
         yield "data: [DONE]\n\n"
@@ -302,10 +349,11 @@ async def _stream(server: Server, job: Job, request: Request, chat: bool, usage:
 
 async def _collect(server: Server, job: Job, request: Request) -> tuple[str, str]:
     text, reason = [], "length"
-    async for event in server.events(job, request):
-        text.append(event.text)
-        if event.finished:
-            reason = event.finish_reason
+    async for events in server.events(job, request):
+        for event in events:
+            text.append(event.text)
+            if event.finished:
+                reason = event.finish_reason
     return "".join(text), reason
 
 
