@@ -53,6 +53,8 @@ CHECK_COST = {"classifier": 0.25, "saturation": 0.1, "top1": 0.0, "margin": 0.0}
 # Measures that need the exit's branch and head (the others read the trunk state).
 SOFTMAX = ("top1", "margin")
 DEFAULT_THRESHOLD = 0.9
+# The classifier's RMS norm epsilon.
+CLASSIFIER_EPS = 1e-6
 # Exits reach no score at or above this: a threshold here turns the exit off.
 OFF = 1.0
 WHERE = "family.json: runtime.early_exit"
@@ -67,6 +69,15 @@ def softmax_score(logits: torch.Tensor, measure: str) -> torch.Tensor:
     return top[..., 0] - top[..., 1]
 
 
+def log_odds(probability: float) -> float:
+    """The classifier output (log-odds) at which its probability reaches `probability`."""
+    if probability <= 0:
+        return -math.inf
+    if probability >= 1:
+        return math.inf
+    return math.log(probability / (1 - probability))
+
+
 def saturation(state: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """(n, H) trunk states at this exit and the previous one -> (n,) cosine similarity."""
     return F.cosine_similarity(state.float(), previous.float(), dim=-1)
@@ -79,6 +90,10 @@ class ExitClassifier:
     def __init__(self, weights: dict[str, torch.Tensor]) -> None:
         self.weights = {k: v.float() for k, v in weights.items()}
         self.exits = sorted({int(k.split(".")[0]) for k in weights})
+        # Per exit (w1, b1, w2 as a vector, b2 as a number): what one decoding token's check reads.
+        self._single = {e: (self.weights[f"{e}.hidden.weight"], self.weights[f"{e}.hidden.bias"],
+                            self.weights[f"{e}.out.weight"][0], float(self.weights[f"{e}.out.bias"][0]))
+                        for e in self.exits if all(k in self.weights for k in self.keys(e))}
 
     @staticmethod
     def keys(exit_layer: int) -> list[str]:
@@ -88,8 +103,19 @@ class ExitClassifier:
         """(n, H) states -> (n,) log-odds of agreement."""
         w1, b1, w2, b2 = (self.weights[k] for k in self.keys(exit_layer))
         x = states.float()
-        x = F.rms_norm(x, x.shape[-1:], eps=1e-6)
+        x = F.rms_norm(x, x.shape[-1:], eps=CLASSIFIER_EPS)
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)[..., 0]
+
+    def log_odds(self, exit_layer: int, states: torch.Tensor) -> list[float]:
+        """(n, H) states -> each one's log-odds of agreement, as numbers. One state (a decoding
+        token alone) takes five small kernels, not a dozen: its norm is a number applied to the
+        first layer's output (the same function, rounded differently in the last bits)."""
+        if states.shape[0] != 1:
+            return self.logit(exit_layer, states).tolist()
+        w1, b1, w2, b2 = self._single[exit_layer]
+        x = states[0].float()
+        scale = 1.0 / math.sqrt(float(torch.dot(x, x)) / x.shape[0] + CLASSIFIER_EPS)
+        return [float(torch.dot(w2, F.gelu(torch.add(b1, torch.mv(w1, x), alpha=scale)))) + b2]
 
     def probability(self, exit_layer: int, states: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logit(exit_layer, states))
