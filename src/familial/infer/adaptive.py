@@ -40,21 +40,25 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
 import torch
 import torch.nn.functional as F
 
 from familial.config import ConfigError, FamilyConfig
 
 MEASURES = ("top1", "margin", "saturation", "classifier")
-# A check's cost in decoder layers, where it runs no branch: a few small kernels against a
-# layer's ~25 (decoding is dispatch-bound; measured on the demo family on CPU: the classifier
-# ~0.05 ms, saturation ~0.02 ms, a layer ~0.3 ms). A softmax check adds its branch and head.
-CHECK_COST = {"classifier": 0.25, "saturation": 0.1, "top1": 0.0, "margin": 0.0}
+# A check's cost in decoder layers, where it runs no branch: a few small operations against a
+# layer's ~25 (decoding is dispatch-bound). Measured inside batch-1 decoding of the demo family
+# on CPU, where a layer costs ~0.3 ms and each operation finds caches cold: the classifier
+# with the exit's bookkeeping ~0.09 ms, saturation ~0.03 ms. A softmax check adds its branch
+# and head. Calibration turns off exits whose checks cost more than they save.
+CHECK_COST = {"classifier": 0.3, "saturation": 0.1, "top1": 0.0, "margin": 0.0}
 # Measures that need the exit's branch and head (the others read the trunk state).
 SOFTMAX = ("top1", "margin")
 DEFAULT_THRESHOLD = 0.9
 # The classifier's RMS norm epsilon.
 CLASSIFIER_EPS = 1e-6
+_SQRT_HALF = math.sqrt(0.5)
 # Exits reach no score at or above this: a threshold here turns the exit off.
 OFF = 1.0
 WHERE = "family.json: runtime.early_exit"
@@ -90,10 +94,11 @@ class ExitClassifier:
     def __init__(self, weights: dict[str, torch.Tensor]) -> None:
         self.weights = {k: v.float() for k, v in weights.items()}
         self.exits = sorted({int(k.split(".")[0]) for k in weights})
-        # Per exit (w1, b1, w2 as a vector, b2 as a number): what one decoding token's check reads.
-        self._single = {e: (self.weights[f"{e}.hidden.weight"], self.weights[f"{e}.hidden.bias"],
-                            self.weights[f"{e}.out.weight"][0], float(self.weights[f"{e}.out.bias"][0]))
-                        for e in self.exits if all(k in self.weights for k in self.keys(e))}
+        # Per exit, the weights as a lone CPU token's check reads them (see log_odds).
+        self._single = {e: (self.weights[f"{e}.hidden.weight"].numpy(), self.weights[f"{e}.hidden.bias"].double().numpy(),
+                            self.weights[f"{e}.out.weight"][0].double().numpy(), float(self.weights[f"{e}.out.bias"][0]))
+                        for e in self.exits if all(k in self.weights for k in self.keys(e))
+                        and self.weights[f"{e}.hidden.weight"].device.type == "cpu"}
 
     @staticmethod
     def keys(exit_layer: int) -> list[str]:
@@ -107,15 +112,19 @@ class ExitClassifier:
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)[..., 0]
 
     def log_odds(self, exit_layer: int, states: torch.Tensor) -> list[float]:
-        """(n, H) states -> each one's log-odds of agreement, as numbers. One state (a decoding
-        token alone) takes five small kernels, not a dozen: its norm is a number applied to the
-        first layer's output (the same function, rounded differently in the last bits)."""
-        if states.shape[0] != 1:
+        """(n, H) states -> each one's log-odds of agreement, as numbers. A lone token on the CPU
+        (batch-1 decoding) is scored in NumPy: a decoding step is bound by per-operation
+        overhead, and these few small operations cost a third of the dozen torch kernels of
+        `logit` (the same function, its nonlinearity in float64)."""
+        if states.shape[0] != 1 or exit_layer not in self._single or states.device.type != "cpu":
             return self.logit(exit_layer, states).tolist()
         w1, b1, w2, b2 = self._single[exit_layer]
-        x = states[0].float()
-        scale = 1.0 / math.sqrt(float(torch.dot(x, x)) / x.shape[0] + CLASSIFIER_EPS)
-        return [float(torch.dot(w2, F.gelu(torch.add(b1, torch.mv(w1, x), alpha=scale)))) + b2]
+        x = states[0].float().numpy()
+        # rms_norm(x) @ w1.T: the norm is one number, applied after the product.
+        scale = 1.0 / math.sqrt(float(x @ x) / x.shape[0] + CLASSIFIER_EPS)
+        hidden = (w1 @ x) * scale + b1
+        gelu = numpy.array([0.5 * h * (1.0 + math.erf(h * _SQRT_HALF)) for h in hidden.tolist()])
+        return [float(w2 @ gelu) + b2]
 
     def probability(self, exit_layer: int, states: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logit(exit_layer, states))
