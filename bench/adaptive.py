@@ -178,6 +178,8 @@ def main() -> int:
             engine.early_exit = calibration.early_exit(name, target)
             row = {"target": target, "k": point["k"], "calibrated_agreement": point["agreement"],
                    "lower_bound": point["lower_bound"], "expected_layer_speedup": point["speedup"],
+                   "expected_speedup_with_checks": point.get("speedup_with_checks"),
+                   "exits_checked": [int(e) for e, t in point["thresholds"].items() if t < 1],
                    "marked": point is marked}
             row.update(measure(engine, model, prompts, batch_prompts, params, repeats, clock))
             rows.append(row)
