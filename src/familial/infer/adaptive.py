@@ -40,7 +40,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy
 import torch
 import torch.nn.functional as F
 
@@ -94,9 +93,10 @@ class ExitClassifier:
     def __init__(self, weights: dict[str, torch.Tensor]) -> None:
         self.weights = {k: v.float() for k, v in weights.items()}
         self.exits = sorted({int(k.split(".")[0]) for k in weights})
-        # Per exit, the weights as a lone CPU token's check reads them (see log_odds).
-        self._single = {e: (self.weights[f"{e}.hidden.weight"].numpy(), self.weights[f"{e}.hidden.bias"].double().numpy(),
-                            self.weights[f"{e}.out.weight"][0].double().numpy(), float(self.weights[f"{e}.out.bias"][0]))
+        # Per exit, the weights as a lone CPU token's check reads them (see log_odds): w1 in
+        # NumPy, b1 and w2 / 2 as lists of numbers, b2 a number.
+        self._single = {e: (self.weights[f"{e}.hidden.weight"].numpy(), self.weights[f"{e}.hidden.bias"].tolist(),
+                            (self.weights[f"{e}.out.weight"][0] / 2).tolist(), float(self.weights[f"{e}.out.bias"][0]))
                         for e in self.exits if all(k in self.weights for k in self.keys(e))
                         and self.weights[f"{e}.hidden.weight"].device.type == "cpu"}
 
@@ -113,18 +113,20 @@ class ExitClassifier:
 
     def log_odds(self, exit_layer: int, states: torch.Tensor) -> list[float]:
         """(n, H) states -> each one's log-odds of agreement, as numbers. A lone token on the CPU
-        (batch-1 decoding) is scored in NumPy: a decoding step is bound by per-operation
-        overhead, and these few small operations cost a third of the dozen torch kernels of
-        `logit` (the same function, its nonlinearity in float64)."""
+        (batch-1 decoding) takes two NumPy products and a loop over the hidden units: inside
+        a decoding step each library call finds its caches cold (~10 us), so these few cost
+        a fraction of `logit`'s dozen torch kernels (the same function, its tail in float64)."""
         if states.shape[0] != 1 or exit_layer not in self._single or states.device.type != "cpu":
             return self.logit(exit_layer, states).tolist()
-        w1, b1, w2, b2 = self._single[exit_layer]
+        w1, b1, half_w2, b2 = self._single[exit_layer]
         x = states[0].float().numpy()
         # rms_norm(x) @ w1.T: the norm is one number, applied after the product.
         scale = 1.0 / math.sqrt(float(x @ x) / x.shape[0] + CLASSIFIER_EPS)
-        hidden = (w1 @ x) * scale + b1
-        gelu = numpy.array([0.5 * h * (1.0 + math.erf(h * _SQRT_HALF)) for h in hidden.tolist()])
-        return [float(w2 @ gelu) + b2]
+        out = b2
+        for h, b, w in zip((w1 @ x).tolist(), b1, half_w2):
+            h = h * scale + b
+            out += w * h * (1.0 + math.erf(h * _SQRT_HALF))
+        return [out]
 
     def probability(self, exit_layer: int, states: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logit(exit_layer, states))
