@@ -131,7 +131,7 @@ def main() -> int:
         raise SystemExit(f"no held-out data found beside {family_dir}: pass --data")
     new_tokens = args.tokens or (32 if args.quick else 64)
     count = args.prompts or (2 if args.quick else 4)
-    repeats = 2 if args.quick else 3
+    repeats = 2 if args.quick else 5
     model = load_family(family_dir).eval()
     ids = load_token_ids(data)
     window = 128
