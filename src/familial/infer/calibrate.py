@@ -245,10 +245,10 @@ def leave_at(config: FamilyConfig, rule: ExitRule, scores: dict[int, torch.Tenso
 
 def check_layers(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor,
                  checked: dict[int, torch.Tensor]) -> dict[int, float]:
-    """Per enabled early exit, decoder layers per token its checks cost (ExitRule.check_cost):
-    every token reaching the exit pays a trunk-state measure (or a softmax measure's screen);
-    a softmax check that ran the branch and head for a token going on pays those too (a
-    token leaving there pays them as its member's own layers)."""
+    """Per enabled early exit, decoder layers per token its checks cost (CHECK_COST): every
+    token reaching the exit pays a trunk-state measure (or a softmax measure's screen); a
+    softmax check that ran the branch and head (counted as a layer) for a token going on pays
+    those too (a token leaving there pays them as its member's own layers)."""
     costs = {}
     for e, check in checked.items():
         reach = exits >= e
@@ -305,8 +305,7 @@ def describe(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor, checked:
         if rule.measure in SOFTMAX and e in checked:
             # A softmax check the token did not leave at still ran the exit's branch.
             layers += ((exits > e) & checked[e]) * config.branch_depth(e)
-    checks = check_layers(config, rule, exits, checked)
-    for e, cost in checks.items():
+    for e, cost in check_layers(config, rule, exits, checked).items():
         per_exit[str(e)]["check_layers"] = round(cost, 4)
     agreed = int(agreeing.sum())
     mean_layers = float(layers.mean())
@@ -317,7 +316,7 @@ def describe(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor, checked:
     return {"agreement": round(agreed / n, 5), "lower_bound": round(agreement_lower_bound(agreed, n, delta), 5),
             "layers": round(mean_layers, 3),
             "speedup": round(config.num_hidden_layers / mean_layers, 3),
-            "speedup_with_checks": round(config.num_hidden_layers / (mean_layers + sum(checks.values())), 3),
+            "speedup_with_checks": round(config.num_hidden_layers / expected_layers(config, rule, exits, checked), 3),
             "leave": leave, "exits": per_exit}
 
 
