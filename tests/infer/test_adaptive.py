@@ -342,3 +342,18 @@ def test_a_lone_tokens_classifier_check_scores_as_the_batched_classifier(calibra
         alone = torch.tensor([classifier.log_odds(e, states[i:i + 1])[0] for i in range(len(states))],
                              dtype=torch.float64)
         torch.testing.assert_close(alone, batched.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_exit_at_the_embeddings_decides_by_token_as_calibrated(family_factory):
+    """An exit before the first layer sees the token's embedding, so its classifier check is a
+    lookup by token id: tokens and exits are still those of deciding from scratch."""
+    family = family_factory(exits=[0, 3, 5])
+    calibration = calibrate(family, np.random.default_rng(0).integers(0, 97, 2048), target=0.5, seq_len=64)
+    early_exit = calibration.early_exit()
+    early_exit = dataclasses.replace(early_exit, rule=_quantile_rule(family, early_exit.classifier, "classifier"))
+    engine = Engine(family, max_batch_size=1, max_seq_len=64, early_exit=early_exit, exit_kv="recompute")
+    got = _generate(engine, PROMPTS)
+    for prompt, (tokens, exits) in zip(PROMPTS, got):
+        assert (tokens, exits) == from_scratch(family, prompt, early_exit, 12)
+    assert {e for _, exits in got for e in exits} >= {0, 5}
+    assert engine.runner._embedding_scores is not None

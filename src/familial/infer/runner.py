@@ -111,6 +111,8 @@ class _Active:
     decided: set[int] = field(default_factory=set)
     # (rows, hidden): each row's last token at the previous exit (saturation measure only).
     previous: torch.Tensor | None = None
+    # the call's token ids while x holds their embeddings (before any layer, join or split).
+    inputs: list[int] | None = None
 
     def tokens(self, j: int) -> slice:
         return slice(self.batch.offsets[j], self.batch.offsets[j + 1])
@@ -145,6 +147,7 @@ class Runner:
         self.early = set(self.config.exits[:-1])
         self._stack = None
         self._table = None
+        self._embedding_scores = None
 
     @torch.inference_mode()
     def forward(self, rows: list[Row], tokens: torch.Tensor | list[int] | None = None,
@@ -152,7 +155,9 @@ class Runner:
         """tokens (N,) from the embeddings, or hidden (N, H) entering `start_layer`, where N is
         the rows' lengths summed: row i's inputs follow row i-1's."""
         model = self.model
+        inputs = None
         if hidden is None:
+            inputs = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
             tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.cache.device)
             x = model.model.embed_tokens(tokens)[None]
         else:
@@ -160,7 +165,8 @@ class Runner:
         if x.shape[1] != sum(r.length for r in rows):
             raise ValueError(f"{x.shape[1]} inputs for rows of {sum(r.length for r in rows)} tokens")
         batch = self.cache.batch([r.slot for r in rows], [r.start for r in rows], [r.length for r in rows])
-        active = _Active(list(range(len(rows))), x, batch, self._rotary(batch, x.dtype))
+        active = _Active(list(range(len(rows))), x, batch, self._rotary(batch, x.dtype),
+                         inputs=inputs if start_layer == 0 else None)
         if any(r.adaptive is not None and r.adaptive.rule.measure == "saturation" for r in rows):
             active.previous = active.last(list(range(len(rows))))
         outputs = [RowOutput() for _ in rows]
@@ -289,7 +295,12 @@ class Runner:
                     return self._stay(active, deciding, outputs)
             if measure == "classifier":
                 # Log-odds against the thresholds' log-odds: the same test without a sigmoid.
-                scores = classifier.log_odds(exit_layer, mine)
+                if exit_layer == 0 and active.inputs is not None:
+                    # The state entering exit 0 is the token's embedding: its score is the token's.
+                    table = self._embedding_log_odds(classifier)
+                    scores = [table[active.inputs[active.batch.offsets[j + 1] - 1]] for j in js]
+                else:
+                    scores = classifier.log_odds(exit_layer, mine)
                 limits = [log_odds(info.rule.thresholds[exit_layer]) for info in infos]
             else:
                 if measure == "saturation":
@@ -303,6 +314,15 @@ class Runner:
             if any(score < limit for score, limit in zip(scores, limits)):
                 return self._stay(active, deciding, outputs)
         return True
+
+    def _embedding_log_odds(self, classifier: ExitClassifier) -> list[float]:
+        """Exit 0's classifier log-odds of every token id (its state is the token's embedding),
+        computed on first use: a check there is a lookup."""
+        if self._embedding_scores is None or self._embedding_scores[0] is not classifier:
+            with torch.inference_mode():
+                scores = classifier.logit(0, self.model.model.embed_tokens.weight).tolist()
+            self._embedding_scores = (classifier, scores)
+        return self._embedding_scores[1]
 
     @staticmethod
     def _stay(active: _Active, deciding: list[int], outputs: list[RowOutput]) -> bool:
