@@ -14,9 +14,16 @@ import torch
 from familial.checkpoint_io import save_family, verify_checksums
 from familial.cli import main
 from familial.infer import Engine, SamplingParams
-from familial.infer.adaptive import OFF, EarlyExit, ExitClassifier, ExitRule
+from familial.infer.adaptive import CHECK_COST, OFF, EarlyExit, ExitClassifier, ExitRule
 from familial.infer.cache import SlotCache
-from familial.infer.calibrate import agreement_lower_bound, calibrate, exit_features, leave_at
+from familial.infer.calibrate import (
+    agreement_lower_bound,
+    calibrate,
+    check_layers,
+    exit_features,
+    leave_at,
+    paying,
+)
 from familial.infer.runner import Row, Runner
 
 GREEDY = SamplingParams(max_new_tokens=12, greedy=True)
@@ -307,3 +314,46 @@ def test_agreement_lower_bound_is_conservative():
         eps = 1 - bound
         tail = sum(math.comb(n, i) * eps**i * (1 - eps) ** (n - i) for i in range(n - agreeing + 1))
         assert tail <= delta + 1e-9
+
+
+def test_calibration_turns_off_an_exit_whose_checks_do_not_pay(family):
+    """2% of tokens may leave at exit 1 (saving 4 layers each, 0.08 per token), but every token
+    pays its check (0.3 layer): the exit goes off. Half leave at exit 3: it stays on."""
+    scores = {1: torch.zeros(1000), 3: torch.zeros(1000)}
+    scores[1][:20] = 0.99
+    scores[3][500:] = 0.99
+    rule = paying(family.config, ExitRule("classifier", {1: 0.9, 3: 0.9}), scores)
+    assert rule.thresholds == {1: OFF, 3: 0.9}
+    exits, checked = leave_at(family.config, rule, scores)
+    assert check_layers(family.config, rule, exits, checked) == {3: pytest.approx(CHECK_COST["classifier"])}
+    # A rule whose every exit pays is kept as it is.
+    scores[1][:400] = 0.99
+    assert paying(family.config, ExitRule("classifier", {1: 0.9, 3: 0.9}), scores).thresholds == {1: 0.9, 3: 0.9}
+
+
+def test_a_lone_tokens_classifier_check_scores_as_the_batched_classifier(calibrated):
+    """Decoding checks one token's state by a shorter route than calibration's batched one: the
+    same log-odds up to rounding."""
+    _, calibration = calibrated
+    classifier = calibration.early_exit().classifier
+    states = torch.randn(16, 64, generator=torch.Generator().manual_seed(3)) * 3
+    for e in (1, 3):
+        batched = classifier.logit(e, states)
+        alone = torch.tensor([classifier.log_odds(e, states[i:i + 1])[0] for i in range(len(states))],
+                             dtype=torch.float64)
+        torch.testing.assert_close(alone, batched.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_exit_at_the_embeddings_decides_by_token_as_calibrated(family_factory):
+    """An exit before the first layer sees the token's embedding, so its classifier check is a
+    lookup by token id: tokens and exits are still those of deciding from scratch."""
+    family = family_factory(exits=[0, 3, 5])
+    calibration = calibrate(family, np.random.default_rng(0).integers(0, 97, 2048), target=0.5, seq_len=64)
+    early_exit = calibration.early_exit()
+    early_exit = dataclasses.replace(early_exit, rule=_quantile_rule(family, early_exit.classifier, "classifier"))
+    engine = Engine(family, max_batch_size=1, max_seq_len=64, early_exit=early_exit, exit_kv="recompute")
+    got = _generate(engine, PROMPTS)
+    for prompt, (tokens, exits) in zip(PROMPTS, got):
+        assert (tokens, exits) == from_scratch(family, prompt, early_exit, 12)
+    assert {e for _, exits in got for e in exits} >= {0, 5}
+    assert engine.runner._embedding_scores is not None

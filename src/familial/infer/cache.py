@@ -20,13 +20,13 @@ per kind of row, reading the cache in place:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from familial.config import FamilyConfig
-from familial.model import causal_mask
 
 
 class SlotCache:
@@ -79,11 +79,6 @@ class CacheBatch:
         for length in lengths:
             self.offsets.append(self.offsets[-1] + length)
         self.tokens = self.offsets[-1]
-        slot_of, position = [], []
-        for slot, start, length in zip(slots, starts, lengths):
-            slot_of += [slot] * length
-            position += range(start, start + length)
-        self.positions = torch.tensor(position, dtype=torch.long, device=device)
         # One row, or a run of single-token rows at one position in consecutive slots, is a
         # plain slice of the cache: written by slicing, not scattering.
         self.slice = None
@@ -91,7 +86,10 @@ class CacheBatch:
             self.slice = (slice(slots[0], slots[0] + 1), slice(starts[0], starts[0] + lengths[0]))
         elif slots and max(lengths) == 1 and len(set(starts)) == 1 and slots == list(range(slots[0], slots[0] + len(slots))):
             self.slice = (slice(slots[0], slots[0] + len(slots)), starts[0])
-        self.slot_index = None if self.slice else torch.tensor(slot_of, dtype=torch.long, device=device)
+        self.slot_index = None
+        if not self.slice:
+            slot_of = [slot for slot, length in zip(slots, lengths) for _ in range(length)]
+            self.slot_index = torch.tensor(slot_of, dtype=torch.long, device=device)
         # Single-token rows attend together, one per slot (a slot's second row, such as a
         # speculative sequence's KV catch-up beside its decoding step, attends on its own).
         decode, taken = [], set()
@@ -102,9 +100,27 @@ class CacheBatch:
         self._plan_decode(decode)
         single = set(decode)
         self.spans = [i for i in range(len(slots)) if i not in single]
-        # Causal masks of rows that start after cached positions (built once, used by every layer).
-        self.span_masks = {i: causal_mask(lengths[i], starts[i] + lengths[i], device) if starts[i] else None
+        # Causal masks of rows that start after cached positions (built once, used by every layer):
+        # query t of a row starting at s sees keys 0..s+t.
+        self.span_masks = {i: torch.ones(lengths[i], starts[i] + lengths[i], dtype=torch.bool,
+                                         device=device).tril_(starts[i]) if starts[i] else None
                            for i in self.spans}
+
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """(N,) each token's position in its slot."""
+        return torch.tensor([p for start, length in zip(self.starts, self.lengths) for p in range(start, start + length)],
+                            dtype=torch.long, device=self.cache.device)
+
+    def rotary(self, table: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This call's (cos, sin), each (1, N, D), from `table`'s (1, max_len, D) over every
+        position of the cache: a view of it when the call is a slice of the cache."""
+        if self.slice is None:
+            return tuple(t.index_select(1, self.positions) for t in table)
+        positions = self.slice[1]
+        if isinstance(positions, slice):
+            return tuple(t[:, positions] for t in table)
+        return tuple(t[:, positions:positions + 1].expand(1, self.tokens, t.shape[-1]) for t in table)
 
     def _plan_decode(self, rows: list[int]) -> None:
         """Single-token rows attend in a few calls, each over a run of slots lo..hi-1 (see

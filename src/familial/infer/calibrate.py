@@ -16,7 +16,10 @@
    exits that save more take less certain tokens). Each step is stored as raw-score thresholds
    of its measure (the maps are monotone), exactly what the runtime compares. Softmax measures
    also get, per exit, a classifier screen that keeps 99% of the tokens the step accepts there
-   (on the fit half), so the branch and head run only for tokens that may leave.
+   (on the fit half), so the branch and head run only for tokens that may leave. A check is
+   not free (familial.infer.adaptive.CHECK_COST, in decoder layers): each step then turns off,
+   on the fit half, every exit whose checks cost the tokens reaching it more layers than its
+   leaving tokens save (`paying`), so a step whose exit takes few tokens does not tax the rest.
 5. The guarantee (Learn-then-Test with fixed-sequence testing, as in CALM): on the calibration
    half, steps are tested in order, each with the p-value exp(-n KL(observed || 1 - target))
    of "its disagreement rate is at least 1 - target" (Chernoff's bound on the binomial tail),
@@ -27,12 +30,14 @@
    large-sample statement, not a proof for correlated text. Each step stores its agreement
    lower bound at that confidence, so a request's own target picks its step from the same
    table (familial.infer.adaptive.EarlyExit.for_target) without new data.
-Reported per step and per exit: the share of tokens leaving there and their agreement; per step:
-agreement, its lower bound, decoder layers per token and the layer-count speedup.
+Reported per step and per exit: the share of tokens leaving there, their agreement and the
+layers per token the exit's checks cost; per step: agreement, its lower bound, decoder layers
+per token and the layer-count speedup, without and with the checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 
 from familial.config import FAMILY_CONFIG_NAME, ConfigError, FamilyConfig
 from familial.infer.adaptive import (
+    CHECK_COST,
     MEASURES,
     OFF,
     SOFTMAX,
@@ -237,6 +243,50 @@ def leave_at(config: FamilyConfig, rule: ExitRule, scores: dict[int, torch.Tenso
     return exits, checked
 
 
+def check_layers(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor,
+                 checked: dict[int, torch.Tensor]) -> dict[int, float]:
+    """Per enabled early exit, decoder layers per token its checks cost (CHECK_COST): every
+    token reaching the exit pays a trunk-state measure (or a softmax measure's screen); a
+    softmax check that ran the branch and head (counted as a layer) for a token going on pays
+    those too (a token leaving there pays them as its member's own layers)."""
+    costs = {}
+    for e, check in checked.items():
+        reach = exits >= e
+        if rule.measure in SOFTMAX:
+            screen = CHECK_COST["classifier"] if rule.screen is not None else 0.0
+            ran = (reach & check & (exits != e)).float().mean()
+            costs[e] = float(reach.float().mean()) * screen + float(ran) * (config.branch_depth(e) + 1)
+        else:
+            costs[e] = float(reach.float().mean()) * CHECK_COST[rule.measure]
+    return costs
+
+
+def expected_layers(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor,
+                    checked: dict[int, torch.Tensor]) -> float:
+    """Decoder layers per token: each token's member, plus the checks (check_layers)."""
+    members = sum(float((exits == e).float().mean()) * config.member_layers(e) for e in config.exits)
+    return members + sum(check_layers(config, rule, exits, checked).values())
+
+
+def paying(config: FamilyConfig, rule: ExitRule, scores: dict[int, torch.Tensor],
+           screens: dict[int, torch.Tensor] | None = None) -> ExitRule:
+    """`rule` with its exits turned off, one at a time, while turning one off lowers the expected
+    layers per token (checks included) on these tokens: an exit few tokens leave costs every
+    token reaching it a check and saves little."""
+    while True:
+        base = expected_layers(config, rule, *leave_at(config, rule, scores, screens))
+        best, best_layers = None, base
+        for e in config.exits[:-1]:
+            if rule.enabled(e):
+                off = dataclasses.replace(rule, thresholds={**rule.thresholds, e: OFF})
+                layers = expected_layers(config, off, *leave_at(config, off, scores, screens))
+                if layers < best_layers:
+                    best, best_layers = off, layers
+        if best is None:
+            return rule
+        rule = best
+
+
 def describe(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor, checked: dict[int, torch.Tensor],
              agree: dict[int, torch.Tensor], delta: float) -> dict:
     """Agreement (and its lower bound), layers per token and per exit shares of a rule's exits."""
@@ -255,6 +305,8 @@ def describe(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor, checked:
         if rule.measure in SOFTMAX and e in checked:
             # A softmax check the token did not leave at still ran the exit's branch.
             layers += ((exits > e) & checked[e]) * config.branch_depth(e)
+    for e, cost in check_layers(config, rule, exits, checked).items():
+        per_exit[str(e)]["check_layers"] = round(cost, 4)
     agreed = int(agreeing.sum())
     mean_layers = float(layers.mean())
     # Of the tokens reaching each early exit, the share leaving there: how likely a batch of
@@ -263,7 +315,9 @@ def describe(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor, checked:
              for e in config.exits[:-1]}
     return {"agreement": round(agreed / n, 5), "lower_bound": round(agreement_lower_bound(agreed, n, delta), 5),
             "layers": round(mean_layers, 3),
-            "speedup": round(config.num_hidden_layers / mean_layers, 3), "leave": leave, "exits": per_exit}
+            "speedup": round(config.num_hidden_layers / mean_layers, 3),
+            "speedup_with_checks": round(config.num_hidden_layers / expected_layers(config, rule, exits, checked), 3),
+            "leave": leave, "exits": per_exit}
 
 
 @dataclass
@@ -361,9 +415,12 @@ def _path(config: FamilyConfig, measure: str, fit: Features, held: Features, pro
             for e in early:
                 accepted = probability["fit"][e][fit_scores[e] >= thresholds[e]]
                 screen[e] = round(float(accepted.quantile(1 - SCREEN_RECALL)), 6) if len(accepted) else OFF
-        rule = ExitRule(measure, thresholds, screen)
+        # Exits whose checks do not pay are turned off, judged on the fit half (so the path
+        # is fixed before the calibration half tests it).
+        rule = paying(config, ExitRule(measure, thresholds, screen), fit_scores,
+                      probability["fit"] if screen else None)
         exits, checked = leave_at(config, rule, held_scores, probability["held"] if screen else None)
-        point = {"k": round(float(k), 4), "thresholds": {str(e): t for e, t in thresholds.items()}}
+        point = {"k": round(float(k), 4), "thresholds": {str(e): t for e, t in rule.thresholds.items()}}
         if screen is not None:
             point["screen"] = {str(e): s for e, s in screen.items()}
         point.update(describe(config, rule, exits, checked, held.agree, delta))

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from familial.infer.adaptive import SOFTMAX, ExitClassifier, ExitRule, saturation, softmax_score
+from familial.infer.adaptive import SOFTMAX, ExitClassifier, ExitRule, log_odds, saturation, softmax_score
 from familial.infer.cache import CacheBatch, SlotCache
 from familial.model import FamilyModel, LowRankLinear, rotate_half
 
@@ -111,6 +111,8 @@ class _Active:
     decided: set[int] = field(default_factory=set)
     # (rows, hidden): each row's last token at the previous exit (saturation measure only).
     previous: torch.Tensor | None = None
+    # the call's token ids while x holds their embeddings (before any layer, join or split).
+    inputs: list[int] | None = None
 
     def tokens(self, j: int) -> slice:
         return slice(self.batch.offsets[j], self.batch.offsets[j + 1])
@@ -127,6 +129,8 @@ class _Active:
         """Rows at positions `keep` (into self.index) as a new _Active."""
         if len(keep) == len(self.index):
             return self
+        if not keep:
+            return _Active([], self.x[:, :0], self.batch, self.rotary, self.decided)
         offsets = self.batch.offsets
         at = torch.tensor([t for j in keep for t in range(offsets[j], offsets[j + 1])], dtype=torch.long,
                           device=self.x.device)
@@ -142,6 +146,8 @@ class Runner:
         self.last = self.config.exits[-1]
         self.early = set(self.config.exits[:-1])
         self._stack = None
+        self._table = None
+        self._embedding_scores = None
 
     @torch.inference_mode()
     def forward(self, rows: list[Row], tokens: torch.Tensor | list[int] | None = None,
@@ -149,7 +155,9 @@ class Runner:
         """tokens (N,) from the embeddings, or hidden (N, H) entering `start_layer`, where N is
         the rows' lengths summed: row i's inputs follow row i-1's."""
         model = self.model
+        inputs = None
         if hidden is None:
+            inputs = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
             tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.cache.device)
             x = model.model.embed_tokens(tokens)[None]
         else:
@@ -157,8 +165,8 @@ class Runner:
         if x.shape[1] != sum(r.length for r in rows):
             raise ValueError(f"{x.shape[1]} inputs for rows of {sum(r.length for r in rows)} tokens")
         batch = self.cache.batch([r.slot for r in rows], [r.start for r in rows], [r.length for r in rows])
-        rotary = model.rotary(batch.positions[None], x.dtype)
-        active = _Active(list(range(len(rows))), x, batch, rotary)
+        active = _Active(list(range(len(rows))), x, batch, self._rotary(batch, x.dtype),
+                         inputs=inputs if start_layer == 0 else None)
         if any(r.adaptive is not None and r.adaptive.rule.measure == "saturation" for r in rows):
             active.previous = active.last(list(range(len(rows))))
         outputs = [RowOutput() for _ in rows]
@@ -178,6 +186,14 @@ class Runner:
             done = active.select(finishing)
             self._finish(self.last, done.x[0], done.batch.offsets, done.index, rows, outputs)
         return outputs
+
+    def _rotary(self, batch: CacheBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call's (cos, sin), read from a table of every cache position (built on first use):
+        a decoding step's rotary is then a view, not a handful of kernels per pass and branch."""
+        if self._table is None or self._table[0].dtype != dtype:
+            positions = torch.arange(self.cache.max_len, device=self.cache.device)[None]
+            self._table = self.model.rotary(positions, dtype)
+        return batch.rotary(self._table)
 
     def _exit_point(self, exit_layer: int, rows: list[Row], active: _Active,
                     outputs: list[RowOutput]) -> _Active:
@@ -271,23 +287,42 @@ class Runner:
             js = [deciding[i] for i in group]
             infos = [rows[active.index[j]].adaptive for j in js]
             mine = states if len(group) == len(deciding) else states[group]
+            classifier = infos[0].classifier
             if measure in SOFTMAX and any(info.rule.screen is not None for info in infos):
-                hope = infos[0].classifier.probability(exit_layer, mine).tolist()
-                if any(info.rule.screen is not None and h < info.rule.screen[exit_layer]
+                hope = classifier.log_odds(exit_layer, mine)
+                if any(info.rule.screen is not None and h < log_odds(info.rule.screen[exit_layer])
                        for info, h in zip(infos, hope)):
                     return self._stay(active, deciding, outputs)
             if measure == "classifier":
-                scores = infos[0].classifier.probability(exit_layer, mine)
-            elif measure == "saturation":
-                scores = saturation(mine, active.previous[js])
+                # Log-odds against the thresholds' log-odds: the same test without a sigmoid.
+                if exit_layer == 0 and active.inputs is not None:
+                    # The state entering exit 0 is the token's embedding: its score is the token's.
+                    table = self._embedding_log_odds(classifier)
+                    scores = [table[active.inputs[active.batch.offsets[j + 1] - 1]] for j in js]
+                else:
+                    scores = classifier.log_odds(exit_layer, mine)
+                limits = [log_odds(info.rule.thresholds[exit_layer]) for info in infos]
             else:
-                h, offsets = self._branch(exit_layer, rows, active, js, outputs)
-                indices = [active.index[j] for j in js]
-                self._finish(exit_layer, h, offsets, indices, rows, outputs)
-                scores = softmax_score(torch.cat([outputs[b].logits[-1:] for b in indices]), measure)
-            if any(score < info.rule.thresholds[exit_layer] for info, score in zip(infos, scores.tolist())):
+                if measure == "saturation":
+                    scores = saturation(mine, active.previous[js]).tolist()
+                else:
+                    h, offsets = self._branch(exit_layer, rows, active, js, outputs)
+                    indices = [active.index[j] for j in js]
+                    self._finish(exit_layer, h, offsets, indices, rows, outputs)
+                    scores = softmax_score(torch.cat([outputs[b].logits[-1:] for b in indices]), measure).tolist()
+                limits = [info.rule.thresholds[exit_layer] for info in infos]
+            if any(score < limit for score, limit in zip(scores, limits)):
                 return self._stay(active, deciding, outputs)
         return True
+
+    def _embedding_log_odds(self, classifier: ExitClassifier) -> list[float]:
+        """Exit 0's classifier log-odds of every token id (its state is the token's embedding),
+        computed on first use: a check there is a lookup."""
+        if self._embedding_scores is None or self._embedding_scores[0] is not classifier:
+            with torch.inference_mode():
+                scores = classifier.logit(0, self.model.model.embed_tokens.weight).tolist()
+            self._embedding_scores = (classifier, scores)
+        return self._embedding_scores[1]
 
     @staticmethod
     def _stay(active: _Active, deciding: list[int], outputs: list[RowOutput]) -> bool:
@@ -343,7 +378,7 @@ class Runner:
             starts.append(start)
         batch = self.cache.batch(slots, starts, [len(p) for p in pieces])
         x = (torch.cat(pieces) if len(pieces) > 1 else pieces[0])[None]
-        branch = _Active(js, x, batch, self.model.rotary(batch.positions[None], x.dtype))
+        branch = _Active(js, x, batch, self._rotary(batch, x.dtype))
         return self._run_branch(exit_layer, branch), batch.offsets
 
     def _finish(self, exit_layer: int, h: torch.Tensor, offsets: list[int], index: list[int], rows: list[Row],
@@ -370,19 +405,21 @@ class Runner:
 
     def _join(self, exit_layer: int, active: _Active, joining: dict[int, int]) -> _Active:
         """Rows j in `joining` take their pending positions from joining[j] on along from here:
-        the stored states of those positions go in front of the row's tokens."""
+        the stored states of those positions go in front of the row's tokens. The row's own
+        tokens were stored at this exit too (`_store_states`), so the joined row is one slice
+        of the exit-state buffer."""
         buffer, batch = self.cache.states(exit_layer), active.batch
         pieces, starts = [], []
         for j in range(len(active.index)):
             x, start = active.x[0, active.tokens(j)], batch.starts[j]
             if j in joining:
-                x = torch.cat([buffer[batch.slots[j], joining[j]:start], x])
                 start = joining[j]
+                x = buffer[batch.slots[j], start:batch.starts[j] + batch.lengths[j]]
             pieces.append(x)
             starts.append(start)
         joined = self.cache.batch(batch.slots, starts, [len(p) for p in pieces])
-        x = torch.cat(pieces)[None]
-        return _Active(active.index, x, joined, self.model.rotary(joined.positions[None], x.dtype),
+        x = (torch.cat(pieces) if len(pieces) > 1 else pieces[0])[None]
+        return _Active(active.index, x, joined, self._rotary(joined, x.dtype),
                        active.decided, active.previous)
 
     def _copy_forward(self, exit_layer: int, rows: list[Row], leaving: _Active) -> None:
