@@ -96,31 +96,27 @@ def alphabet_family(tmp_path_factory) -> Path:
     return save_family(model, root / "family", tokenizer_source=root / "tokenizer")
 
 
+def alphabet_shards(family: Path, directory: Path, seed: int, count: int) -> Path:
+    """Token shards of `count` alphabet runs drawn with `seed`, each ending in eos."""
+    from familial.data.shards import write_shards
+
+    tokenizer = Tokenizer.from_file(str(family / "tokenizer.json"))
+    rng = random.Random(seed)
+    eos = tokenizer.token_to_id(EOS)
+    documents = [tokenizer.encode(alphabet_run(rng, rng.randint(6, 14))).ids + [eos]
+                 for _ in range(count)]
+    path = directory / "shards"
+    write_shards(path, documents, vocab_size=tokenizer.get_vocab_size())
+    return path
+
+
 @pytest.fixture(scope="session")
 def alphabet_held_out(alphabet_family, tmp_path_factory) -> Path:
     """Token shards of alphabet runs the family never saw (another seed)."""
-    from familial.data.shards import write_shards
-
-    tokenizer = Tokenizer.from_file(str(alphabet_family / "tokenizer.json"))
-    rng = random.Random(7)
-    eos = tokenizer.token_to_id(EOS)
-    documents = [tokenizer.encode(alphabet_run(rng, rng.randint(6, 14))).ids + [eos]
-                 for _ in range(30)]
-    path = tmp_path_factory.mktemp("held_out") / "shards"
-    write_shards(path, documents, vocab_size=tokenizer.get_vocab_size())
-    return path
+    return alphabet_shards(alphabet_family, tmp_path_factory.mktemp("held_out"), seed=7, count=30)
 
 
 @pytest.fixture(scope="session")
 def alphabet_train(alphabet_family, tmp_path_factory) -> Path:
     """Token shards of alphabet runs standing in for the family's training data (n-gram baselines)."""
-    from familial.data.shards import write_shards
-
-    tokenizer = Tokenizer.from_file(str(alphabet_family / "tokenizer.json"))
-    rng = random.Random(3)
-    eos = tokenizer.token_to_id(EOS)
-    documents = [tokenizer.encode(alphabet_run(rng, rng.randint(6, 14))).ids + [eos]
-                 for _ in range(200)]
-    path = tmp_path_factory.mktemp("train") / "shards"
-    write_shards(path, documents, vocab_size=tokenizer.get_vocab_size())
-    return path
+    return alphabet_shards(alphabet_family, tmp_path_factory.mktemp("train"), seed=3, count=200)
