@@ -112,7 +112,7 @@ class _Active:
     # (rows, hidden): each row's last token at the previous exit (saturation measure only).
     previous: torch.Tensor | None = None
     # the call's token ids while x holds their embeddings (before any layer, join or split).
-    inputs: list[int] | None = None
+    inputs: torch.Tensor | list[int] | None = None
 
     def tokens(self, j: int) -> slice:
         return slice(self.batch.offsets[j], self.batch.offsets[j + 1])
@@ -157,7 +157,7 @@ class Runner:
         model = self.model
         inputs = None
         if hidden is None:
-            inputs = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+            inputs = tokens
             tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.cache.device)
             x = model.model.embed_tokens(tokens)[None]
         else:
@@ -298,7 +298,7 @@ class Runner:
                 if exit_layer == 0 and active.inputs is not None:
                     # The state entering exit 0 is the token's embedding: its score is the token's.
                     table = self._embedding_log_odds(classifier)
-                    scores = [table[active.inputs[active.batch.offsets[j + 1] - 1]] for j in js]
+                    scores = [table[int(active.inputs[active.batch.offsets[j + 1] - 1])] for j in js]
                 else:
                     scores = classifier.log_odds(exit_layer, mine)
                 limits = [log_odds(info.rule.thresholds[exit_layer]) for info in infos]
