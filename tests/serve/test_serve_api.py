@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import openai
@@ -61,8 +62,37 @@ def test_streamed_completion_equals_the_whole_one(client):
     assert [c.choices[0].finish_reason for c in with_choices][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
     assert [e for c in chunks for e in c.familial["exits"]] == whole.familial["exits"]
+    assert all("".join(c.familial["pieces"]) == c.choices[0].text for c in with_choices)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert {c.id for c in chunks} == {chunks[0].id}
+
+
+def test_a_chunk_carrying_several_tokens_gives_each_its_text_and_exit():
+    """A client that reads slower than the engine writes gets several tokens in one chunk;
+    `pieces` lets it still colour each token by its own exit (the playground does)."""
+    from familial.infer.requests import TokenEvent
+    from familial.serve.app import Job, _stream
+
+    batches = [[TokenEvent(5, "Once", 1)],
+               [TokenEvent(6, "", 3), TokenEvent(7, " upo", 1), TokenEvent(8, "n a", 3, True, "length")]]
+
+    class Server:
+        async def events(self, job, request):
+            for batch in batches:
+                job.exits += [event.exit for event in batch]
+                yield batch
+
+    async def read():
+        job = Job(handle=None, model="auto", id="cmpl-1")
+        return [line async for line in _stream(Server(), job, None, chat=False, usage=False)]
+
+    lines = asyncio.run(read())
+    assert lines[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks] == ["Once", " upon a"]
+    assert [c["familial"]["pieces"] for c in chunks] == [["Once"], ["", " upo", "n a"]]
+    assert [c["familial"]["exits"] for c in chunks] == [[1], [3, 1, 3]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "length"]
 
 
 def test_chat_completion_uses_the_template_and_streams_the_same_answer(client, live):

@@ -318,17 +318,19 @@ async def _stream(server: Server, job: Job, request: Request, chat: bool, usage:
     if chat:
         yield _sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
             index=0, delta=p.ChatDelta(role="assistant", content=""), finish_reason=None)],
-            familial=p.FamilialInfo(member=job.model, exits=[])))
-    sent = 0
+            familial=p.FamilialChunkInfo(member=job.model, exits=[], pieces=[])))
+    # Tokens whose text is held back (a stop string's prefix, part of a character) ride in the
+    # next chunk that has text, so each chunk's exits and pieces stay one per token.
+    held = []
     try:
         async for events in server.events(job, request):
-            new_exits = job.exits[sent:]
+            held += [event for event in events if event.token_id is not None]
             text, last = "".join(event.text for event in events), events[-1]
             if not text and not last.finished:
                 continue
-            sent = len(job.exits)
             reason = last.finish_reason if last.finished else None
-            info = p.FamilialInfo(member=job.model, exits=new_exits)
+            info = p.FamilialChunkInfo(member=job.model, exits=[e.exit for e in held], pieces=[e.text for e in held])
+            held = []
             if chat:
                 yield _sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
                     index=0, delta=p.ChatDelta(content=text or None), finish_reason=reason)],
@@ -341,7 +343,7 @@ async def _stream(server: Server, job: Job, request: Request, chat: bool, usage:
         yield "data: [DONE]\n\n"
         return
     if usage:
-        info = p.FamilialInfo(member=job.model, exits=[])
+        info = p.FamilialChunkInfo(member=job.model, exits=[], pieces=[])
         chunk = p.ChatCompletionChunk if chat else p.CompletionChunk
         yield _sse(chunk(**head, choices=[], usage=job.usage(), familial=info))
     yield "data: [DONE]\n\n"

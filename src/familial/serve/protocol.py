@@ -134,6 +134,12 @@ class FamilialInfo(BaseModel):
         description="exit layer that produced each token (of this chunk, when streaming)")
 
 
+class FamilialChunkInfo(FamilialInfo):
+    pieces: list[str] = Field(description=(
+        "the text of each token of this chunk, so a client can tell tokens apart when one chunk "
+        "carries several (the engine ran ahead of the client)"))
+
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -161,7 +167,7 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    familial: FamilialInfo
+    familial: FamilialChunkInfo
 
 
 class AssistantMessage(BaseModel):
@@ -205,7 +211,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-    familial: FamilialInfo
+    familial: FamilialChunkInfo
 
 
 class MemberInfo(BaseModel):
