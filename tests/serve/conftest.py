@@ -22,6 +22,7 @@ from familial.chat_template import ChatTemplate
 from familial.checkpoint_io import save_family
 from familial.config import FamilyConfig
 from familial.infer.engine import Engine
+from familial.infer.process import EngineProcess
 from familial.model import FamilyModel
 from familial.serve.guard import ClientPolicy
 
@@ -93,7 +94,8 @@ def serve():
 
 @pytest.fixture(scope="module")
 def live(family_dir) -> Iterator[Live]:
-    engine = Engine.from_checkpoint(family_dir, max_batch_size=4, max_queue=16, max_seq_len=256)
+    """The server as `familial serve` runs it: the engine in a process of its own."""
+    engine = EngineProcess(family_dir, threads=1, max_batch_size=4, max_queue=16, max_seq_len=256)
     with serve_engine(engine) as running:
         yield running
 

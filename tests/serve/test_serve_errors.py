@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+
 import pytest
+
+from familial.infer.process import EngineProcess
 
 COMPLETION = {"model": "exit-1", "prompt": "Once", "max_tokens": 2}
 CHAT = {"model": "exit-3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -80,3 +86,20 @@ def test_server_keeps_serving_after_bad_requests(live, http):
     assert status == 200 and reply["usage"]["completion_tokens"] == 2
     status, health = http.get(live.url, "/health")
     assert status == 200 and health["ok"] and health["running"] == 0 and health["queue_depth"] == 0
+
+
+def test_a_dead_engine_process_gets_503_on_streams_requests_and_health(family_dir, serve, http):
+    engine = EngineProcess(family_dir, threads=1, max_batch_size=2, max_queue=4)
+    with serve(engine) as server:
+        # Thousands of tokens from a tiny model: the kill lands mid-stream.
+        connection, stream = http.open_stream(server.url, "/v1/completions", {**COMPLETION, "max_tokens": 4000})
+        assert stream.status == 200 and stream.readline().startswith(b"data: {")
+        os.kill(engine._process.pid, signal.SIGKILL)
+        events = [json.loads(line[6:]) for line in stream if line.startswith(b"data: {")]
+        connection.close()
+        assert events[-1]["error"]["code"] == "cancelled"
+        assert "the engine process ended" in events[-1]["error"]["message"]
+        status, reply = http.post(server.url, "/v1/completions", COMPLETION)
+        assert status == 503 and reply["error"]["code"] == "engine_unavailable"
+        status, health = http.get(server.url, "/health")
+        assert status == 503 and health["ok"] is False

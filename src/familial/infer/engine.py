@@ -41,6 +41,7 @@ from familial.infer.requests import (
     QueueFull,
     RequestHandle,
     TokenEvent,
+    result_of,
 )
 from familial.infer.runner import Adaptive, Row, Runner
 from familial.infer.sampling import Draw, SamplingParams, choose, request_seed
@@ -142,6 +143,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._ids = itertools.count()
+        # Called on the engine's thread after each step of its loop (the engine process sends a
+        # step's events in one message: familial.infer.process).
+        self.after_step = None
 
     @classmethod
     def from_checkpoint(cls, family_dir: str | Path, dtype: torch.dtype | str | None = None, **kwargs) -> Engine:
@@ -214,16 +218,7 @@ class Engine:
             with self._drive:
                 while not all(h.done for h in handles):
                     self._step()
-        results = []
-        for handle in handles:
-            events = list(handle)
-            last = events[-1]
-            tokens = [e for e in events if e.token_id is not None]
-            results.append(GenerationResult([e.token_id for e in tokens], [e.exit for e in tokens],
-                                            last.finish_reason, "".join(e.text for e in events),
-                                            handle.prompt_tokens, last.error, handle.drafted,
-                                            handle.accepted))
-        return results
+        return [result_of(handle) for handle in handles]
 
     def _make_sequence(self, prompt_ids, member, params, speculative, budget, target) -> _Sequence:
         config = self.config
@@ -331,6 +326,8 @@ class Engine:
                     return
             with self._drive:
                 self._step()
+            if self.after_step is not None:
+                self.after_step()
 
     def _step(self) -> None:
         """Admit waiting requests, drop cancelled ones, then advance every sequence once."""

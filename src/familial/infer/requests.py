@@ -105,3 +105,13 @@ class RequestHandle:
         self._events.put(event)
         if self._listener is not None:
             self._listener()
+
+
+def result_of(handle: RequestHandle) -> GenerationResult:
+    """Wait for a request to finish and gather its tokens, exits, text and finish reason."""
+    events = list(handle)
+    last = events[-1]
+    tokens = [e for e in events if e.token_id is not None]
+    return GenerationResult([e.token_id for e in tokens], [e.exit for e in tokens], last.finish_reason,
+                            "".join(e.text for e in events), handle.prompt_tokens, last.error,
+                            handle.drafted, handle.accepted)

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from familial.chat_template import ChatTemplate, ChatTemplateError
 from familial.infer.engine import QueueFull
+from familial.infer.process import EngineProcessError
 from familial.infer.sampling import SamplingParams
 from familial.serve import protocol as p
 from familial.serve.guard import ClientPolicy, Guard
@@ -216,6 +217,8 @@ class Server:
         except QueueFull:
             raise APIError(429, "the request queue is full; retry later", None, "queue_full",
                            {"Retry-After": "1"}) from None
+        except EngineProcessError as error:
+            raise APIError(503, str(error), None, "engine_unavailable") from None
         except ValueError as error:
             raise APIError(400, str(error)) from None
         return Job(handle, member.id, f"{prefix}-{uuid.uuid4().hex}")
@@ -246,8 +249,9 @@ class Server:
                             # this request's own (its sampling parameters, its stop handling): a 400.
                             raise APIError(400, f"generation failed for this request: {event.error}", None,
                                            "generation_failed")
-                        # The engine cancels a request only when the server stops.
-                        raise APIError(503, "the server is shutting down", None, "cancelled")
+                        # The engine cancels a request only when the server stops, or when the
+                        # engine's process has died (then `error` says so).
+                        raise APIError(503, event.error or "the server is shutting down", None, "cancelled")
                     ready.append(event)
                 if ready:
                     yield ready

@@ -24,6 +24,9 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for a slot before new ones get 429")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="prompt plus answer tokens per request (default: the model's, at most 4096)")
+    parser.add_argument("--max-prefill-tokens", type=int, default=512,
+                        help="prompt tokens prefilled per engine step beside the decoding sequences (as "
+                             "vLLM's --max-num-batched-tokens): smaller stalls running streams less")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="weights and KV cache precision (default: the checkpoint's)")
@@ -65,19 +68,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, family: Path, sock: socket.socket, policy) -> int:
-    import torch
-
-    from familial.infer.engine import Engine, suggested_threads
+    from familial.infer.process import EngineProcess
     from familial.serve.app import create_app
     from familial.serve.guard import uvicorn_server
 
     template = _chat_template(family, args.chat_template)
-    engine = Engine.from_checkpoint(family, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                                    max_seq_len=args.max_seq_len, device=args.device,
-                                    dtype=args.dtype)
-    threads = args.threads or suggested_threads(engine.config)
-    if threads:
-        torch.set_num_threads(threads)
+    engine = EngineProcess(family, threads=args.threads, max_batch_size=args.max_batch_size,
+                           max_queue=args.max_queue, max_seq_len=args.max_seq_len,
+                           max_prefill_tokens=args.max_prefill_tokens, device=args.device, dtype=args.dtype)
     app = create_app(engine, engine.tokenizer, template, policy)
     server = uvicorn_server(app, policy)
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -87,11 +85,10 @@ def _serve(args: argparse.Namespace, family: Path, sock: socket.socket, policy) 
     if not policy.loopback_only and policy.api_key is None:
         print(f"note: listening on {args.host} without --api-key: anyone who can reach this address can "
               f"use the API", flush=True)
-    engine.start()
     try:
         print(f"serving {family} ({', '.join(m['id'] for m in engine.members())}) on "
-              f"http://{host}:{args.port}/ (playground), OpenAI API at /v1, {threads or torch.get_num_threads()} "
-              f"threads", flush=True)
+              f"http://{host}:{args.port}/ (playground), OpenAI API at /v1; the engine runs in its own "
+              f"process with {engine.threads} threads", flush=True)
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn has shut down gracefully and raises Ctrl-C's signal again on its way out
