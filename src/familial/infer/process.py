@@ -11,8 +11,8 @@ One socket pair carries everything. The parent sends calls (submit, cancel, stat
 answered in order; the child sends, after each engine step, the step's events of every request
 in one message. Request ids are the parent's, registered before the call is sent, so events
 never arrive for a handle the parent does not know yet. If the child dies, every open request
-ends as cancelled (its `error` saying why) and `stats()` reports the engine not alive; if the parent dies, the
-child reads the end of the pipe and exits.
+ends as cancelled (its `error` saying why) and `stats()` reports the engine not alive; if the
+parent dies, the child reads the end of the socket and exits.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from familial.infer.requests import GenerationResult, QueueFull, RequestHandle, 
 
 START_TIMEOUT = 600.0
 CALL_TIMEOUT = 60.0
+# A health check waits this long: the child answers between the ops of a step, however long.
+STATS_TIMEOUT = 5.0
 
 
 class EngineProcessError(RuntimeError):
@@ -103,11 +105,9 @@ class EngineProcess:
         """The child's engine runs from the moment it has loaded (kept for Engine's API)."""
 
     def stats(self) -> dict:
-        if self._ended is not None:
-            return {"queued": 0, "running": 0, "free_slots": 0, "max_batch_size": self.max_batch_size,
-                    "max_queue": self.max_queue, "alive": False}
+        """Engine.stats() of the child; "alive" False once it has ended or does not answer."""
         try:
-            return self._call("stats", timeout=CALL_TIMEOUT)
+            return self._call("stats", timeout=STATS_TIMEOUT)
         except EngineProcessError:
             return {"queued": 0, "running": 0, "free_slots": 0, "max_batch_size": self.max_batch_size,
                     "max_queue": self.max_queue, "alive": False}
