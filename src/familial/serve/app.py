@@ -1,11 +1,12 @@
-"""The OpenAI-compatible HTTP API over one family `Engine`, and the playground page.
+"""The OpenAI-compatible HTTP API over one family engine, and the playground page.
 
-Every request becomes one `Engine.submit`; the engine's scheduler batches them (continuous
-batching), so this module only translates: OpenAI fields -> `SamplingParams`, model name ->
-member, `TokenEvent`s -> JSON or server-sent events. A request waits for its events on the
-event loop itself, woken by the engine's thread as each arrives (no thread per request), and
-events that arrived together go out as one chunk; a request whose client goes away is
-cancelled so its batch slot goes to the next one.
+The engine is an `Engine` in this process or, as `familial serve` runs it, an `EngineProcess`
+(familial.infer.process) with the same request API. Every request becomes one `submit`; the
+engine's scheduler batches them (continuous batching), so this module only translates: OpenAI
+fields -> `SamplingParams`, model name -> member, `TokenEvent`s -> JSON or server-sent events.
+A request waits for its events on the event loop itself, woken by the thread that delivers
+them (no thread per request), and events that arrived together go out as one chunk; a request
+whose client goes away is cancelled so its batch slot goes to the next one.
 
 The event loop does no work whose size a client or a checkpoint controls: a prompt longer than
 the context could hold is refused by its length before it is tokenised, tokenising runs in the
