@@ -324,7 +324,10 @@ class _Outbox:
 
     def send(self, message: tuple) -> None:
         with self.sending:
-            self.connection.send(message)
+            try:
+                self.connection.send(message)
+            except OSError:
+                pass  # the parent is gone: the main thread reads the end of the socket and exits
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import ipaddress
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -86,16 +87,27 @@ def _serve(args: argparse.Namespace, family: Path, sock: socket.socket, policy) 
     if not policy.loopback_only and policy.api_key is None:
         print(f"note: listening on {args.host} without --api-key: anyone who can reach this address can "
               f"use the API", flush=True)
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again with the
+    # handlers it found: SIGTERM's default would end this process before the engine's does.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         print(f"serving {family} ({', '.join(m['id'] for m in engine.members())}) on "
               f"http://{host}:{args.port}/ (playground), OpenAI API at /v1; the engine runs in its own "
               f"process with {engine.threads} threads", flush=True)
         server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass  # uvicorn has shut down gracefully and raises Ctrl-C's signal again on its way out
+    except (KeyboardInterrupt, _Terminated):
+        pass
     finally:
         engine.stop()
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised again by uvicorn once it has shut down."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated
 
 
 def _require_serve_extras() -> None:
