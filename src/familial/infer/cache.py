@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from familial.config import FamilyConfig
+from familial.model import causal_mask
 
 
 class SlotCache:
@@ -100,10 +101,8 @@ class CacheBatch:
         self._plan_decode(decode)
         single = set(decode)
         self.spans = [i for i in range(len(slots)) if i not in single]
-        # Causal masks of rows that start after cached positions (built once, used by every layer):
-        # query t of a row starting at s sees keys 0..s+t.
-        self.span_masks = {i: torch.ones(lengths[i], starts[i] + lengths[i], dtype=torch.bool,
-                                         device=device).tril_(starts[i]) if starts[i] else None
+        # Causal masks of rows that start after cached positions (built once, used by every layer).
+        self.span_masks = {i: causal_mask(lengths[i], starts[i] + lengths[i], device) if starts[i] else None
                            for i in self.spans}
 
     @functools.cached_property
