@@ -261,11 +261,15 @@ def check_layers(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor,
     return costs
 
 
+def member_layers(config: FamilyConfig, exits: torch.Tensor) -> float:
+    """Decoder layers per token of the members the tokens leave from."""
+    return sum(float((exits == e).float().mean()) * config.member_layers(e) for e in config.exits)
+
+
 def expected_layers(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor,
                     checked: dict[int, torch.Tensor]) -> float:
     """Decoder layers per token: each token's member, plus the checks (check_layers)."""
-    members = sum(float((exits == e).float().mean()) * config.member_layers(e) for e in config.exits)
-    return members + sum(check_layers(config, rule, exits, checked).values())
+    return member_layers(config, exits) + sum(check_layers(config, rule, exits, checked).values())
 
 
 def paying(config: FamilyConfig, rule: ExitRule, scores: dict[int, torch.Tensor],
@@ -273,15 +277,15 @@ def paying(config: FamilyConfig, rule: ExitRule, scores: dict[int, torch.Tensor]
     """`rule` with its exits turned off, one at a time, while turning one off lowers the expected
     layers per token (checks included) on these tokens: an exit few tokens leave costs every
     token reaching it a check and saves little."""
+    layers = expected_layers(config, rule, *leave_at(config, rule, scores, screens))
     while True:
-        base = expected_layers(config, rule, *leave_at(config, rule, scores, screens))
-        best, best_layers = None, base
+        best = None
         for e in config.exits[:-1]:
             if rule.enabled(e):
                 off = dataclasses.replace(rule, thresholds={**rule.thresholds, e: OFF})
-                layers = expected_layers(config, off, *leave_at(config, off, scores, screens))
-                if layers < best_layers:
-                    best, best_layers = off, layers
+                off_layers = expected_layers(config, off, *leave_at(config, off, scores, screens))
+                if off_layers < layers:
+                    best, layers = off, off_layers
         if best is None:
             return rule
         rule = best
@@ -305,7 +309,8 @@ def describe(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor, checked:
         if rule.measure in SOFTMAX and e in checked:
             # A softmax check the token did not leave at still ran the exit's branch.
             layers += ((exits > e) & checked[e]) * config.branch_depth(e)
-    for e, cost in check_layers(config, rule, exits, checked).items():
+    checks = check_layers(config, rule, exits, checked)
+    for e, cost in checks.items():
         per_exit[str(e)]["check_layers"] = round(cost, 4)
     agreed = int(agreeing.sum())
     mean_layers = float(layers.mean())
@@ -316,7 +321,8 @@ def describe(config: FamilyConfig, rule: ExitRule, exits: torch.Tensor, checked:
     return {"agreement": round(agreed / n, 5), "lower_bound": round(agreement_lower_bound(agreed, n, delta), 5),
             "layers": round(mean_layers, 3),
             "speedup": round(config.num_hidden_layers / mean_layers, 3),
-            "speedup_with_checks": round(config.num_hidden_layers / expected_layers(config, rule, exits, checked), 3),
+            "speedup_with_checks": round(config.num_hidden_layers / (member_layers(config, exits)
+                                                                      + sum(checks.values())), 3),
             "leave": leave, "exits": per_exit}
 
 
