@@ -36,7 +36,7 @@ from familial.train.config import (
     TrainConfig,
     save_resolved,
 )
-from familial.train.init import tokenizer_source, weight_source  # noqa: F401
+from familial.train.init import run_tokenizer, tokenizer_source, weight_source  # noqa: F401
 from familial.train.layout import Layout, LocalLayout
 from familial.train.metrics import MetricsWriter
 from familial.train.params import build_optimizer, check_patterns, freeze, matches  # noqa: F401 (the freeze rule)
@@ -197,8 +197,14 @@ class Trainer:
             source = weight_source(config.init, config.seed)
             family = source.config
         check_stages(self.stages, family)
+        tokenizer = run_tokenizer(config.init, self.stages)
+        from_shards = tokenizer != tokenizer_source(config.init)
+        if from_shards:
+            config.init.tokenizer = tokenizer  # the shards' own: every saved family carries it
         self.layout = layout(config, family)
         self.family_config = family
+        if from_shards and self.layout.is_main:
+            print(f"tokenizer: {tokenizer} (the shards' own; --init.tokenizer to name it)", flush=True)
         if checkpoint is not None:
             saved = self.layout.load(checkpoint)
             self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
