@@ -94,3 +94,11 @@ def check_shards(shards, tokenizer: TokenizerRecord | None, role: str = "the fam
         raise TokenizerMismatch(f"{Path(shards.path)}: tokenised with {recorded}, but {role} is "
                                 f"{tokenizer}{'; ' + fix if fix else ''}")
     return recorded
+
+
+def check_family_shards(family: str | Path, *shards) -> None:
+    """Refuse shards tokenised with another tokenizer than the family's (eval, compare)."""
+    record = family_tokenizer(family)
+    for each in shards:
+        check_shards(each, record, f"the tokenizer of family {family}",
+                     fix="evaluate on shards prepared with the family's tokenizer")

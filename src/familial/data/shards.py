@@ -173,9 +173,11 @@ class ShardWriter:
 
 def write_shards(path: str | Path, documents: Iterable[Document | Sequence[int] | np.ndarray],
                  vocab_size: int, tokenizer: str | None = None, eos_token_id: int | None = None,
-                 sources: list[Any] | None = None, overwrite: bool = False) -> "TokenShards":
+                 sources: list[Any] | None = None, overwrite: bool = False,
+                 tokenizer_sha256: str | None = None) -> "TokenShards":
     """Write documents (id sequences or `Document`s) as a shard directory and open it."""
-    writer = ShardWriter(path, vocab_size, tokenizer, eos_token_id, sources, overwrite)
+    writer = ShardWriter(path, vocab_size, tokenizer, eos_token_id, sources, overwrite,
+                         tokenizer_sha256)
     try:
         for document in documents:
             writer.add(document)
