@@ -218,3 +218,68 @@ def test_disk_full_during_checkpoint_keeps_the_previous_checkpoint(tmp_path, sha
         assert torch.equal(tensor, saved[name]), name
     assert resumed.run().step == 4
     assert np.isfinite([p.detach().sum().item() for p in resumed.model.parameters()]).all()
+
+
+@pytest.mark.parametrize("name, damage", [("tokenizer.json", "garbage"), ("tokenizer.json", "truncated"),
+                                          ("tokenizer.json", "not-a-tokenizer"),
+                                          ("tokenizer_config.json", "truncated")])
+def test_export_refuses_damaged_tokenizer_files_and_writes_nothing(tmp_path, capsys, name, damage):
+    family = tmp_path / "family"
+    save_family(tiny_family(vocab_size=2048), family, tokenizer_source=ASSETS)
+    file = family / name
+    text = file.read_text()
+    file.write_bytes({"garbage": b"\x89PNG\r\n\x1a\n\x00\xff", "truncated": text[:len(text) // 2].encode(),
+                      "not-a-tokenizer": b'{"version": "1.0", "model": 5}'}[damage])
+    assert cli.main(["export", str(family), str(tmp_path / "out"), "--member", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {file}: " in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def _family_with(tmp_path, change=None, tokenizer=None, **config) -> Path:
+    model = tiny_family(**config)
+    if change is not None:
+        with torch.no_grad():
+            change(model)
+    return save_family(model, tmp_path / "family", tokenizer_source=tokenizer)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_verify_rejects_non_finite_weights(tmp_path, capsys, value):
+    family = _family_with(tmp_path, lambda m: m.model.layers["2"].mlp.down_proj.weight.view(-1).__setitem__(7, value))
+    assert cli.main(["verify", str(family)]) == 2
+    err = capsys.readouterr().err
+    assert f"{family / 'model.safetensors'}: tensor 'model.layers.2.mlp.down_proj.weight' holds 1 " \
+           f"non-finite value(s) (such as {value})" in err
+
+
+@pytest.mark.parametrize("field, value", [("eos_token_id", 999999), ("eos_token_id", -5),
+                                          ("bos_token_id", 999999), ("eos_token_id", [3, 61])])
+def test_verify_rejects_token_ids_outside_the_vocabulary(tmp_path, capsys, field, value):
+    family = _family_with(tmp_path)
+    data = json.loads((family / "family.json").read_text())
+    (family / "family.json").write_text(json.dumps(dict(data, **{field: value})))
+    assert cli.main(["verify", str(family)]) == 2
+    err = capsys.readouterr().err
+    assert f"{family / 'family.json'}: field '{field}' = {value!r}" in err
+    assert f"outside the vocabulary [0, {VOCAB})" in err
+
+
+def test_verify_rejects_a_tokenizer_that_does_not_fit_the_family(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    family = _family_with(tmp_path, vocab_size=2048)
+    tiny = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    tiny.save(str(family / "tokenizer.json"))
+    assert cli.main(["verify", str(family)]) == 2
+    assert (f"{family / 'tokenizer.json'}: the tokenizer has only 3 ids for the family's vocab_size "
+            f"2048") in capsys.readouterr().err
+    shutil.rmtree(family)
+    family = _family_with(tmp_path)
+    shutil.copyfile(ASSETS / "tokenizer.json", family / "tokenizer.json")
+    assert cli.main(["verify", str(family)]) == 2
+    assert (f"{family / 'tokenizer.json'}: the tokenizer has 2048 ids, more than the family's "
+            f"vocab_size {VOCAB}") in capsys.readouterr().err
+    shutil.rmtree(family)
+    family = _family_with(tmp_path, tokenizer=ASSETS, vocab_size=2048)
+    assert cli.main(["verify", str(family)]) == 0
