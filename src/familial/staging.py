@@ -51,7 +51,7 @@ def check_output_directory(target: Path, overwrite: bool) -> None:
         raise OutputPathError(f"{target}: is a file, not a directory (choose another output path)")
     if target.is_dir() and not overwrite and any(target.iterdir()):
         raise OutputPathError(f"{target}: already exists and is not empty (choose another output "
-                              f"directory, or pass overwrite)")
+                              f"directory, or pass --overwrite to replace it)")
 
 
 def check_output_file(target: Path) -> None:

@@ -8,6 +8,7 @@ import json
 from familial import checkpoint_io
 from familial.config import ConfigError, FamilyConfig
 from familial.summary import format_summary, summarize
+from familial.text import counted
 
 
 def _int_list(text: str) -> list[int]:
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(summary.to_dict(), indent=2))
         else:
             print(f"family {args.family}: exits {config.exits}, "
-                  f"{config.num_hidden_layers} trunk layers, hidden {config.hidden_size}")
+                  f"{counted(config.num_hidden_layers, 'trunk layer')}, hidden {config.hidden_size}")
             print(format_summary(summary))
     return 0
 

@@ -220,7 +220,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
                          f"directory; --overwrite replaces only a shard directory)")
     if target.is_dir() and not overwrite and any(target.iterdir()):
         raise ShardError(f"{target}: already exists and is not empty (choose another "
-                         f"output directory, or pass overwrite)")
+                         f"output directory, or pass --overwrite to replace it)")
 
 
 def _write_ones(handle, count: int) -> None:

@@ -106,7 +106,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     train.add_argument("--vocab-size", type=int, required=True, help="ids in all, special tokens included")
     train.add_argument("--out", required=True, help="directory to write tokenizer.json and "
                                                     "tokenizer_config.json into")
-    train.add_argument("--glob", default="*.txt", help="files to take from input directories")
+    train.add_argument("--glob", default="*.txt",
+                       help="files to take from input directories (default: %(default)s; '*' takes every file)")
     train.add_argument("--text-field", default="text", help="JSONL field holding the text")
     train.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a merged pair")
     train.add_argument("--overwrite", action="store_true")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from familial.checkpoint_io import CheckpointError, family_parameter_names
 from familial.config import ConfigError, FamilyConfig
 from familial.data import Batches, DocumentRows, MixtureRows, StreamRows, open_shards
+from familial.text import counted
 from familial.train import checkpoint as ckpt
 from familial.train.config import (
     DataConfig,
@@ -321,7 +322,7 @@ class Trainer:
         mean = sum(ce.values()) / max(len(ce), 1)
         deepest = self.family_config.exits[-1]
         full = f", full member {ce[deepest]:.3f}" if deepest in ce else ""
-        return (f"mean CE of {len(ce)} exits {mean:.3f}{full} (nats/token), lr {lr:.2e}, "
+        return (f"mean CE of {counted(len(ce), 'exit')} {mean:.3f}{full} (nats/token), lr {lr:.2e}, "
                 f"{result.tokens / elapsed:,.0f} tok/s")
 
     def _record(self, stage: StageConfig, result: StepResult, lambdas: dict[int, float],
