@@ -176,8 +176,9 @@ class Trainer:
     """Runs a TrainConfig's stages in sequence in one run directory, resumable at any checkpoint."""
 
     def __init__(self, config: TrainConfig, resume: str | None = None,
-                 loader_factory: LoaderFactory = build_batches, layout: LayoutFactory = LocalLayout) -> None:
-        self.config = config
+                 loader_factory: LoaderFactory = build_batches, layout: LayoutFactory = LocalLayout,
+                 label: str = "train") -> None:
+        self.config, self.label = config, label  # the label names this run's progress bar
         self.run_dir = Path(config.run_dir)
         self.stages: list[StageConfig] = config.resolved_stages()
         self.loader_factory = loader_factory
@@ -258,7 +259,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(self.config, self.run_dir)
             metrics = MetricsWriter(self.run_dir, self.config.log.tensorboard, resume_step=self.state.step or None)
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.label, unit="step",
                    disable=not (self.config.log.progress and self.layout.is_main), dynamic_ncols=True)
         try:
             while self.state.stage < len(self.stages) and self.state.step < stop:
