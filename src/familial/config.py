@@ -268,7 +268,7 @@ def read_small_file(path: str | Path, limit: int = MAX_JSON_BYTES) -> bytes:
     """The bytes of a regular file of at most `limit` bytes. A device or FIFO in its place is
     refused before it is opened (reading /dev/zero never ends; opening a FIFO blocks)."""
     info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):  # open names a directory
         raise ConfigError(f"{path}: not a regular file (a device, FIFO or socket); expected a "
                           f"JSON file")
     if info.st_size > limit:
