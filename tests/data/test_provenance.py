@@ -136,3 +136,11 @@ def test_serve_of_a_missing_path_says_it_is_missing(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "no such directory" in err and "tokenizer" not in err
+
+
+def test_train_refuses_an_init_tokenizer_that_is_not_there(tmp_path):
+    """The demo's train.toml names the demo's tokenizer, which exists only inside the clone."""
+    shards = prepare(tmp_path, TOKENIZER_PATH)
+    with pytest.raises(ConfigError, match=r"'init.tokenizer' = '.*nowhere': no tokenizer.json there "
+                                          r"\(pass --init.tokenizer"):
+        Trainer(load_config(data=config(tmp_path, shards, tokenizer=str(tmp_path / "nowhere"))))

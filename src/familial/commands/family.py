@@ -79,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.family}: nothing to hash: family.json lists no checksums (written before "
                   f"familial stored them), so only names, shapes and dtypes were checked")
         else:
-            print(f"{args.family}: sha256 of {len(hashed)} tensor file(s) match family.json "
-                  f"({', '.join(hashed)})")
+            tensors = [name for name in hashed if name != "tokenizer.json"]
+            print(f"{args.family}: sha256 of {len(tensors)} tensor file(s) match family.json "
+                  f"({', '.join(tensors)})")
+            if "tokenizer.json" in hashed:
+                print(f"{args.family}: tokenizer.json is the one family.json records (sha256), and "
+                      f"fits the family's vocabulary")
     else:
         config = FamilyConfig.load(args.family)
         summary = summarize(config)

@@ -149,8 +149,8 @@ def run_tokenizer(init: InitConfig, stages: list[StageConfig]) -> str | None:
         run = tokenizer_record(init.tokenizer)
         if run is None:
             raise ConfigError(f"train config: field 'init.tokenizer' = {init.tokenizer!r}: no "
-                              f"tokenizer.json there (pass a tokenizer.json or a directory "
-                              f"holding one)")
+                              f"tokenizer.json there (pass --init.tokenizer with the shards' "
+                              f"tokenizer: a tokenizer.json or a directory holding one)")
         role = "init.tokenizer"
     elif init.family is not None:
         run, role = family_tokenizer(init.family), f"the tokenizer of init.family {init.family}"
