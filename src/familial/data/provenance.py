@@ -62,16 +62,21 @@ def shards_tokenizer(shards) -> TokenizerRecord | None:
 
 
 def family_tokenizer(directory: str | Path) -> TokenizerRecord | None:
-    """The family's tokenizer.json, refused if it is not the one family.json recorded."""
+    """The family's tokenizer: its tokenizer.json, refused if it is not the one family.json
+    records; only the record when the file is gone; None when there is neither."""
     directory = Path(directory)
     found = tokenizer_record(directory / TOKENIZER_JSON)
     recorded = (FamilyConfig.load_checksums(directory) or {}).get(TOKENIZER_JSON)
-    if recorded is not None and (found is None or found.sha256 != recorded):
-        now = "is missing" if found is None else f"has sha256 {found.sha256[:12]}"
-        raise TokenizerMismatch(f"{directory / TOKENIZER_JSON}: {now}, but {FAMILY_CONFIG_NAME} "
-                                f"records the family's tokenizer as sha256 {recorded[:12]} (the "
-                                f"tokenizer was replaced after the family was saved; put its own "
-                                f"tokenizer.json back)")
+    if recorded is None:
+        return found
+    if found is None:
+        return TokenizerRecord(f"{directory / TOKENIZER_JSON} (missing; {FAMILY_CONFIG_NAME} "
+                               f"records it)", recorded)
+    if found.sha256 != recorded:
+        raise TokenizerMismatch(f"{found.where}: has sha256 {found.sha256[:12]}, but "
+                                f"{FAMILY_CONFIG_NAME} records the family's tokenizer as sha256 "
+                                f"{recorded[:12]} (the tokenizer was replaced after the family was "
+                                f"saved; put its own tokenizer.json back)")
     return found
 
 

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     family = Path(args.family)
     if not family.is_dir():
         raise ConfigError(f"{family}: no such directory (expected a family checkpoint directory)")
-    if family_tokenizer(family) is None:
+    family_tokenizer(family)  # refuses a tokenizer.json other than the one family.json records
+    if not (family / "tokenizer.json").exists():
         raise ConfigError(f"{family}: no tokenizer.json; the server needs the family's tokenizer "
                           f"to read prompts and write answers")
     if args.api_key is not None and not args.api_key.strip():
