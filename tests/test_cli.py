@@ -119,3 +119,51 @@ def test_missing_optional_dependency_names_the_extra(tmp_path, monkeypatch, caps
     assert main([command, *argv]) == 2
     assert f"needs matplotlib, which is not installed: run pip install 'familial[{extra}]'" in one_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_counts_take_the_noun_in_the_right_number(tmp_path, capsys):
+    from familial.checkpoint_io import save_family
+    from familial.config import FamilyConfig
+    from familial.model import FamilyModel
+
+    one = FamilyConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, exits=[0], max_position_embeddings=32)
+    assert main(["info", str(save_family(FamilyModel(one), tmp_path / "one"))]) == 0
+    assert "1 trunk layer," in capsys.readouterr().out
+    from familial.threads import pick_threads
+    from familial.train.loop import StepResult, Trainer
+
+    assert "x 1 layer)" in pick_threads(32, 1)[1]
+    trainer = object.__new__(Trainer)
+    trainer.family_config = one
+    result = StepResult({0: 2.0}, {}, 2.0, 1.0, 10, 10, False)
+    assert trainer._progress(result, 1e-3, 1.0).startswith("mean CE of 1 exit 2.000")
+
+
+def test_a_taken_output_names_the_overwrite_flag(family, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep").write_text("keep")
+    (tmp_path / "code.txt").write_text("x = 1\n")
+    for argv in (["export", str(family), str(tmp_path / "taken"), "--all"],
+                 ["data", "prepare", str(tmp_path / "code.txt"), "--tokenizer", "demo", "--out",
+                  str(tmp_path / "taken")]):
+        assert main(argv) == 2
+        assert "pass --overwrite to replace it" in one_line(capsys)
+
+
+def test_directory_inputs_name_the_glob_they_used(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("README", "LICENSE"):
+        (corpus / name).write_text("the quick brown fox jumps over the lazy dog\n" * 30)
+    for command in (["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok")],
+                    ["data", "prepare", str(corpus), "--tokenizer", "demo", "--out", str(tmp_path / "s")]):
+        assert main(command) == 2
+        assert (f"{corpus}: directory has no files matching --glob '*.txt' (it holds 2 files in all); "
+                f"pass --glob '*' to take every file") in one_line(capsys)
+        assert main([*command, "--glob", "*"]) == 0
+        capsys.readouterr()
+    for command in (["tokenizer", "train"], ["data", "prepare"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        assert "(default: *.txt; '*' takes every file)" in " ".join(capsys.readouterr().out.split())

@@ -16,9 +16,11 @@ from familial.demo import choose_threads
 def test_demo_quick_trains_measures_its_evidence_runs_dae_and_names_the_family(tmp_path, capsys):
     output = tmp_path / "demo"
     assert main(["demo", "--quick", "--threads", "1", "--output", str(output)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert lines[0].startswith("threads: 1 (--threads)")
+    # Each training run's progress bar says which run it is.
+    assert "DaE small:" in err and "healing small:" in err
 
     # The evidence table: every member with its loss, its gap to the bigram and to the
     # previous member, and its agreement with the full member, each with an interval.

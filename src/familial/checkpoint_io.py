@@ -223,12 +223,53 @@ def sha256_file(path: Path) -> str:
 
 
 def copy_tokenizer_files(source: Path, directory: Path) -> list[str]:
+    """Copy the tokenizer files of `source` (a directory, or a tokenizer.json) into `directory`,
+    each checked first: a checkpoint must not carry a tokenizer nothing can read."""
+    files = {name: source / name for name in TOKENIZER_FILES}
+    if source.is_file():
+        files = ({name: source.parent / name for name in TOKENIZER_FILES}
+                 if source.name == "tokenizer.json" else {"tokenizer.json": source})
     copied = []
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, directory / name)
+    for name, file in files.items():
+        if file.is_file():
+            check_tokenizer_file(file, name)
+            shutil.copyfile(file, directory / name)
             copied.append(name)
     return copied
+
+
+def check_tokenizer_file(file: Path, name: str) -> None:
+    """Refuse a tokenizer file that is not what its name says (garbage, truncated, not UTF-8)."""
+    if not name.endswith(".json"):
+        return
+    try:
+        text = file.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file}: not a UTF-8 text file (expected the JSON of {name})") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{file}: malformed JSON at line {error.lineno} column {error.colno}: "
+                              f"{error.msg} (a truncated or damaged {name})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    if name == "tokenizer.json":
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_str(text)
+        except Exception as error:  # noqa: BLE001 - tokenizers raises bare Exceptions
+            raise CheckpointError(f"{file}: not a readable HF tokenizers file ({error})") from None
+
+
+def save_family_files(config: FamilyConfig, directory: Path, checksums: dict[str, str],
+                      tokenizer_source: str | Path | None) -> None:
+    """family.json and the tokenizer files; family.json records the tokenizer.json it carries
+    (its sha256 among the files), so shards or a replaced tokenizer can be checked against it."""
+    checksums = dict(checksums)
+    if tokenizer_source is not None and "tokenizer.json" in copy_tokenizer_files(
+            Path(tokenizer_source), directory):
+        checksums["tokenizer.json"] = sha256_file(directory / "tokenizer.json")
+    config.save(directory, checksums)
 
 
 # The family checkpoint.
@@ -288,9 +329,7 @@ def save_family(model: FamilyModel, directory: str | Path, tokenizer_source: str
     config.torch_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, config.torch_dtype)
     with atomic_directory(directory, overwrite) as staging:
         checksums = write_tensors(plan, sizes, staging, max_shard_bytes)
-        config.save(staging, checksums)
-        if tokenizer_source is not None:
-            copy_tokenizer_files(Path(tokenizer_source), staging)
+        save_family_files(config, staging, checksums, tokenizer_source)
     return Path(directory)
 
 
@@ -359,9 +398,53 @@ def verify_family(directory: str | Path) -> tuple[FamilyConfig, list[str] | None
         raise CheckpointError(f"{directory}: not a directory")
     config = FamilyConfig.load(directory)
     hashed = verify_checksums(directory)
+    check_token_ids(directory, config)
     with SafetensorsReader(directory) as reader:
-        check_family_tensors(directory, config, reader)
+        for name in check_family_tensors(directory, config, reader):
+            check_finite(reader, name)
+    check_tokenizer_fits(directory, config)
     return config, hashed
+
+
+def check_token_ids(directory: Path, config: FamilyConfig) -> None:
+    """Refuse a bos/eos/pad id outside the vocabulary (generation would never stop on it)."""
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, field)
+        for token in value if isinstance(value, list) else [value]:
+            if token is not None and not 0 <= token < config.vocab_size:
+                raise CheckpointError(f"{directory / FAMILY_CONFIG_NAME}: field '{field}' = {value!r}: "
+                                      f"id {token} is outside the vocabulary [0, {config.vocab_size})")
+
+
+def check_finite(reader: SafetensorsReader, name: str) -> None:
+    tensor = reader.get(name)
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        value = tensor[bad][0].item()
+        raise CheckpointError(f"{reader.refs[name].file}: tensor '{name}' holds {int(bad.sum())} "
+                              f"non-finite value(s) (such as {value}); the weights are corrupt "
+                              f"(a diverged run?)")
+
+
+def check_tokenizer_fits(directory: Path, config: FamilyConfig) -> None:
+    """Refuse a tokenizer.json whose ids the family cannot embed, or that covers so little of
+    the embedding that it must belong to another model (families pad their vocabulary, rarely
+    by half)."""
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        return
+    check_tokenizer_file(file, file.name)
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
+    if size > config.vocab_size:
+        raise CheckpointError(f"{file}: the tokenizer has {size} ids, more than the family's "
+                              f"vocab_size {config.vocab_size} in {FAMILY_CONFIG_NAME} (ids past "
+                              f"{config.vocab_size - 1} have no embedding row)")
+    if 2 * size < config.vocab_size:
+        raise CheckpointError(f"{file}: the tokenizer has only {size} ids for the family's "
+                              f"vocab_size {config.vocab_size} in {FAMILY_CONFIG_NAME} (fewer "
+                              f"than half: a tokenizer of another model?)")
 
 
 # Import from Hugging Face Qwen3 and from the published Ruyi2 layout.
@@ -419,8 +502,7 @@ def import_checkpoint(source: str | Path, output: str | Path, exits: list[int] |
                  for name, key in mapping.items()}
         with atomic_directory(output, overwrite) as staging:
             checksums = write_tensors(plan, sizes, staging, max_shard_bytes)
-            config.save(staging, checksums)
-            copy_tokenizer_files(source, staging)
+            save_family_files(config, staging, checksums, source)
     return config
 
 

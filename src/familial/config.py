@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ FAMILY_CONFIG_NAME = "family.json"
 # architecture, so it lives beside the configuration's fields rather than among them.
 CHECKSUMS_KEY = "files"
 ALIAS = re.compile(r"\w[\w.+-]*")
+# Configuration files are small; anything larger is not one (and /dev/zero never ends).
+MAX_JSON_BYTES = 256 * 2**20
 
 
 class ConfigError(ValueError):
@@ -250,7 +254,7 @@ def _check_alias(alias: str, exit_layer: int, bad) -> None:
 
 def read_json(path: str | Path) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(read_small_file(path).decode("utf-8"))
     except OSError as error:
         raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
     except json.JSONDecodeError as error:
@@ -258,6 +262,23 @@ def read_json(path: str | Path) -> Any:
                           f"{error.msg}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+
+
+def read_small_file(path: str | Path, limit: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. A device or FIFO in its place is
+    refused before it is opened (reading /dev/zero never ends; opening a FIFO blocks)."""
+    info = os.stat(path)
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):  # open names a directory
+        raise ConfigError(f"{path}: not a regular file (a device, FIFO or socket); expected a "
+                          f"JSON file")
+    if info.st_size > limit:
+        raise ConfigError(f"{path}: {info.st_size} bytes, more than the {limit} a configuration "
+                          f"file may have")
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{path}: more than the {limit} bytes a configuration file may have")
+    return data
 
 
 def from_dict(cls: type, data: Any, where: str) -> Any:

@@ -51,7 +51,7 @@ def check_output_directory(target: Path, overwrite: bool) -> None:
         raise OutputPathError(f"{target}: is a file, not a directory (choose another output path)")
     if target.is_dir() and not overwrite and any(target.iterdir()):
         raise OutputPathError(f"{target}: already exists and is not empty (choose another output "
-                              f"directory, or pass overwrite)")
+                              f"directory, or pass --overwrite to replace it)")
 
 
 def check_output_file(target: Path) -> None:
@@ -102,12 +102,31 @@ def remove_stale(target: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Give an OSError raised without a file name (a write, flush or fsync on a full disk
+    says only "[Errno 28] No space left on device") the name of the file being written."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+
+
 def _fsync(path: Path) -> None:
     handle = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
     try:
-        os.fsync(handle)
+        with naming(path):
+            os.fsync(handle)
     finally:
         os.close(handle)
+
+
+def staging_path(target: Path, kind: str = "tmp") -> Path:
+    """A fresh name beside `target` for its staging (or moved-aside) copy, tagged with this
+    process's id so that `remove_stale` knows when the writer is gone."""
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 @contextlib.contextmanager
@@ -118,8 +137,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)
     check_output_directory(target, overwrite)  # a moved-aside target may just have come back
-    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-    staging = target.with_name(f".{target.name}.tmp-{tag}")
+    staging = staging_path(target)
     staging.mkdir()
     try:
         yield staging
@@ -128,7 +146,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
             _fsync(path)
         _fsync(staging)
         if target.exists():
-            trash = target.with_name(f".{target.name}.old-{tag}")
+            trash = staging_path(target, "old")
             os.replace(target, trash)
             os.replace(staging, target)
             shutil.rmtree(trash, ignore_errors=True)
@@ -149,9 +167,9 @@ def write_bytes_atomically(target: str | Path, data: bytes) -> Path:
     """Replace one file in a single rename (a reader sees the old bytes or the new, never half)."""
     target = Path(target)
     remove_stale(target)
-    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    staging = staging_path(target)
     try:
-        with open(staging, "wb") as handle:
+        with naming(target), open(staging, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+from familial.text import counted
+
 # hidden_size x layers at or below which ops are dispatch-bound (as in serving).
 SMALL_MODEL = 16384
 
@@ -47,7 +49,7 @@ def pick_threads(hidden_size: int | None = None, layers: int | None = None) -> t
     """(threads, why) for a compute command on this machine right now."""
     cores = available_cores()
     if hidden_size is not None and layers is not None and hidden_size * layers <= SMALL_MODEL:
-        return 1, f"a small model (hidden {hidden_size} x {layers} layers): ops too small to split"
+        return 1, f"a small model (hidden {hidden_size} x {counted(layers, 'layer')}): ops too small to split"
     busy = busy_cores()
     if busy is not None:
         why = f"{cores} core(s), other processes busy on {busy:.1f}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +74,37 @@ def write_toml(path: Path, config: dict) -> Path:
     """A config dict as TOML (nested tables inline), for the `familial train` command."""
     path.write_text("".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in config.items()))
     return path
+
+
+class _FillingFile:
+    """A file that takes `room` more bytes, then fails as a full disk does."""
+
+    def __init__(self, handle, room: list[int]) -> None:
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        size = len(memoryview(data).cast("B")) if not isinstance(data, str) else len(data.encode())
+        if size > self.room[0]:
+            self.handle.write(data[:self.room[0]] if isinstance(data, (str, bytes)) else bytes(data)[:self.room[0]])
+            self.room[0] = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no file name, like write(2)'s
+        self.room[0] -= size
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+
+def disk_full_open(room: int):
+    """An `open` (patch it into a writer's module) whose files share `room` bytes of disk."""
+    left = [room]
+
+    def fake_open(*args, **kwargs):
+        return _FillingFile(open(*args, **kwargs), left)
+    return fake_open

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from faults import (VOCAB, leftovers, tiny_family, train_config_dict, write_counting_shards,
+from faults import (VOCAB, disk_full_open, leftovers, tiny_family, train_config_dict, write_counting_shards,
                     write_toml)
 from familial import cli
 from familial.checkpoint_io import (CheckpointError, export_member, import_checkpoint, load_family,
@@ -218,3 +220,125 @@ def test_disk_full_during_checkpoint_keeps_the_previous_checkpoint(tmp_path, sha
         assert torch.equal(tensor, saved[name]), name
     assert resumed.run().step == 4
     assert np.isfinite([p.detach().sum().item() for p in resumed.model.parameters()]).all()
+
+
+@pytest.mark.parametrize("name, damage", [("tokenizer.json", "garbage"), ("tokenizer.json", "truncated"),
+                                          ("tokenizer.json", "not-a-tokenizer"),
+                                          ("tokenizer_config.json", "truncated")])
+def test_export_refuses_damaged_tokenizer_files_and_writes_nothing(tmp_path, capsys, name, damage):
+    family = tmp_path / "family"
+    save_family(tiny_family(vocab_size=2048), family, tokenizer_source=ASSETS)
+    file = family / name
+    text = file.read_text()
+    file.write_bytes({"garbage": b"\x89PNG\r\n\x1a\n\x00\xff", "truncated": text[:len(text) // 2].encode(),
+                      "not-a-tokenizer": b'{"version": "1.0", "model": 5}'}[damage])
+    assert cli.main(["export", str(family), str(tmp_path / "out"), "--member", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {file}: " in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def _family_with(tmp_path, change=None, tokenizer=None, **config) -> Path:
+    model = tiny_family(**config)
+    if change is not None:
+        with torch.no_grad():
+            change(model)
+    return save_family(model, tmp_path / "family", tokenizer_source=tokenizer)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_verify_rejects_non_finite_weights(tmp_path, capsys, value):
+    family = _family_with(tmp_path, lambda m: m.model.layers["2"].mlp.down_proj.weight.view(-1).__setitem__(7, value))
+    assert cli.main(["verify", str(family)]) == 2
+    err = capsys.readouterr().err
+    assert f"{family / 'model.safetensors'}: tensor 'model.layers.2.mlp.down_proj.weight' holds 1 " \
+           f"non-finite value(s) (such as {value})" in err
+
+
+@pytest.mark.parametrize("field, value", [("eos_token_id", 999999), ("eos_token_id", -5),
+                                          ("bos_token_id", 999999), ("eos_token_id", [3, 61])])
+def test_verify_rejects_token_ids_outside_the_vocabulary(tmp_path, capsys, field, value):
+    family = _family_with(tmp_path)
+    data = json.loads((family / "family.json").read_text())
+    (family / "family.json").write_text(json.dumps(dict(data, **{field: value})))
+    assert cli.main(["verify", str(family)]) == 2
+    err = capsys.readouterr().err
+    assert f"{family / 'family.json'}: field '{field}' = {value!r}" in err
+    assert f"outside the vocabulary [0, {VOCAB})" in err
+
+
+def test_verify_rejects_a_tokenizer_that_does_not_fit_the_family(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    family = _family_with(tmp_path, vocab_size=2048)
+    tiny = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    tiny.save(str(family / "tokenizer.json"))
+    assert cli.main(["verify", str(family)]) == 2
+    assert (f"{family / 'tokenizer.json'}: the tokenizer has only 3 ids for the family's vocab_size "
+            f"2048") in capsys.readouterr().err
+    shutil.rmtree(family)
+    family = _family_with(tmp_path)
+    shutil.copyfile(ASSETS / "tokenizer.json", family / "tokenizer.json")
+    assert cli.main(["verify", str(family)]) == 2
+    assert (f"{family / 'tokenizer.json'}: the tokenizer has 2048 ids, more than the family's "
+            f"vocab_size {VOCAB}") in capsys.readouterr().err
+    shutil.rmtree(family)
+    family = _family_with(tmp_path, tokenizer=ASSETS, vocab_size=2048)
+    assert cli.main(["verify", str(family)]) == 0
+
+
+def test_disk_full_during_data_prepare_names_the_file_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import familial.data.shards as shard_module
+
+    (tmp_path / "code.txt").write_text("def add(a, b):\n    return a + b\n" * 200)
+    out = tmp_path / "shards"
+    command = ["data", "prepare", str(tmp_path / "code.txt"), "--tokenizer", "demo", "--out", str(out),
+               "--no-progress"]
+    monkeypatch.setattr(shard_module, "open", disk_full_open(room=100), raising=False)
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Errno" not in err
+    assert re.search(rf"/\.shards\.tmp-[^/ ]+/tokens\.bin: No space left on device \(writing the shards "
+                     rf"{re.escape(str(out))}; nothing of them is kept\)", err), err
+    assert leftovers(tmp_path) == [] and not out.exists()
+    monkeypatch.undo()
+
+    # Staging directories of writers that died are removed by the next run; a live writer's stays.
+    dead, live = tmp_path / ".shards.tmp-999999999-0abc", tmp_path / f".shards.tmp-{os.getppid()}-0abc"
+    for staging in (dead, live):
+        staging.mkdir()
+        (staging / "tokens.bin").write_bytes(b"partial")
+    assert cli.main(command) == 0
+    assert leftovers(tmp_path) == [live.name] and (out / "manifest.json").is_file()
+
+
+def test_disk_full_during_tokenizer_train_is_one_line(tmp_path, monkeypatch, capsys):
+    import familial.data.tokenizer_train as tokenizer_train
+
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    monkeypatch.setattr(tokenizer_train, "open", disk_full_open(room=1000), raising=False)
+    out = tmp_path / "tok"
+    assert cli.main(["tokenizer", "train", str(tmp_path / "text.txt"), "--vocab-size", "300",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"familial tokenizer: error: {out / 'tokenizer.json'}: No space left on device"
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "huge"])
+def test_family_json_that_is_not_a_small_regular_file_is_refused(tmp_path, capsys, kind):
+    family = _family_with(tmp_path)
+    config = family / "family.json"
+    config.unlink()
+    if kind == "dev-zero":
+        config.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(config)   # opening a FIFO would wait for a writer forever
+    else:
+        with open(config, "wb") as handle:
+            handle.truncate(300 * 2**20)  # sparse: no disk used
+    for command in (["info", str(family)], ["verify", str(family)], ["generate", str(family), "--prompt-ids", "1"]):
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err
+        expected = "more than the" if kind == "huge" else "not a regular file"
+        assert f"{config}: " in err and expected in err, err

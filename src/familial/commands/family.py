@@ -8,6 +8,7 @@ import json
 from familial import checkpoint_io
 from familial.config import ConfigError, FamilyConfig
 from familial.summary import format_summary, summarize
+from familial.text import counted
 
 
 def _int_list(text: str) -> list[int]:
@@ -78,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.family}: nothing to hash: family.json lists no checksums (written before "
                   f"familial stored them), so only names, shapes and dtypes were checked")
         else:
-            print(f"{args.family}: sha256 of {len(hashed)} tensor file(s) match family.json "
-                  f"({', '.join(hashed)})")
+            tensors = [name for name in hashed if name != "tokenizer.json"]
+            print(f"{args.family}: sha256 of {len(tensors)} tensor file(s) match family.json "
+                  f"({', '.join(tensors)})")
+            if "tokenizer.json" in hashed:
+                print(f"{args.family}: tokenizer.json is the one family.json records (sha256), and "
+                      f"fits the family's vocabulary")
     else:
         config = FamilyConfig.load(args.family)
         summary = summarize(config)
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(summary.to_dict(), indent=2))
         else:
             print(f"family {args.family}: exits {config.exits}, "
-                  f"{config.num_hidden_layers} trunk layers, hidden {config.hidden_size}")
+                  f"{counted(config.num_hidden_layers, 'trunk layer')}, hidden {config.hidden_size}")
             print(format_summary(summary))
     return 0
 

@@ -43,7 +43,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     prepare.add_argument("--separator", help="string between documents in text files; the "
                          "line break on each side of it goes with it (write --separator=--- "
                          "for one that starts with '-')")
-    prepare.add_argument("--glob", default="*.txt", help="files to take from input directories")
+    prepare.add_argument("--glob", default="*.txt", help="files to take from input directories "
+                         "(default: %(default)s; '*' takes every file)")
     prepare.add_argument("--chat-template", help="a .jinja file, a tokenizer_config.json, or "
                          "'chatml' for the built-in ChatML")
     prepare.add_argument("--end-of-turn", default=chat.END_OF_TURN,

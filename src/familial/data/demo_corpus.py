@@ -26,8 +26,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from familial.data.provenance import sha256_of
 from familial.data.shards import ShardWriter, TokenShards
-from familial.data.tokenize import encode_texts, load_tokenizer, token_id, vocab_size
+from familial.data.tokenize import encode_texts, load_tokenizer, token_id, tokenizer_file, vocab_size
 from familial.data.tokenizer_train import save_tokenizer, train_bpe
 
 ASSETS = Path(__file__).parent / "assets"
@@ -81,14 +82,15 @@ def prepare_demo_data(out_dir: str | Path, limit_bytes: int = DEFAULT_LIMIT_BYTE
                       held_out_every: int = HELD_OUT_EVERY) -> tuple[TokenShards, TokenShards]:
     """Tokenise the demo corpus into `out_dir/train` and `out_dir/held_out` shards."""
     out_dir = Path(out_dir)
-    tokenizer = load_tokenizer(tokenizer_path)
+    file = tokenizer_file(tokenizer_path)
+    tokenizer = load_tokenizer(file)
     eos = token_id(tokenizer, "<|endoftext|>", str(tokenizer_path))
     train, held_out = demo_documents(limit_bytes, held_out_every)
     result = []
     for name, texts in (("train", train), ("held_out", held_out)):
-        writer = ShardWriter(out_dir / name, vocab_size(tokenizer), tokenizer=str(tokenizer_path),
+        writer = ShardWriter(out_dir / name, vocab_size(tokenizer), tokenizer=str(file.resolve()),
                              eos_token_id=eos, sources=[f"python-stdlib:{name}"],
-                             overwrite=overwrite)
+                             overwrite=overwrite, tokenizer_sha256=sha256_of(file))
         try:
             for ids in tqdm(encode_texts(tokenizer, texts, eos), total=len(texts),
                             desc=f"tokenising demo corpus ({name})", unit="file"):

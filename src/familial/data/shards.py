@@ -19,17 +19,19 @@ indexed dataset (`familial.data.megatron`) as the same read-only interface.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from familial.staging import naming, remove_stale, staging_path
 
 FORMAT = "familial-tokens-v1"
 MANIFEST = "manifest.json"
@@ -78,11 +80,12 @@ class ShardWriter:
         self.tokenizer_sha256 = tokenizer_sha256
         self.dtype = np.dtype(_DTYPES[dtype_for_vocab(vocab_size)])
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-",
-                                             dir=self.target.parent))
+        remove_stale(self.target)
+        self.staging = staging_path(self.target)
+        self.staging.mkdir()
         self.offsets = array("q", [0])
-        self._tokens = open(self.staging / TOKENS, "wb")
         self._mask = None
+        self._tokens = open(self.staging / TOKENS, "wb")
 
     @property
     def num_tokens(self) -> int:
@@ -126,19 +129,37 @@ class ShardWriter:
             _check_mask(loss_mask, tokens.size, first)
             if self._mask is None:
                 self._mask = open(self.staging / LOSS_MASK, "wb")
-                _write_ones(self._mask, self.num_tokens)
-            self._mask.write(np.ascontiguousarray(loss_mask, dtype=np.uint8).data)
+                with self._naming(self._mask.name):
+                    _write_ones(self._mask, self.num_tokens)
+            with self._naming(self._mask.name):
+                self._mask.write(np.ascontiguousarray(loss_mask, dtype=np.uint8).data)
         elif self._mask is not None:
-            _write_ones(self._mask, tokens.size)
-        self._tokens.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+            with self._naming(self._mask.name):
+                _write_ones(self._mask, tokens.size)
+        with self._naming(self._tokens.name):
+            self._tokens.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
         self.offsets.frombytes((ends + self.num_tokens).tobytes())
 
+    @contextlib.contextmanager
+    def _naming(self, file: str | Path) -> Iterator[None]:
+        """A write that fails without a file name (ENOSPC) names the file and the shards."""
+        try:
+            with naming(file):
+                yield
+        except OSError as error:
+            raise OSError(error.errno, f"{error.strerror} (writing the shards {self.target}; "
+                                       f"nothing of them is kept)", error.filename) from None
+
     def commit(self) -> "TokenShards":
-        self._close_files()
+        for handle in (self._tokens, self._mask):
+            if handle is not None and not handle.closed:
+                with self._naming(handle.name):
+                    handle.close()
         if self.num_documents == 0:
             self.discard()
             raise ShardError(f"{self.target}: no documents to write (the input is empty)")
-        np.save(self.staging / DOCUMENTS, np.frombuffer(self.offsets, dtype=np.int64))
+        with self._naming(self.staging / DOCUMENTS):
+            np.save(self.staging / DOCUMENTS, np.frombuffer(self.offsets, dtype=np.int64))
         manifest = {
             "format": FORMAT, "tokenizer": self.tokenizer, "vocab_size": self.vocab_size,
             "dtype": self.dtype.name, "num_tokens": self.num_tokens,
@@ -148,12 +169,13 @@ class ShardWriter:
         }
         if self.shard is not None:
             manifest["shard"] = {"index": self.shard[0], "count": self.shard[1]}
-        (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        with self._naming(self.staging / MANIFEST):
+            (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for file in self.staging.iterdir():
-            with open(file, "rb") as handle:
+            with open(file, "rb") as handle, self._naming(file):
                 os.fsync(handle.fileno())
         if self.target.exists():
-            trash = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            trash = staging_path(self.target, "old")
             os.replace(self.target, trash)
             os.replace(self.staging, self.target)
             shutil.rmtree(trash, ignore_errors=True)
@@ -162,20 +184,20 @@ class ShardWriter:
         return TokenShards(self.target)
 
     def discard(self) -> None:
-        self._close_files()
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-    def _close_files(self) -> None:
         for handle in (self._tokens, self._mask):
             if handle is not None and not handle.closed:
-                handle.close()
+                with contextlib.suppress(OSError):  # the flush of a full disk fails again
+                    handle.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def write_shards(path: str | Path, documents: Iterable[Document | Sequence[int] | np.ndarray],
                  vocab_size: int, tokenizer: str | None = None, eos_token_id: int | None = None,
-                 sources: list[Any] | None = None, overwrite: bool = False) -> "TokenShards":
+                 sources: list[Any] | None = None, overwrite: bool = False,
+                 tokenizer_sha256: str | None = None) -> "TokenShards":
     """Write documents (id sequences or `Document`s) as a shard directory and open it."""
-    writer = ShardWriter(path, vocab_size, tokenizer, eos_token_id, sources, overwrite)
+    writer = ShardWriter(path, vocab_size, tokenizer, eos_token_id, sources, overwrite,
+                         tokenizer_sha256)
     try:
         for document in documents:
             writer.add(document)
@@ -198,7 +220,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
                          f"directory; --overwrite replaces only a shard directory)")
     if target.is_dir() and not overwrite and any(target.iterdir()):
         raise ShardError(f"{target}: already exists and is not empty (choose another "
-                         f"output directory, or pass overwrite)")
+                         f"output directory, or pass --overwrite to replace it)")
 
 
 def _write_ones(handle, count: int) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from familial.text import counted
+
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 ENCODE_BATCH = 256
 
@@ -75,7 +77,10 @@ def expand_inputs(inputs: Iterable[str | Path], pattern: str = "*.txt") -> list[
         if item.is_dir():
             found = sorted(p for p in item.rglob(pattern) if p.is_file())
             if not found:
-                raise FileNotFoundError(f"{item}: directory has no files matching {pattern!r}")
+                others = sum(1 for p in item.rglob("*") if p.is_file())
+                raise FileNotFoundError(f"{item}: directory has no files matching --glob "
+                                        f"{pattern!r} (it holds {counted(others, 'file')} in all); "
+                                        f"pass --glob '*' to take every file, or another pattern")
             files.extend(found)
         elif item.is_file():
             files.append(item)

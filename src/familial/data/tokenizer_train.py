@@ -25,7 +25,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from familial.chat_template import CHATML
-from familial.staging import atomic_directory
+from familial.staging import atomic_directory, naming
 from familial.data.encode import chunk_texts
 from familial.data.readers import CHUNK_BYTES, ReadOptions, chunks, plan
 from familial.data.tokenize import expand_inputs
@@ -77,9 +77,14 @@ def tokenizer_config() -> dict:
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write DIR/tokenizer.json and DIR/tokenizer_config.json together (or nothing)."""
+    files = {"tokenizer.json": tokenizer.to_str(pretty=True),
+             "tokenizer_config.json": json.dumps(tokenizer_config(), indent=2) + "\n"}
     with atomic_directory(out_dir, overwrite) as staging:
-        tokenizer.save(str(staging / "tokenizer.json"))
-        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
+        for name, text in files.items():
+            # Written here rather than by `tokenizers`, whose failures (a full disk) are bare
+            # Exceptions without the file's name.
+            with naming(Path(out_dir) / name), open(staging / name, "w", encoding="utf-8") as handle:
+                handle.write(text)
     return Path(out_dir)
 
 
@@ -101,7 +106,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     train.add_argument("--vocab-size", type=int, required=True, help="ids in all, special tokens included")
     train.add_argument("--out", required=True, help="directory to write tokenizer.json and "
                                                     "tokenizer_config.json into")
-    train.add_argument("--glob", default="*.txt", help="files to take from input directories")
+    train.add_argument("--glob", default="*.txt",
+                       help="files to take from input directories (default: %(default)s; '*' takes every file)")
     train.add_argument("--text-field", default="text", help="JSONL field holding the text")
     train.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a merged pair")
     train.add_argument("--overwrite", action="store_true")

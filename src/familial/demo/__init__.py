@@ -29,6 +29,7 @@ from familial.demo.corpus import prepare_corpus
 from familial.demo.recipe import FULL, QUICK, train_config
 from familial.eval.evidence import PairedBootstrap, collect, family_report
 from familial.summary import summarize
+from familial.text import counted
 from familial.threads import pick_threads
 from familial.train.config import load_config
 from familial.train.loop import Trainer
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(trainer.model.config)
     layers = {m.name: m.layers for m in summary.members}
     print(f"family: {summary.family_parameters / 1e6:.1f}M parameters; members "
-          + ", ".join(f"{m.name} ({m.layers} layers, {m.parameters / 1e6:.1f}M)" for m in summary.members))
+          + ", ".join(f"{m.name} ({counted(m.layers, 'layer')}, {m.parameters / 1e6:.1f}M)" for m in summary.members))
     trained_at = time.perf_counter()
     trainer.run()
     seconds = time.perf_counter() - trained_at

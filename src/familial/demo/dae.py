@@ -75,7 +75,7 @@ def run_dae(plan: DemoPlan, family_dir: Path, data_dir: Path, out_dir: Path, see
     frozen = frozen_parameter_patterns(model.config, exit_layer)
     started = time.perf_counter()
     trained = _train(dae_config(plan, expanded_dir, data_dir, out_dir / "run", name, frozen, seed + 1,
-                                plan.dae_steps, plan.dae_lr))
+                                plan.dae_steps, plan.dae_lr), f"DaE {name}")
     trained_loss = _member_units(trained, exit_layer, held_out, plan)
 
     compressed = load_family(out_dir / "run" / "family")
@@ -89,7 +89,7 @@ def run_dae(plan: DemoPlan, family_dir: Path, data_dir: Path, out_dir: Path, see
     if plan.heal_steps:
         # A new seed: healing should not replay the first batches the blocks trained on.
         healed = _train(dae_config(plan, compressed_dir, data_dir, out_dir / "heal", name, frozen,
-                                   seed + 2, plan.heal_steps, plan.heal_lr))
+                                   seed + 2, plan.heal_steps, plan.heal_lr), f"healing {name}")
     seconds = time.perf_counter() - started
     return DaEResult(
         member=name, exit=exit_layer,
@@ -103,7 +103,7 @@ def run_dae(plan: DemoPlan, family_dir: Path, data_dir: Path, out_dir: Path, see
         trainable=trainable, healed=healed, seconds=seconds)
 
 
-def _train(config: dict) -> FamilyModel:
-    trainer = Trainer(load_config(data=config))
+def _train(config: dict, label: str) -> FamilyModel:
+    trainer = Trainer(load_config(data=config), label=label)
     trainer.run()
     return load_family(trainer.finish()).eval()

@@ -88,10 +88,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     members = {m["exit"]: m for m in member_costs(config, seq_len)}
     result: dict = {"family": str(args.family), "exits": list(config.exits)}
     if args.data:
+        from familial.data.provenance import check_family_shards
         from familial.data.shards import TokenShards
         from familial.eval.perplexity import evaluate_held_out
 
         shards = TokenShards(args.data)
+        check_family_shards(args.family, shards)
         held_out = evaluate_held_out(model, shards, seq_len, args.max_tokens or None, args.batch_size)
         for quality in held_out.summary(args.bootstrap, args.seed):
             members[quality["exit"]].update(quality)

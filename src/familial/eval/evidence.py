@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from familial.data.provenance import check_family_shards
 from familial.data.shards import TokenShards
 from familial.eval.ngram import Bigram, Unigram, stream
 from familial.eval.perplexity import HeldOut, evaluate_held_out, window_count
@@ -186,9 +187,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    train, held_out = TokenShards(args.train), TokenShards(args.held_out)
+    check_family_shards(args.family, train, held_out)
     model = load_family(args.family).eval()
-    sums = collect(model, TokenShards(args.train), TokenShards(args.held_out), args.seq_len,
-                   args.max_tokens)
+    sums = collect(model, train, held_out, args.seq_len, args.max_tokens)
     names = [model.config.member_name(e) for e in model.config.exits]
     layers = {name: model.config.member_layers(e) for name, e in zip(names, model.config.exits)}
     report = family_report(sums, names, PairedBootstrap(sums.counts, args.resamples))

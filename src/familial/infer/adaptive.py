@@ -55,6 +55,9 @@ CHECK_COST = {"classifier": 0.3, "saturation": 0.1, "top1": 0.0, "margin": 0.0}
 # Measures that need the exit's branch and head (the others read the trunk state).
 SOFTMAX = ("top1", "margin")
 DEFAULT_THRESHOLD = 0.9
+UNCALIBRATED = (f"this family is not calibrated: adaptive exit uses the default rule (top-1 "
+                f"probability >= {DEFAULT_THRESHOLD} at each early exit), which an uncalibrated "
+                f"family seldom meets, so most tokens run the full member; run familial calibrate")
 # The classifier's RMS norm epsilon.
 CLASSIFIER_EPS = 1e-6
 _SQRT_HALF = math.sqrt(0.5)
@@ -185,6 +188,11 @@ def _numbers(raw, config: FamilyConfig, where: str) -> dict[int, float]:
             raise ConfigError(f"{where}[{key}] = {value!r}: expected a number")
         out[int(key)] = float(value)
     return out
+
+
+def uncalibrated_note(config: FamilyConfig) -> str | None:
+    """What `auto` (without a budget) runs on a family `familial calibrate` has not seen."""
+    return None if config.runtime.get("early_exit") else UNCALIBRATED
 
 
 @dataclass

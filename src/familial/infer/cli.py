@@ -24,7 +24,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         prompt.add_argument("--prompt", help="prompt text (needs tokenizer.json in the family directory)")
         prompt.add_argument("--prompt-ids", type=_ids, help="prompt as token ids, e.g. '1,2,3'")
         parser.add_argument("--member", default="-1",
-                            help="exit index, exit-E, alias, -1 (full) or auto (adaptive exit)")
+                            help="exit index, exit-E, alias, -1 (full) or auto (adaptive exit; on a family "
+                                 "`familial calibrate` has not seen, mostly the full member)")
         parser.add_argument("--budget", type=float,
                             help="adaptive exit with a cap on average depth (fraction of layers)")
         parser.add_argument("--target", type=float,
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from familial.infer.adaptive import uncalibrated_note
     from familial.infer.engine import Engine, suggested_threads
 
     engine = Engine.from_checkpoint(args.family, max_batch_size=1, dtype=args.dtype)
@@ -89,6 +91,9 @@ def _generate(args: argparse.Namespace) -> int:
     speculative = {None: None, "true": True}.get(args.speculative, args.speculative)
     handle = engine.submit(prompt, member=args.member, params=params, speculative=speculative,
                            budget=args.budget, target=args.target)
+    note = uncalibrated_note(engine.config)
+    if args.member == "auto" and args.budget is None and args.target is None and note:
+        print(f"[note: {note}]", file=sys.stderr, flush=True)
     engine.start()
     started = time.perf_counter()
     exits = []

@@ -14,6 +14,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from familial.config import ConfigError, FamilyConfig
+from familial.text import counted
 
 # Full-backward schedules only. The zero-bubble schedules split backward into input and
 # weight passes; on torch 2.13 that fails with the exit-loss autograd functions ("Can't
@@ -46,7 +47,7 @@ def split_layers(config: FamilyConfig, num_stages: int) -> list[int]:
     count = config.num_hidden_layers
     if not 1 <= num_stages <= count:
         raise ConfigError(f"{num_stages} pipeline stages need 1..{count} trunk layers each;"
-                          f" the family has {count} layers")
+                          f" the family has {counted(count, 'layer')}")
     costs = layer_costs(config)
     prefix = [0.0]
     for c in costs:

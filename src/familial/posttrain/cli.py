@@ -9,6 +9,7 @@ from pathlib import Path
 from familial.checkpoint_io import load_family, save_family
 from familial.staging import check_output_directory
 from familial.summary import format_count
+from familial.text import counted
 
 
 def _patterns(text: str) -> list[str]:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         from familial.posttrain.expand import expand_member
 
         names = expand_member(model, args.member, args.blocks, args.init, args.std, args.seed)
-        print(f"appended {len(names)} block(s) to member {args.member}: {', '.join(names)}")
+        print(f"appended {counted(len(names), 'block')} to member {args.member}: {', '.join(names)}")
     else:
         from familial.posttrain.compress import calibration_batches, compress_member
 

@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from familial.chat_template import ChatTemplate, ChatTemplateError
+from familial.infer.adaptive import uncalibrated_note
 from familial.infer.engine import QueueFull
 from familial.infer.process import EngineProcessError
 from familial.infer.sampling import SamplingParams
@@ -115,6 +116,7 @@ class Job:
     id: str
     created: int = field(default_factory=lambda: int(time.time()))
     exits: list[int] = field(default_factory=list)
+    note: str | None = None   # FamilialInfo.note
 
     def usage(self) -> p.Usage:
         prompt, completion = self.handle.prompt_tokens, self.handle.completion_tokens
@@ -222,7 +224,9 @@ class Server:
             raise APIError(503, str(error), None, "engine_unavailable") from None
         except ValueError as error:
             raise APIError(400, str(error)) from None
-        return Job(handle, member.id, f"{prefix}-{uuid.uuid4().hex}")
+        adaptive = member.id == "auto" and body.budget is None and body.target is None
+        return Job(handle, member.id, f"{prefix}-{uuid.uuid4().hex}",
+                   note=uncalibrated_note(self.engine.config) if adaptive else None)
 
     async def events(self, job: Job, request: Request) -> AsyncIterator[list[Any]]:
         """The job's TokenEvents, in lists of those that arrived together (a reader that falls
@@ -323,7 +327,7 @@ async def _stream(server: Server, job: Job, request: Request, chat: bool, usage:
     if chat:
         yield _sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
             index=0, delta=p.ChatDelta(role="assistant", content=""), finish_reason=None)],
-            familial=p.FamilialChunkInfo(member=job.model, exits=[], pieces=[])))
+            familial=p.FamilialChunkInfo(member=job.model, exits=[], pieces=[], note=job.note)))
     # Tokens whose text is held back (a stop string's prefix, part of a character) ride in the
     # next chunk that has text, so each chunk's exits and pieces stay one per token.
     held = []
@@ -334,8 +338,9 @@ async def _stream(server: Server, job: Job, request: Request, chat: bool, usage:
             if not text and not last.finished:
                 continue
             reason = last.finish_reason if last.finished else None
-            info = p.FamilialChunkInfo(member=job.model, exits=[e.exit for e in held], pieces=[e.text for e in held])
-            held = []
+            info = p.FamilialChunkInfo(member=job.model, exits=[e.exit for e in held], pieces=[e.text for e in held],
+                                       note=None if chat else job.note)
+            held, job.note = [], None
             if chat:
                 yield _sse(p.ChatCompletionChunk(**head, choices=[p.ChatChunkChoice(
                     index=0, delta=p.ChatDelta(content=text or None), finish_reason=reason)],
@@ -455,7 +460,7 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, pol
         text, reason = await _collect(server, job, request)
         return p.CompletionResponse(id=job.id, created=job.created, model=job.model, usage=job.usage(),
                                     choices=[p.CompletionChoice(index=0, text=text, finish_reason=reason)],
-                                    familial=p.FamilialInfo(member=job.model, exits=job.exits))
+                                    familial=p.FamilialInfo(member=job.model, exits=job.exits, note=job.note))
 
     @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse,
               responses=GENERATION_RESPONSES)
@@ -479,7 +484,7 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, pol
         return p.ChatCompletionResponse(
             id=job.id, created=job.created, model=job.model, usage=job.usage(),
             choices=[p.ChatChoice(index=0, message=p.AssistantMessage(content=text), finish_reason=reason)],
-            familial=p.FamilialInfo(member=job.model, exits=job.exits))
+            familial=p.FamilialInfo(member=job.model, exits=job.exits, note=job.note))
 
     playground = resources.files("familial.serve").joinpath("static/playground.html").read_text()
 

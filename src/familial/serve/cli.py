@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 from familial.config import ConfigError
+from familial.data.provenance import family_tokenizer
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -51,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from familial.serve.guard import ClientPolicy
 
     family = Path(args.family)
+    if not family.is_dir():
+        raise ConfigError(f"{family}: no such directory (expected a family checkpoint directory)")
+    family_tokenizer(family)  # refuses a tokenizer.json other than the one family.json records
     if not (family / "tokenizer.json").exists():
         raise ConfigError(f"{family}: no tokenizer.json; the server needs the family's tokenizer "
                           f"to read prompts and write answers")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 # OpenAI allows at most four stop sequences.
 MAX_STOP = 4
@@ -132,6 +132,17 @@ class FamilialInfo(BaseModel):
     member: str = Field(description="the member that answered (exit-E), or auto")
     exits: list[int] = Field(
         description="exit layer that produced each token (of this chunk, when streaming)")
+    note: str | None = Field(None, description=(
+        "present when the answer does not run as the request may expect: `auto` on a family "
+        "that `familial calibrate` has not seen runs (mostly) the full member (in the first "
+        "chunk, when streaming)"))
+
+    @model_serializer(mode="wrap")
+    def _without_empty_note(self, handler):
+        data = handler(self)
+        if data.get("note") is None:
+            data.pop("note", None)
+        return data
 
 
 class FamilialChunkInfo(FamilialInfo):

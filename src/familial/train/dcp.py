@@ -40,8 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
 from familial.checkpoint_io import (
     CheckpointError,
     atomic_directory,
-    copy_tokenizer_files,
     family_parameter_names,
+    save_family_files,
     write_tensors,
 )
 from familial.config import FamilyConfig
@@ -165,8 +165,5 @@ def export_family(directory: str | Path, out: str | Path | None = None, tokenize
     sizes = {name: 4 * int(torch.Size(shape).numel()) for name, shape in shapes.items()}
     config.torch_dtype = "float32"
     with atomic_directory(out, overwrite) as staging:
-        write_tensors(plan, sizes, staging)
-        config.save(staging)
-        if tokenizer_source is not None:
-            copy_tokenizer_files(Path(tokenizer_source), staging)
+        save_family_files(config, staging, write_tensors(plan, sizes, staging), tokenizer_source)
     return out

@@ -34,9 +34,16 @@ from familial.checkpoint_io import (
     plan_import,
     read_import_config,
 )
-from familial.config import FamilyConfig
+from familial.config import ConfigError, FamilyConfig
+from familial.data import open_shards
+from familial.data.provenance import (
+    TokenizerMismatch,
+    check_shards,
+    family_tokenizer,
+    tokenizer_record,
+)
 from familial.model import FamilyModel, RotaryEmbedding
-from familial.train.config import InitConfig
+from familial.train.config import InitConfig, StageConfig
 
 Region = tuple[slice, ...]
 # Elements per independently seeded block of a random matrix (whole rows).
@@ -128,6 +135,52 @@ def hf_weights(init: InitConfig) -> CheckpointWeights:
 def tokenizer_source(init: InitConfig) -> str | None:
     """Where the tokenizer files every saved family carries come from."""
     return init.tokenizer or init.family or init.hf
+
+
+def run_tokenizer(init: InitConfig, stages: list[StageConfig]) -> str | None:
+    """The tokenizer the run's families carry, checked against every source's shards.
+
+    `init.tokenizer`, else the tokenizer of the family or HF checkpoint started from, must be
+    the one the shards were tokenised with. With neither, the run takes the tokenizer the
+    shards record, if it is still there unchanged, and refuses otherwise: a family saved with
+    no tokenizer, or another one, would be silently unusable.
+    """
+    if init.tokenizer is not None:
+        run = tokenizer_record(init.tokenizer)
+        if run is None:
+            raise ConfigError(f"train config: field 'init.tokenizer' = {init.tokenizer!r}: no "
+                              f"tokenizer.json there (pass --init.tokenizer with the shards' "
+                              f"tokenizer: a tokenizer.json or a directory holding one)")
+        role = "init.tokenizer"
+    elif init.family is not None:
+        run, role = family_tokenizer(init.family), f"the tokenizer of init.family {init.family}"
+    elif init.hf is not None:
+        run, role = tokenizer_record(Path(init.hf)), f"the tokenizer of init.hf {init.hf}"
+    else:
+        run, role = None, ""
+    paths = dict.fromkeys(source.path for stage in stages for source in stage.data.sources)
+    recorded = {}
+    for path in paths:
+        shards = open_shards(path)
+        found = check_shards(shards, run, role, fix="prepare the shards with that tokenizer, or "
+                                                    "pass --init.tokenizer with the shards' own")
+        if found is not None:
+            recorded.setdefault(found.sha256, (path, found))
+    if run is not None:
+        return tokenizer_source(init)
+    if len(recorded) > 1:
+        (first, a), (second, b) = list(recorded.values())[:2]
+        raise TokenizerMismatch(f"{second}: tokenised with {b}, but {first} with {a}; the "
+                                f"sources of one run must share a tokenizer")
+    if not recorded:
+        return None
+    path, found = next(iter(recorded.values()))
+    there = tokenizer_record(found.where)
+    if there is None or there.sha256 != found.sha256:
+        now = "is not there" if there is None else f"now has sha256 {there.sha256[:12]}"
+        raise ConfigError(f"{path}: tokenised with {found}, which {now}; pass --init.tokenizer "
+                          f"with the shards' tokenizer, so that the saved family carries it")
+    return found.where
 
 
 def weight_source(init: InitConfig, seed: int) -> WeightSource:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from familial.checkpoint_io import CheckpointError, family_parameter_names
 from familial.config import ConfigError, FamilyConfig
 from familial.data import Batches, DocumentRows, MixtureRows, StreamRows, open_shards
+from familial.text import counted
 from familial.train import checkpoint as ckpt
 from familial.train.config import (
     DataConfig,
@@ -36,7 +37,7 @@ from familial.train.config import (
     TrainConfig,
     save_resolved,
 )
-from familial.train.init import tokenizer_source, weight_source  # noqa: F401
+from familial.train.init import run_tokenizer, tokenizer_source, weight_source  # noqa: F401
 from familial.train.layout import Layout, LocalLayout
 from familial.train.metrics import MetricsWriter
 from familial.train.params import build_optimizer, check_patterns, freeze, matches  # noqa: F401 (the freeze rule)
@@ -175,8 +176,9 @@ class Trainer:
     """Runs a TrainConfig's stages in sequence in one run directory, resumable at any checkpoint."""
 
     def __init__(self, config: TrainConfig, resume: str | None = None,
-                 loader_factory: LoaderFactory = build_batches, layout: LayoutFactory = LocalLayout) -> None:
-        self.config = config
+                 loader_factory: LoaderFactory = build_batches, layout: LayoutFactory = LocalLayout,
+                 label: str = "train") -> None:
+        self.config, self.label = config, label  # the label names this run's progress bar
         self.run_dir = Path(config.run_dir)
         self.stages: list[StageConfig] = config.resolved_stages()
         self.loader_factory = loader_factory
@@ -197,8 +199,14 @@ class Trainer:
             source = weight_source(config.init, config.seed)
             family = source.config
         check_stages(self.stages, family)
+        tokenizer = run_tokenizer(config.init, self.stages)
+        from_shards = tokenizer != tokenizer_source(config.init)
+        if from_shards:
+            config.init.tokenizer = tokenizer  # the shards' own: every saved family carries it
         self.layout = layout(config, family)
         self.family_config = family
+        if from_shards and self.layout.is_main:
+            print(f"tokenizer: {tokenizer} (the shards' own; --init.tokenizer to name it)", flush=True)
         if checkpoint is not None:
             saved = self.layout.load(checkpoint)
             self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
@@ -251,7 +259,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(self.config, self.run_dir)
             metrics = MetricsWriter(self.run_dir, self.config.log.tensorboard, resume_step=self.state.step or None)
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.label, unit="step",
                    disable=not (self.config.log.progress and self.layout.is_main), dynamic_ncols=True)
         try:
             while self.state.stage < len(self.stages) and self.state.step < stop:
@@ -315,7 +323,7 @@ class Trainer:
         mean = sum(ce.values()) / max(len(ce), 1)
         deepest = self.family_config.exits[-1]
         full = f", full member {ce[deepest]:.3f}" if deepest in ce else ""
-        return (f"mean CE of {len(ce)} exits {mean:.3f}{full} (nats/token), lr {lr:.2e}, "
+        return (f"mean CE of {counted(len(ce), 'exit')} {mean:.3f}{full} (nats/token), lr {lr:.2e}, "
                 f"{result.tokens / elapsed:,.0f} tok/s")
 
     def _record(self, stage: StageConfig, result: StepResult, lambdas: dict[int, float],
