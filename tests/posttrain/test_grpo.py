@@ -12,9 +12,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from familial.checkpoint_io import load_family, save_family
 from familial.cli import main
 from familial.config import ConfigError
-from familial.posttrain.grpo import (
-    GRPOConfig, GRPOTrainer, generate, group_advantages, grpo_loss, load_config)
-from familial.posttrain.rewards import arithmetic_reward, extract_answer, load_reward, sum_problems
+from familial.posttrain.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss, load_config
+from familial.posttrain.logprobs import token_logprobs
+from familial.posttrain.rewards import (
+    Rewards, RewardSpec, arithmetic_reward, extract_answer, load_reward, sum_problems)
+from familial.posttrain.rollout import Rollout, RolloutEngine, SequenceBatch
 
 from posttrain_family import tiny_family
 
@@ -73,18 +75,74 @@ def test_arithmetic_reward_reads_final_answers_exactly():
         load_reward("nonsense")
 
 
-def test_cached_batched_sampler_matches_full_forward_greedy():
+def test_engine_rollouts_match_full_forward_greedy_and_see_updated_weights():
     model = tiny_family(vocab_size=13).eval()
     member = model.member(1)
     prompts = [[1, 10, 2, 11], [3, 11], [4, 5, 6]]
-    rollout = generate(member, prompts, 5, 0.0, stop_ids=set(), pad_id=0)
-    for row, prompt in enumerate(prompts):
+    engine = RolloutEngine(model, 1, slots=2, max_seq_len=16, stop_ids=set(), device=torch.device("cpu"))
+
+    def reference(prompt):
         ids = torch.tensor([prompt])
         with torch.no_grad():
             for _ in range(5):
                 ids = torch.cat((ids, member(ids)[:, -1:].argmax(-1)), dim=1)
-        assert rollout.completions[row].tolist() == ids[0, len(prompt):].tolist()
-    assert rollout.completion_mask.all()
+        return ids[0, len(prompt):].tolist()
+
+    assert engine.greedy(prompts, 5).completions == [reference(p) for p in prompts]
+    # An optimiser step changes the parameters in place: the same engine samples from them.
+    with torch.no_grad():
+        model.branches["1"].lm_head.weight.mul_(-1.0)
+    assert engine.greedy(prompts, 5).completions == [reference(p) for p in prompts]
+
+
+def test_seeded_completions_do_not_depend_on_batch_company():
+    model = tiny_family(vocab_size=13).eval()
+    engine = RolloutEngine(model, 1, slots=8, max_seq_len=16, stop_ids={0}, device=torch.device("cpu"))
+    prompts = [[1, 10, 2], [3, 11], [4, 5, 6, 7], [8]]
+    together = engine.sample(prompts, 6, 1.0, seeds=[11, 12, 13, 14]).completions
+    alone = [engine.sample([p], 6, 1.0, seeds=[s]).completions[0] for p, s in zip(prompts, [11, 12, 13, 14])]
+    assert together == alone
+    assert len({tuple(c) for c in engine.sample([prompts[0]] * 4, 6, 1.0, [1, 2, 3, 4]).completions}) > 1
+
+
+def test_chunked_logprobs_equal_full_log_softmax_with_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False).double()
+    targets = torch.randint(0, 50, (37,))
+    weights = torch.randn(37, dtype=torch.float64)
+    full = torch.log_softmax(head(hidden) / 0.7, -1).gather(1, targets[:, None])[:, 0]
+    want = torch.autograd.grad((full * weights).sum(), (hidden, head.weight))
+    chunked = token_logprobs(hidden, head, targets, temperature=0.7, chunk_size=8)
+    got = torch.autograd.grad((chunked * weights).sum(), (hidden, head.weight))
+    assert torch.allclose(chunked.double(), full, atol=1e-6)
+    for a, b in zip(got, want):
+        assert torch.allclose(a.double(), b, atol=1e-6)
+
+
+def test_training_batch_log_probs_equal_a_per_sequence_forward():
+    model = tiny_family(vocab_size=13)
+    member = model.member(1)
+    rollout = Rollout([[1, 10, 2, 11], [3, 11]], [[5, 6, 0], [7]])
+    batch = SequenceBatch.of(rollout, pad_id=0, device=torch.device("cpu"))
+    hidden = member.hidden_states(batch.input_ids)[batch.rows, batch.columns]
+    got = batch.grid(token_logprobs(hidden, member.lm_head, batch.targets, temperature=2.0))
+    assert batch.mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    for b, (prompt, completion) in enumerate(zip(rollout.prompts, rollout.completions)):
+        logits = member(torch.tensor([prompt + completion]))[0, len(prompt) - 1:-1] / 2.0
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+        assert torch.allclose(got[b, :len(completion)], want, atol=1e-5)
+
+
+def test_reward_list_weighs_verifiable_format_length_and_dotted_path_rewards():
+    rewards = Rewards([RewardSpec("arithmetic"), RewardSpec("format", 0.5, pattern=r"\d+"),
+                       RewardSpec("length", 0.25, target=2),
+                       RewardSpec("familial.posttrain.rewards.arithmetic_reward", 2.0)])
+    totals, parts = rewards.scores(["", "", ""], ["7", "x 7", "77777"], ["7", "7", "7"])
+    assert parts["format"] == [1.0, 0.0, 1.0] and parts["length"] == [1.0, 0.5, 0.0]
+    assert totals == [1 + 0.5 + 0.25 + 2, 1 + 0 + 0.25 * 0.5 + 2, 0 + 0.5 + 0 + 0]
+    with pytest.raises(ConfigError, match="needs 'pattern'"):
+        Rewards([RewardSpec("format")])
 
 
 @pytest.fixture
