@@ -120,18 +120,39 @@ def test_chunked_logprobs_equal_full_log_softmax_with_gradients():
         assert torch.allclose(a.double(), b, atol=1e-6)
 
 
-def test_training_batch_log_probs_equal_a_per_sequence_forward():
-    model = tiny_family(vocab_size=13)
+@pytest.mark.parametrize("trainable", [["branches.1.*"], ["*"]])
+def test_policy_and_reference_log_probs_equal_a_per_sequence_forward(trainable):
+    # The branch alone trains: the trunk runs once per batch for policy and reference; with
+    # everything trainable there is no frozen prefix.
+    model = tiny_family(vocab_size=len(CHARS))
+    config = GRPOConfig(family="", output="", member=1, trainable=trainable, temperature=2.0, device="cpu")
+    trainer = GRPOTrainer(model, char_tokenizer(), arithmetic_reward, sum_problems(2), config)
     member = model.member(1)
     rollout = Rollout([[1, 10, 2, 11], [3, 11]], [[5, 6, 0], [7]])
     batch = SequenceBatch.of(rollout, pad_id=0, device=torch.device("cpu"))
-    hidden = member.hidden_states(batch.input_ids)[batch.rows, batch.columns]
-    got = batch.grid(token_logprobs(hidden, member.lm_head, batch.targets, temperature=2.0))
     assert batch.mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-    for b, (prompt, completion) in enumerate(zip(rollout.prompts, rollout.completions)):
-        logits = member(torch.tensor([prompt + completion]))[0, len(prompt) - 1:-1] / 2.0
-        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
-        assert torch.allclose(got[b, :len(completion)], want, atol=1e-5)
+
+    def expected():
+        rows = []
+        for prompt, completion in zip(rollout.prompts, rollout.completions):
+            with torch.no_grad():
+                logits = member(torch.tensor([prompt + completion]))[0, len(prompt) - 1:-1] / 2.0
+            rows.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0])
+        return rows
+
+    def close(got, want):
+        return all(torch.allclose(got[b, :len(w)], w, atol=1e-5) for b, w in enumerate(want))
+
+    start = expected()
+    assert close(trainer.logprobs(batch, trainer.frozen_prefix(batch)), start)
+    with torch.no_grad():
+        for p in trainer.parameters:
+            p.add_(0.05 * torch.randn_like(p))
+    assert not close(trainer.logprobs(batch, trainer.frozen_prefix(batch)), start)
+    assert close(trainer.logprobs(batch, trainer.frozen_prefix(batch)), expected())
+    assert close(trainer.reference_logprobs(batch, trainer.frozen_prefix(batch)), start)
+    # Only the trainable parameters are copied for the reference.
+    assert sum(t.numel() for t in trainer.reference) == sum(p.numel() for p in trainer.parameters)
 
 
 def test_reward_list_weighs_verifiable_format_length_and_dotted_path_rewards():

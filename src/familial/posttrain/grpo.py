@@ -43,7 +43,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from familial.config import ConfigError, FamilyConfig, from_dict
-from familial.model import FamilyModel
+from familial.model import FamilyModel, embed_inputs
 from familial.posttrain.expand import freeze_except, trainable_parameter_patterns
 from familial.posttrain.logprobs import DEFAULT_CHUNK, token_logprobs
 from familial.posttrain.rewards import Reward, Rewards, RewardSpec, split_problems, sum_problems
@@ -244,6 +244,9 @@ class GRPOTrainer:
         if not self.parameters:
             raise ConfigError(f"grpo: trainable patterns {config.trainable} select no parameter "
                               f"of member {self.exit}")
+        trains = [any(p.requires_grad for p in layer.parameters()) for layer in self.policy.model.layers]
+        self.first_trainable = -1 if self.policy.model.embed_tokens.weight.requires_grad else (
+            trains.index(True) if True in trains else len(trains))
         # The reference differs from the policy only where it trains: keep those initial values.
         self.reference = [p.detach().clone() for p in self.parameters] if config.beta > 0 else None
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate,
@@ -313,12 +316,12 @@ class GRPOTrainer:
     def _update(self, sequences: SequenceBatch, advantages: torch.Tensor, tokens: float) -> dict[str, float]:
         config = self.config
         ref_logp = old_logp = None
+        frozen = self.frozen_prefix(sequences)
         if self.reference is not None:
-            with torch.no_grad(), self._reference_weights():
-                ref_logp = self.logprobs(sequences)
+            ref_logp = self.reference_logprobs(sequences, frozen)
         totals = dict.fromkeys(("loss", "kl", "clip_fraction", "grad_norm"), 0.0)
         for _ in range(config.updates_per_batch):
-            logp = self.logprobs(sequences)
+            logp = self.logprobs(sequences, frozen)
             if old_logp is None:
                 old_logp = logp.detach()
             loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, sequences.mask, config.epsilon,
@@ -334,18 +337,53 @@ class GRPOTrainer:
                 totals[key] += value / config.updates_per_batch
         return totals
 
-    def logprobs(self, sequences: SequenceBatch) -> torch.Tensor:
-        """(B, C) log-probabilities of the completion tokens under the policy (with grad)."""
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
-                    else contextlib.nullcontext())
-        with autocast:
-            hidden = self.policy.hidden_states(sequences.input_ids)      # (B, W, H), causal
-        rows = hidden[sequences.rows, sequences.columns]                  # (M, H)
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    @torch.no_grad()
+    def frozen_prefix(self, sequences: SequenceBatch) -> tuple[torch.Tensor, tuple] | None:
+        """The member's layers before its first trainable one, run once per batch: policy and
+        reference share them (frozen), and every update starts from their output. None when
+        the embedding trains."""
+        if self.first_trainable < 0:
+            return None
+        model = self.policy.model
+        with self._autocast():
+            hidden, rotary, _ = embed_inputs(model.embed_tokens, self.model.model.rotary_emb,
+                                             sequences.input_ids, None, None)
+            for layer in model.layers[:self.first_trainable]:
+                hidden = layer(hidden, rotary)
+        return hidden, rotary
+
+    def logprobs(self, sequences: SequenceBatch, frozen: tuple[torch.Tensor, tuple] | None) -> torch.Tensor:
+        """(B, C) log-probabilities of the completion tokens under the policy (with grad), from
+        the frozen prefix's output."""
+        model = self.policy.model
+        with self._autocast():
+            if frozen is None:
+                hidden, rotary, _ = embed_inputs(model.embed_tokens, self.model.model.rotary_emb,
+                                                 sequences.input_ids, None, None)
+                layers = model.layers
+            else:
+                (hidden, rotary), layers = frozen, model.layers[self.first_trainable:]
+            # Right-padded rows from position 0: the plain causal mask is exact (no 4-D mask).
+            for layer in layers:
+                hidden = layer(hidden, rotary)                              # (B, W, H)
+            hidden = model.norm(hidden)
+        rows = hidden[sequences.rows, sequences.columns]                   # (M, H)
         if self.autocast:
             rows = rows.to(self.autocast)
         logp = token_logprobs(rows, self.policy.lm_head, sequences.targets, self.config.temperature,
                               self.config.chunk_size)
         return sequences.grid(logp)
+
+    @torch.no_grad()
+    def reference_logprobs(self, sequences: SequenceBatch, frozen: tuple[torch.Tensor, tuple] | None) -> torch.Tensor:
+        """(B, C) log-probabilities under the reference: the policy at the start."""
+        with self._reference_weights():
+            return self.logprobs(sequences, frozen)
 
     @contextlib.contextmanager
     def _reference_weights(self):
