@@ -205,12 +205,15 @@ def test_grpo_command_runs_from_toml_and_logs(tmp_path, monkeypatch):
     (tmp_path / "grpo.toml").write_text(
         'family = "family"\noutput = "run"\nmember = 0\nsteps = 3\nprompts_per_step = 2\n'
         'group_size = 4\nmax_new_tokens = 2\nlearning_rate = 1e-3\nupdates_per_batch = 2\n'
-        '[task]\nkind = "sums"\nmax_operand = 4\n')
-    assert load_config(tmp_path / "grpo.toml").task.max_operand == 4
+        '[task]\nkind = "sums"\nmax_operand = 4\n'
+        '[[reward]]\nname = "arithmetic"\n[[reward]]\nname = "format"\nweight = 0.5\npattern = "\\\\d+"\n')
+    config = load_config(tmp_path / "grpo.toml")
+    assert config.task.max_operand == 4 and config.reward[1].pattern == "\\d+"
     assert main(["grpo", str(tmp_path / "grpo.toml")]) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "grpo.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert {"reward", "kl", "clip_fraction", "loss"} <= set(records[0])
+    assert {"reward", "reward/arithmetic", "reward/format", "kl", "clip_fraction", "loss", "completion_tokens",
+            "rollout_s", "update_s"} <= set(records[0])
     assert "held_out_accuracy" in records[-1]
     assert load_family(tmp_path / "run" / "family").config.exits == [0, 1]
     (tmp_path / "bad.toml").write_text('family = "family"\noutput = "x"\nmember = 0\ngroup_size = 1\n')
