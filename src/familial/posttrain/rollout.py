@@ -18,6 +18,8 @@ from familial.infer.engine import Engine
 from familial.infer.sampling import SamplingParams
 from familial.model import FamilyModel
 
+MAX_PREFILL = 16384
+
 
 @dataclass
 class Rollout:
@@ -34,9 +36,10 @@ class RolloutEngine:
     def __init__(self, model: FamilyModel, exit_layer: int, slots: int, max_seq_len: int,
                  stop_ids: set[int], device: torch.device) -> None:
         self.exit, self.stop_ids = exit_layer, sorted(stop_ids)
-        # Every prompt of a step prefills in the engine's first call.
+        # A step's prompts prefill together in the engine's first call (up to a bound on the
+        # packed call's activations; beyond it, over a few calls).
         self.engine = Engine(model, max_batch_size=slots, max_queue=slots, device=str(device),
-                             max_seq_len=max_seq_len, max_prefill_tokens=slots * max_seq_len)
+                             max_seq_len=max_seq_len, max_prefill_tokens=min(slots * max_seq_len, MAX_PREFILL))
 
     def sample(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                seeds: list[int]) -> Rollout:
