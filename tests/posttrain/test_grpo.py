@@ -220,3 +220,18 @@ def test_grpo_command_runs_from_toml_and_logs(tmp_path, monkeypatch):
     assert load_family(tmp_path / "run" / "family").config.exits == [0, 1]
     (tmp_path / "bad.toml").write_text('family = "family"\noutput = "x"\nmember = 0\ngroup_size = 1\n')
     assert main(["grpo", str(tmp_path / "bad.toml")]) == 2
+
+
+def test_bf16_compute_keeps_float32_master_weights():
+    model = tiny_family(vocab_size=len(CHARS), num_hidden_layers=2, exits=[0, 1], eos_token_id=0)
+    config = GRPOConfig(family="", output="", member=0, prompts_per_step=2, group_size=2, max_new_tokens=2,
+                        learning_rate=1e-3, precision="bf16", device="cpu")
+    trainer = GRPOTrainer(model, char_tokenizer(), arithmetic_reward, sum_problems(4), config)
+    batch = SequenceBatch.of(Rollout([[1, 10, 2, 11]], [[3, 0]]), pad_id=0, device=torch.device("cpu"))
+    low = trainer.logprobs(batch, trainer.frozen_prefix(batch))
+    trainer.autocast = None
+    full = trainer.logprobs(batch, trainer.frozen_prefix(batch))
+    assert low.dtype == torch.float32 and torch.allclose(low, full, atol=0.05) and not torch.equal(low, full)
+    trainer.autocast = torch.bfloat16
+    record = trainer.step()
+    assert math.isfinite(record["loss"]) and all(p.dtype == torch.float32 for p in trainer.parameters)
