@@ -235,3 +235,14 @@ def test_bf16_compute_keeps_float32_master_weights():
     trainer.autocast = torch.bfloat16
     record = trainer.step()
     assert math.isfinite(record["loss"]) and all(p.dtype == torch.float32 for p in trainer.parameters)
+
+
+def test_prompts_per_step_must_split_evenly_over_processes():
+    from familial.posttrain.grpo import DataParallel
+
+    parallel = DataParallel()
+    parallel.size = 3
+    model = tiny_family(vocab_size=len(CHARS), num_hidden_layers=2, exits=[0, 1], eos_token_id=0)
+    config = GRPOConfig(family="", output="", member=0, prompts_per_step=4, device="cpu")
+    with pytest.raises(ConfigError, match="prompts_per_step = 4 is not a multiple of the 3 processes"):
+        GRPOTrainer(model, char_tokenizer(), arithmetic_reward, sum_problems(4), config, parallel)
