@@ -349,12 +349,16 @@ class GRPOTrainer:
         the embedding trains."""
         if self.first_trainable < 0:
             return None
-        model = self.policy.model
         with self._autocast():
-            hidden, rotary, _ = embed_inputs(model.embed_tokens, self.model.model.rotary_emb,
-                                             sequences.input_ids, None, None)
-            for layer in model.layers[:self.first_trainable]:
+            hidden, rotary = self._embed(sequences)
+            for layer in self.policy.model.layers[:self.first_trainable]:
                 hidden = layer(hidden, rotary)
+        return hidden, rotary
+
+    def _embed(self, sequences: SequenceBatch) -> tuple[torch.Tensor, tuple]:
+        # Rows start at position 0: the default positions are theirs.
+        hidden, rotary, _ = embed_inputs(self.policy.model.embed_tokens, self.model.model.rotary_emb,
+                                         sequences.input_ids, None, None)
         return hidden, rotary
 
     def logprobs(self, sequences: SequenceBatch, frozen: tuple[torch.Tensor, tuple] | None) -> torch.Tensor:
@@ -363,9 +367,7 @@ class GRPOTrainer:
         model = self.policy.model
         with self._autocast():
             if frozen is None:
-                hidden, rotary, _ = embed_inputs(model.embed_tokens, self.model.model.rotary_emb,
-                                                 sequences.input_ids, None, None)
-                layers = model.layers
+                (hidden, rotary), layers = self._embed(sequences), model.layers
             else:
                 (hidden, rotary), layers = frozen, model.layers[self.first_trainable:]
             # Right-padded rows from position 0: the plain causal mask is exact (no 4-D mask).
