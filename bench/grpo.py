@@ -19,8 +19,8 @@ Figures (last line, one JSON object):
 
     python bench/grpo.py [--quick] [--rounds 3] [--steps 8] [--threads 1]
 
-TRL is a peer, not a dependency: `pip install "trl==1.16.*"` (it adds accelerate and psutil
-next to transformers and leaves torch as installed).
+TRL is a peer, not a dependency: `pip install -e ".[bench]"` (trl 1.16; it adds accelerate
+and psutil next to transformers and leaves torch as installed).
 """
 
 from __future__ import annotations
