@@ -32,8 +32,9 @@ from familial.data.demo_corpus import TOKENIZER_PATH, demo_documents, prepare_de
 from familial.data.shards import TokenShards
 from familial.eval.perplexity import evaluate_held_out
 from familial.posttrain.expand import frozen_parameter_patterns
-from familial.posttrain.grpo import GRPOConfig, generate, load_config
+from familial.posttrain.grpo import GRPOConfig, load_config
 from familial.posttrain.rewards import arithmetic_reward, split_problems, sum_problems
+from familial.posttrain.rollout import RolloutEngine
 from familial.summary import summarize
 from familial.train.config import TrainConfig, load_config as load_train_config
 from familial.train.loop import Trainer
@@ -132,11 +133,11 @@ class Evaluator:
     @torch.no_grad()
     def accuracy(self, model, exit_layer: int, problems) -> float:
         prompts = [self.tokenizer.encode(p, add_special_tokens=False).ids for p, _ in problems]
-        rollout = generate(model.member(exit_layer), prompts, 12, 0.0, {0, 2}, 0)
+        engine = RolloutEngine(model, exit_layer, len(prompts), max(map(len, prompts)) + 13, {0, 2},
+                               torch.device("cpu"))
         correct = 0
-        for (_, answer), row, mask in zip(problems, rollout.completions, rollout.completion_mask):
-            kept = [int(t) for t, m in zip(row, mask) if m]
-            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        for (_, answer), completion in zip(problems, engine.greedy(prompts, 12).completions):
+            text = self.tokenizer.decode([t for t in completion if t not in (0, 2)], skip_special_tokens=True)
             correct += arithmetic_reward("", text, answer)
         return correct / len(problems)
 

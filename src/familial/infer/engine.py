@@ -209,11 +209,17 @@ class Engine:
             self._wake.notify_all()
         return sequence.handle
 
-    def generate(self, prompts: list[list[int]], member: int | str = -1, params: SamplingParams | None = None,
+    def generate(self, prompts: list[list[int]], member: int | str = -1,
+                 params: SamplingParams | list[SamplingParams] | None = None,
                  speculative: bool | int | str | None = None, budget: float | None = None,
                  target: float | None = None) -> list[GenerationResult]:
-        """Run prompts to completion (batched) and return their tokens, exits and finish reasons."""
-        handles = [self.submit(p, member, params, speculative, budget, target, _force=True) for p in prompts]
+        """Run prompts to completion (batched) and return their tokens, exits and finish reasons.
+        `params` is one for every prompt, or a list with each prompt's own (e.g. its seed)."""
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        if len(each) != len(prompts):
+            raise ValueError(f"{len(each)} sampling parameters for {len(prompts)} prompts")
+        handles = [self.submit(p, member, q, speculative, budget, target, _force=True)
+                   for p, q in zip(prompts, each)]
         if self._thread is None:
             with self._drive:
                 while not all(h.done for h in handles):
