@@ -150,7 +150,7 @@ def test_sigterm_ends_the_server_while_requests_and_a_hanging_template_run(famil
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(0.2)
         workers = children(process.pid)
-        assert len(workers) == 3  # the engine process and two chat-template workers
+        assert len(workers) == 4  # the engine process, two chat-template workers, a body worker
         spin = threading.Thread(target=lambda: _try(lambda: http.post(url, "/v1/chat/completions", {
             "model": "exit-1", "max_tokens": 2, "messages": [{"role": "user", "content": "spin"}]})))
         spin.start()

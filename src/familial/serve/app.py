@@ -11,7 +11,9 @@ whose client goes away is cancelled so its batch slot goes to the next one.
 The event loop does no work whose size a client or a checkpoint controls: a body is parsed and
 validated in the pool, after checks of cost linear in its size that refuse what could never fit
 (a list longer than the context, a field the API does not have) before pydantic builds an error
-per item; a prompt longer than the context could hold is refused by its length before it is
+per item; `json.loads` holds the GIL throughout, so a body that may hold many items is first
+measured in a worker process (familial.serve.bodies) and refused if it holds more than a
+request of the context needs; a prompt longer than the context could hold is refused by its length before it is
 tokenised, tokenising runs in the pool (with `encode_batch`, which releases the GIL), and chat
 templates render in worker processes with time, memory and output bounds
 (familial.serve.templates). Nor does the loop wait for the engine: submissions and health checks
@@ -46,12 +48,18 @@ from familial.infer.engine import QueueFull
 from familial.infer.process import EngineProcessError
 from familial.infer.sampling import SamplingParams
 from familial.serve import protocol as p
+from familial.serve.bodies import BodyWorkers
 from familial.serve.guard import ClientPolicy, Guard
 from familial.serve.protocol import clip, error_body
 from familial.serve.templates import TemplateWorkers
 
 # How often a waiting request checks whether its client is still there.
 POLL_SECONDS = 0.25
+# A body with at most this many commas and quotes is parsed at once (a few ms at worst); one
+# with more is measured in a worker process first.
+CHEAP_ITEMS = 2048
+# The most keys of one object of a request (the API's objects have about 20 fields).
+MAX_KEYS = 64
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": p.ErrorResponse, "description": "malformed request, prompt too long, or generation "
                                                    "failed on this request's parameters"},
@@ -201,6 +209,10 @@ class Server:
                                        thread_name_prefix="familial-serve")
         # One health check of the engine at a time, shared by the requests asking meanwhile.
         self.stats_call: asyncio.Future | None = None
+        self.bodies = BodyWorkers()
+        # JSON items (values and keys) of the largest request the context can take: token ids or
+        # messages of a few items each, up to the context (longer lists are refused).
+        self.max_body_items = 16 * self.context + 256
 
     async def read(self, request: Request, model: type[BaseModel]) -> Any:
         """The request's body as `model`, parsed and validated in the pool."""
@@ -209,7 +221,20 @@ class Server:
             raise APIError(400, f"the request body must be JSON (Content-Type: application/json), "
                                 f"not '{clip(kind)}'")
         raw = await request.body()
+        if raw.count(b",") + raw.count(b'"') > CHEAP_ITEMS:
+            self.check_measure(await self.bodies.measure(raw))
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.parse, raw, model)
+
+    def check_measure(self, found: dict) -> None:
+        if "error" in found:
+            raise APIError(400, f"the request body is not valid JSON: {found['error']}")
+        if found["keys"] > MAX_KEYS:
+            raise APIError(400, f"the request has an object of {found['keys']} keys; this API's objects have "
+                                f"at most {MAX_KEYS} fields")
+        if found["items"] > self.max_body_items:
+            raise APIError(400, f"the request holds {found['items']} JSON items; one that fits this model's "
+                                f"{self.context}-token context holds at most {self.max_body_items}", None,
+                           "context_length_exceeded")
 
     def parse(self, raw: bytes, model: type[BaseModel]) -> Any:
         try:
@@ -504,12 +529,14 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, pol
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        await server.bodies.start()
         if server.templates is not None:
             await server.templates.start()
         try:
             yield
         finally:
             server.pool.shutdown(wait=False, cancel_futures=True)
+            await server.bodies.close()
             if server.templates is not None:
                 await server.templates.close()
 
