@@ -8,14 +8,14 @@ A request waits for its events on the event loop itself, woken by the thread tha
 them (no thread per request), and events that arrived together go out as one chunk; a request
 whose client goes away is cancelled so its batch slot goes to the next one.
 
-The event loop does no work whose size a client or a checkpoint controls: a body is parsed and
+The event loop does no work whose size a client or a checkpoint controls. A body is parsed and
 validated in the pool, after checks of cost linear in its size that refuse what could never fit
 (a list longer than the context, a field the API does not have) before pydantic builds an error
 per item; `json.loads` holds the GIL throughout, so a body that may hold many items is first
 measured in a worker process (familial.serve.bodies) and refused if it holds more than a
-request of the context needs; a prompt longer than the context could hold is refused by its length before it is
-tokenised, tokenising runs in the pool (with `encode_batch`, which releases the GIL), and chat
-templates render in worker processes with time, memory and output bounds
+request of the context needs. A prompt longer than the context could hold is refused by its
+length before it is tokenised, tokenising runs in the pool (with `encode_batch`, which releases
+the GIL), and chat templates render in worker processes with time, memory and output bounds
 (familial.serve.templates). Nor does the loop wait for the engine: submissions and health checks
 run in the pool, and cancelling only queues a message. A request the engine fails ends with a
 400 (or an error event once streaming): no client input gets a 5xx, and every error message is
@@ -94,9 +94,6 @@ def _validation_message(error: RequestValidationError | ValidationError) -> tupl
     param = None
     errors = error.errors(include_url=False) if isinstance(error, ValidationError) else error.errors()
     for item in errors:
-        if item.get("type") == "json_invalid":
-            where = item.get("ctx", {}).get("error", "")
-            return f"the request body is not valid JSON: {where} at character {item['loc'][-1]}", None
         loc = [x if isinstance(x, int) else clip(x) for x in item.get("loc", ()) if x != "body"]
         # Union branches appear in the location as type tags such as 'list[int]'.
         tags = [x for x in loc if isinstance(x, str) and (not x.isidentifier() or x in TYPE_NAMES)]
@@ -270,7 +267,7 @@ class Server:
     async def encode(self, text: str, special_tokens: bool, param: str,
                      marks: dict[str, str] | None = None) -> list[int]:
         """Token ids of `text`; where `marks` (mark_specials) stand, their special tokens'
-        strings are read as text."""
+        strings are read as text (a chat prompt's, to which nothing is added)."""
         self.check_length(len(text), param)
         loop = asyncio.get_running_loop()
         try:
