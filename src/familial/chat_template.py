@@ -8,6 +8,11 @@ The server renders prompts with it and the data pipeline renders training conver
 both see one format. jinja2 is imported only when a template is compiled: ChatML data needs
 no jinja2.
 
+The template's own markers (`<|im_start|>`, `<|im_end|>`) are the tokenizer's special tokens; the
+same strings inside a message are text, or a user could write a system turn into their own
+message. `mark_specials` stands such strings in for private-use characters before rendering, and
+`split_marked` finds them in the output, so the caller tokenises them as text.
+
 A template is code that comes with a checkpoint, so compiling one evaluates nothing (jinja2
 would otherwise fold constant expressions such as `9 ** (9 ** 99)` at compile time), and
 rendering can be given a bound on the output. The server also renders in worker processes it
@@ -17,6 +22,7 @@ can stop (familial.serve.templates), which bounds time and memory.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,40 @@ MAX_SOURCE_CHARS = 2**20
 
 class ChatTemplateError(ValueError):
     """The template refused the conversation (raise_exception) or failed to render it."""
+
+
+# Unicode's private use area: characters no tokenizer gives a meaning, that stand in for special
+# tokens' strings while a template renders.
+PRIVATE_USE = range(0xE000, 0xF900)
+
+
+def mark_specials(messages: list[dict[str, Any]], specials: list[str],
+                  template: str = "") -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """`messages` with every occurrence of a `specials` string in their text replaced by a
+    private-use character found in no message nor in `template`, and {character: string}; the
+    messages themselves when none holds one."""
+    texts = [v for m in messages for v in m.values() if isinstance(v, str)]
+    used = sorted((t for t in specials if any(t in text for text in texts)), key=len, reverse=True)
+    if not used:
+        return messages, {}
+    taken = set(template).union(*map(set, texts))
+    free = (chr(c) for c in PRIVATE_USE if chr(c) not in taken)
+    marks = {token: next(free) for token in used}
+    pattern = re.compile("|".join(map(re.escape, used)))
+
+    def mark(value: Any) -> Any:
+        return pattern.sub(lambda match: marks[match[0]], value) if isinstance(value, str) else value
+
+    return [{k: mark(v) for k, v in m.items()} for m in messages], {c: t for t, c in marks.items()}
+
+
+def split_marked(text: str, marks: dict[str, str]) -> list[tuple[str, bool]]:
+    """`text` in pieces, each (string, True) where a mark stood (its special token's string,
+    to tokenise as text) or (string, False) for the template's own text; no empty pieces."""
+    if not marks:
+        return [(text, False)] if text else []
+    parts = re.split(f"([{''.join(marks)}])", text)
+    return [(marks[part] if i % 2 else part, bool(i % 2)) for i, part in enumerate(parts) if part]
 
 
 def _raise_exception(message: str) -> None:

@@ -216,6 +216,30 @@ def test_budget_caps_average_depth(family):
         assert len(set(result.exits)) > 1
 
 
+def test_budget_on_a_smaller_member_caps_within_that_member(family, greedy_reference):
+    """A member short of the full one, with a budget, leaves at its own exit or an earlier one,
+    each token that exit's greedy choice; the smallest member has no earlier exit, so any budget
+    runs it whole (it failed with KeyError: a member's own branch had no lazy KV bookkeeping)."""
+    _thresholds(family, OFF)
+    engine = Engine(family)
+    params = SamplingParams(max_new_tokens=10, greedy=True)
+    prompt = [5, 6, 7]
+    for budget in (0.2, 1.0):
+        smallest = engine.generate([prompt], member=1, params=params, budget=budget)[0]
+        assert smallest.exits == [1] * 10 and smallest.token_ids == greedy_reference(family, prompt, 1, 10)
+    whole = engine.generate([prompt], member=3, params=params, budget=1.0)[0]
+    assert whole.exits == [3] * 10 and whole.token_ids == greedy_reference(family, prompt, 3, 10)
+    capped = engine.generate([prompt], member=3, params=params, budget=0.45)[0]
+    assert set(capped.exits) == {1, 3}, capped
+    depths = [family.config.member_layers(e) for e in capped.exits]
+    assert sum(depths) / len(depths) <= 0.45 * family.config.num_hidden_layers
+    ids = list(prompt)
+    for token, exit_layer in zip(capped.token_ids, capped.exits):
+        with torch.no_grad():
+            assert token == int(family(torch.tensor([ids]), exits=[exit_layer])[exit_layer][0, -1].argmax())
+        ids.append(token)
+
+
 def test_exit_is_decided_per_sequence_within_a_batch(family):
     """Two adaptive requests decoded together exit where each would alone."""
     _thresholds(family, OFF)

@@ -317,3 +317,64 @@ def test_prompts_near_the_body_limit_leave_health_answering_and_memory_flat(serv
     assert after - before < 256, (before, after)
     print(f"\nlarge prompts: 2 rounds of 4 bodies of {big / 2**20:.1f} MiB refused; /health polls {len(health)}, "
           f"slowest {max(s for _, s in health):.2f}s; server RSS {before:.0f} -> {after:.0f} MiB")
+
+
+def endless_header(port: int) -> bytes:
+    """10 MB of one header; what the server answers (b"" if it closed the connection first)."""
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: " + b"a" * (10 * 2**20) + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sender = threading.Thread(target=lambda: _ignore_closed(lambda: sock.sendall(head)))
+        sender.start()
+        reply = b""
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+        sender.join()
+    return reply
+
+
+def _ignore_closed(call) -> None:
+    try:
+        call()
+    except OSError:
+        pass  # the server closed the connection mid-send: what it does to a head too large
+
+
+def test_cheap_bodies_and_an_endless_header_leave_health_answering(server):
+    """Issue 21: 588 KB of invalid token ids, 190,000 unknown keys, an 8 MB key name and a 10 MB
+    header, two rounds of all four at once beside a /health poller: each is refused (400 with a
+    short error, or 431) and /health answers throughout."""
+    port, _ = server
+    bodies = [('{"model": "exit-2", "prompt": [' + ", ".join(["-1"] * 196000) + "]}").encode(),
+              json.dumps({"model": "exit-2", "prompt": "x", **{f"k{i}": 0 for i in range(190000)}}).encode(),
+              json.dumps({"model": "exit-2", "prompt": "x", "k" * (8 * 2**20 - 100): 0}).encode()]
+    replies: list[tuple[int, bytes]] = []
+    headers: list[bytes] = []
+    health: list[int] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while True:
+            health.append(request(port, "GET", "/health", timeout=60)[0])
+            if done.is_set():
+                return
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    for _ in range(2):
+        senders = [threading.Thread(target=lambda b=body: replies.append(
+            request(port, "POST", "/v1/completions", b, timeout=120))) for body in bodies]
+        senders.append(threading.Thread(target=lambda: headers.append(endless_header(port))))
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join()
+    done.set()
+    poller.join()
+    assert len(replies) == 6 and len(headers) == 2
+    for status, body in replies:
+        assert status == 400 and len(body) < 1024 and json.loads(body)["error"]["message"], body[:300]
+    assert all(reply == b"" or reply.startswith(b"HTTP/1.1 431 ") for reply in headers), [h[:100] for h in headers]
+    assert health and set(health) == {200}

@@ -53,6 +53,13 @@ def test_every_v1_route_needs_the_key(keyed, method, path, body):
     assert status == (404 if path == "/v1/nothing" else 200), reply
 
 
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc"])
+def test_the_schema_and_docs_pages_need_the_key(keyed, path):
+    status, _, reply = call(keyed.url, "GET", path)
+    assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+    assert call(keyed.url, "GET", path, headers={"Authorization": f"Bearer {KEY}"})[0] == 200
+
+
 def test_health_and_the_page_stay_open_and_the_openai_client_works_with_the_key(keyed):
     assert call(keyed.url, "GET", "/health")[0] == 200
     assert call(keyed.url, "GET", "/")[0] == 200
@@ -74,9 +81,21 @@ def test_a_loopback_server_answers_only_loopback_host_names(live):
     port = live.url.rsplit(":", 1)[1]
     for host in ("localhost", f"localhost:{port}", "127.0.0.1", f"127.0.0.1:{port}", "[::1]", f"[::1]:{port}"):
         assert call(live.url, "GET", "/health", headers={"Host": host})[0] == 200, host
-    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "[::2]:80"):
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "[::2]:80", "[::1]evil.example",
+                 f"[::1]evil.example:{port}", "::1", "localhost:80:evil.example"):
         status, _, reply = call(live.url, "GET", "/v1/models", headers={"Host": host})
         assert status == 400 and reply["error"]["code"] == "invalid_host", (host, reply)
+
+
+def test_a_request_with_two_host_headers_is_refused(live):
+    """With two, the last one was checked, and a proxy or the app may read the first."""
+    host, port = live.url.split("//")[1].split(":")
+    for first, second in (("evil.example", "127.0.0.1"), ("127.0.0.1", "evil.example"), ("127.0.0.1", "localhost")):
+        with socket.create_connection((host, int(port)), timeout=120) as sock:
+            sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: {first}\r\nHost: {second}\r\n"
+                         f"Connection: close\r\n\r\n".encode())
+            reply = read_until_closed(sock)
+        assert reply.startswith(b"HTTP/1.1 400 ") and b'"invalid_host"' in reply, reply[:300]
 
 
 def test_any_host_is_answered_off_loopback(family_dir, serve):

@@ -139,6 +139,16 @@ def test_auto_with_a_budget_reports_the_exit_of_every_token(client):
     assert set(exits) <= {1, 3} and 1 in exits
 
 
+def test_a_budget_on_the_smallest_member_serves_it_whole(client):
+    """exit-1 has no earlier exit to leave at: a budget there runs the member as without one
+    (it failed with KeyError: 1)."""
+    plain = client.completions.create(model="exit-1", prompt=PROMPT, max_tokens=8, temperature=0)
+    budgeted = client.completions.create(model="exit-1", prompt=PROMPT, max_tokens=8, temperature=0,
+                                         extra_body={"budget": 0.5})
+    assert budgeted.choices[0].text == plain.choices[0].text
+    assert budgeted.familial["exits"] == [1] * 8 and budgeted.choices[0].finish_reason == "length"
+
+
 def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(model="exit-2", prompt=PROMPT, max_tokens=2)
@@ -162,6 +172,11 @@ def test_health_and_openapi_describe_the_server(live, http):
             schema = responses[code]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
         assert "text/event-stream" in responses["200"]["content"]
+    for path, name in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+        body = spec["paths"][path]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+    assert spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]["messages"]["items"] == {
+        "$ref": "#/components/schemas/ChatMessage"}
     request = spec["components"]["schemas"]["CompletionRequest"]
     assert request["additionalProperties"] is False
     assert request["properties"]["n"]["maximum"] == 1

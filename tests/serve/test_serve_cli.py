@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from familial.cli import main
 
 
@@ -86,6 +88,29 @@ def test_bad_listen_addresses_fail_in_one_line_before_starting(family_dir, capsy
     assert "--chat-template /nonexistent.jinja" in one_line_error(capsys)
 
 
+BAD_OPTIONS = [
+    (["--max-seq-len", "100000000"], "--max-seq-len 100000000: expected 2..4096 tokens (the family's "
+                                     "max_position_embeddings in "),
+    (["--max-seq-len", "-5"], "--max-seq-len -5: expected 2..4096"),
+    (["--max-seq-len", "8192"], "--max-seq-len 8192: expected 2..4096"),
+    (["--threads", "-1"], "--threads -1: expected a whole number >= 1"),
+    (["--max-batch-size", "0"], "--max-batch-size 0: expected a whole number >= 1"),
+    (["--device", "tpu"], "--device tpu: not a torch device; expected cpu, cuda, cuda:N or mps"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
+    (["--header-timeout", "inf"], "--header-timeout inf: expected a finite number of seconds > 0"),
+    (["--body-timeout", "nan"], "--body-timeout nan: expected a finite number of seconds > 0"),
+    (["--api-key", "cl\u00e9"], "--api-key: '\u00e9' is not a printable ASCII character"),
+]
+
+
+@pytest.mark.parametrize("options, expected", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_bad_options_fail_in_one_line_before_starting(family_dir, capsys, options, expected):
+    """Each of these started a server that failed later: a traceback in the engine process, or
+    the kernel's OOM killer at the first request (--max-seq-len 100000000: 23.5 GB)."""
+    assert main(["serve", str(family_dir), "--port", str(free_port()), *options]) == 2
+    assert expected in one_line_error(capsys)
+
+
 def children(pid: int) -> set[int]:
     found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -125,7 +150,7 @@ def test_sigterm_ends_the_server_while_requests_and_a_hanging_template_run(famil
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(0.2)
         workers = children(process.pid)
-        assert len(workers) == 3  # the engine process and two chat-template workers
+        assert len(workers) == 4  # the engine process, two chat-template workers, a body worker
         spin = threading.Thread(target=lambda: _try(lambda: http.post(url, "/v1/chat/completions", {
             "model": "exit-1", "max_tokens": 2, "messages": [{"role": "user", "content": "spin"}]})))
         spin.start()

@@ -103,3 +103,7 @@ def test_a_dead_engine_process_gets_503_on_streams_requests_and_health(family_di
         assert status == 503 and reply["error"]["code"] == "engine_unavailable"
         status, health = http.get(server.url, "/health")
         assert status == 503 and health["ok"] is False
+        # Nothing is served any more, and the list of models says so (it answered 200).
+        status, reply = http.get(server.url, "/v1/models")
+        assert status == 503 and reply["error"]["code"] == "engine_unavailable"
+        assert "the engine process ended" in reply["error"]["message"]

@@ -309,8 +309,9 @@ class AdaptiveState:
         self.config, self.rule, self.member, self.budget = config, rule, member, budget
         self.depth_sum = 0
         self.tokens = 0
-        # First position lacking each early exit's branch KV (see familial.infer.runner).
-        self.branch_from = {e: 0 for e in config.exits if e < member}
+        # First position lacking each early exit's branch KV (see familial.infer.runner); a
+        # member that is not the full one has a branch of its own, filled the same way.
+        self.branch_from = {e: 0 for e in config.exits[:-1] if e <= member}
         # recompute: (first position, frontier exit) of positions whose KV stops at that exit,
         # oldest first, frontiers non-increasing; None when skipped layers' KV is copied.
         self.pending: list[tuple[int, int]] | None = [] if recompute else None

@@ -10,15 +10,20 @@ interpreter lock, and every step of the engine waits while the event loop writes
 One socket pair carries everything. The parent sends calls (submit, cancel, stats, stop), each
 answered in order; the child sends, after each engine step, the step's events of every request
 in one message. Request ids are the parent's, registered before the call is sent, so events
-never arrive for a handle the parent does not know yet. If the child dies, every open request
-ends as cancelled (its `error` saying why) and `stats()` reports the engine not alive; if the
-parent dies, the child reads the end of the socket and exits.
+never arrive for a handle the parent does not know yet. The parent writes from a thread of its
+own, so a caller never waits on the socket (a stopped child that reads nothing cannot stall an
+event loop that cancels a request); only the calls that need an answer (submit, stats, stop)
+wait for it. If the child dies, every open request ends as cancelled (its `error` saying why),
+`stats()` reports the engine not alive, `ended` says why, and the callbacks given to `on_end`
+run (not when `stop()` ended it); if the parent dies, the child reads the end of the socket and
+exits.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -49,10 +54,7 @@ class _Handle(RequestHandle):
     def cancel(self) -> None:
         if not self.cancelled and not self.done:
             super().cancel()
-            try:
-                self._engine._send(("cancel", self.request_id))
-            except OSError:
-                pass  # the engine process is gone: the reader ends this request
+            self._engine._send(("cancel", self.request_id))
 
 
 class EngineProcess:
@@ -88,15 +90,33 @@ class EngineProcess:
         self.max_seq_len, self.max_batch_size, self.max_queue = (
             info["max_seq_len"], info["max_batch_size"], info["max_queue"])
         self.threads, self._members = info["threads"], info["members"]
-        self._send_lock = threading.Lock()
+        self._outgoing: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._handles: dict[str, _Handle] = {}
         self._replies: dict[int, list] = {}
         self._calls = itertools.count()
         self._ids = itertools.count()
         self._ended: str | None = None
+        self._stopping = False
+        self._end_callbacks: list = []
         self._reader = threading.Thread(target=self._read, name="familial-engine-reader", daemon=True)
         self._reader.start()
+        self._writer = threading.Thread(target=self._write, name="familial-engine-writer", daemon=True)
+        self._writer.start()
+
+    @property
+    def ended(self) -> str | None:
+        """Why the engine process has ended (None while it runs)."""
+        return self._ended
+
+    def on_end(self, callback) -> None:
+        """Call `callback(reason)` (on the reader's thread) if the engine process ends without
+        `stop()`: it died, and nothing more will be served."""
+        with self._lock:
+            self._end_callbacks.append(callback)
+            reason = self._ended if not self._stopping else None
+        if reason is not None:
+            callback(reason)
 
     def members(self) -> list[dict]:
         return [dict(m) for m in self._members]
@@ -138,6 +158,8 @@ class EngineProcess:
 
     def stop(self) -> None:
         """Cancel what is left, end the child (killed if it does not end within a minute)."""
+        with self._lock:
+            self._stopping = True
         if self._ended is None:
             try:
                 self._call("stop", timeout=CALL_TIMEOUT)
@@ -149,12 +171,21 @@ class EngineProcess:
             self._process.kill()
             self._process.wait()
         self._reader.join(timeout=CALL_TIMEOUT)
+        self._outgoing.put(None)
+        self._writer.join(timeout=CALL_TIMEOUT)
         self._connection.close()
 
     def _send(self, message: tuple) -> None:
-        with self._send_lock:
-            if self._ended is None:
+        """Queue `message` for the child; never waits (the writer thread sends it)."""
+        if self._ended is None:
+            self._outgoing.put(message)
+
+    def _write(self) -> None:
+        while (message := self._outgoing.get()) is not None:
+            try:
                 self._connection.send(message)
+            except OSError:
+                return  # the engine process is gone: the reader ends every request and call
 
     def _call(self, name: str, *args, timeout: float):
         call = next(self._calls)
@@ -164,10 +195,7 @@ class EngineProcess:
             if self._ended is not None:
                 raise EngineProcessError(self._ended)
             self._replies[call] = slot
-        try:
-            self._send((name, call, *args))
-        except OSError as error:
-            raise EngineProcessError(f"the engine process does not take calls ({error})") from None
+        self._send((name, call, *args))
         if not done.wait(timeout):
             with self._lock:
                 self._replies.pop(call, None)
@@ -209,12 +237,16 @@ class EngineProcess:
             self._ended = reason
             handles, self._handles = list(self._handles.values()), {}
             replies, self._replies = list(self._replies.values()), {}
+            callbacks = [] if self._stopping else list(self._end_callbacks)
+        self._outgoing.put(None)
         for slot in replies:
             slot[2] = EngineProcessError(reason)
             slot[0].set()
         for handle in handles:
             if not handle.done:
                 handle._put(TokenEvent(None, "", None, True, "cancelled", reason))
+        for callback in callbacks:
+            callback(reason)
 
 
 def _child(connection) -> None:

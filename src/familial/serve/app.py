@@ -8,11 +8,18 @@ A request waits for its events on the event loop itself, woken by the thread tha
 them (no thread per request), and events that arrived together go out as one chunk; a request
 whose client goes away is cancelled so its batch slot goes to the next one.
 
-The event loop does no work whose size a client or a checkpoint controls: a prompt longer than
-the context could hold is refused by its length before it is tokenised, tokenising runs in the
-pool (with `encode_batch`, which releases the GIL), and chat templates render in worker
-processes with time, memory and output bounds (familial.serve.templates). A request the engine
-fails ends with a 400 (or an error event once streaming): no client input gets a 5xx.
+The event loop does no work whose size a client or a checkpoint controls. A body is parsed and
+validated in the pool, after checks of cost linear in its size that refuse what could never fit
+(a list longer than the context, a field the API does not have) before pydantic builds an error
+per item; `json.loads` holds the GIL throughout, so a body that may hold many items is first
+measured in a worker process (familial.serve.bodies) and refused if it holds more than a
+request of the context needs. A prompt longer than the context could hold is refused by its
+length before it is tokenised, tokenising runs in the pool (with `encode_batch`, which releases
+the GIL), and chat templates render in worker processes with time, memory and output bounds
+(familial.serve.templates). Nor does the loop wait for the engine: submissions and health checks
+run in the pool, and cancelling only queues a message. A request the engine fails ends with a
+400 (or an error event once streaming): no client input gets a 5xx, and every error message is
+bounded in size (protocol.error_body).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import typing
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,20 +40,27 @@ from fastapi import FastAPI, Request
 from fastapi import HTTPException as FastAPIHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from familial.chat_template import ChatTemplate, ChatTemplateError
+from familial.chat_template import ChatTemplate, ChatTemplateError, mark_specials, split_marked
 from familial.infer.adaptive import uncalibrated_note
 from familial.infer.engine import QueueFull
 from familial.infer.process import EngineProcessError
 from familial.infer.sampling import SamplingParams
 from familial.serve import protocol as p
+from familial.serve.bodies import BodyWorkers
 from familial.serve.guard import ClientPolicy, Guard
-from familial.serve.protocol import error_body
+from familial.serve.protocol import clip, error_body
 from familial.serve.templates import TemplateWorkers
 
 # How often a waiting request checks whether its client is still there.
 POLL_SECONDS = 0.25
+# A body with at most this many commas and quotes is parsed at once (a few ms at worst); one
+# with more is measured in a worker process first.
+CHEAP_ITEMS = 2048
+# The most keys of one object of a request (the API's objects have about 20 fields).
+MAX_KEYS = 64
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": p.ErrorResponse, "description": "malformed request, prompt too long, or generation "
                                                    "failed on this request's parameters"},
@@ -54,7 +69,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     408: {"model": p.ErrorResponse, "description": "the request body did not arrive in time"},
     413: {"model": p.ErrorResponse, "description": "request body too large"},
     429: {"model": p.ErrorResponse, "description": "request queue full; retry later"},
-    503: {"model": p.ErrorResponse, "description": "the server is shutting down"},
+    503: {"model": p.ErrorResponse, "description": "the server is shutting down, or its engine process "
+                                                   "has ended"},
 }
 
 
@@ -74,14 +90,12 @@ SHAPES = {"prompt": "a non-empty string or a non-empty list of token ids (intege
 TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(error: RequestValidationError | ValidationError) -> tuple[str, str | None]:
     messages: dict[str, str] = {}
     param = None
-    for item in error.errors():
-        if item.get("type") == "json_invalid":
-            where = item.get("ctx", {}).get("error", "")
-            return f"the request body is not valid JSON: {where} at character {item['loc'][-1]}", None
-        loc = [x for x in item.get("loc", ()) if x != "body"]
+    errors = error.errors(include_url=False) if isinstance(error, ValidationError) else error.errors()
+    for item in errors:
+        loc = [x if isinstance(x, int) else clip(x) for x in item.get("loc", ()) if x != "body"]
         # Union branches appear in the location as type tags such as 'list[int]'.
         tags = [x for x in loc if isinstance(x, str) and (not x.isidentifier() or x in TYPE_NAMES)]
         path = [str(x) for x in loc if x not in tags]
@@ -94,9 +108,40 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
         elif item.get("type") == "extra_forbidden":
             messages[where] = "unsupported parameter"
         else:
-            messages.setdefault(where, item.get("msg", "invalid value"))
+            messages.setdefault(where, clip(item.get("msg", "invalid value")))
     text = "; ".join(f"{where}: {message}" for where, message in list(messages.items())[:4])
     return text or "malformed request", param
+
+
+def _nested_models(annotation) -> list[type[BaseModel]]:
+    """The request models inside a field's type (list[ChatMessage] -> [ChatMessage])."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _nested_models(arg)]
+
+
+def _shape_error(data: Any, model: type[BaseModel], max_items: int, path: str = "") -> APIError | None:
+    """A field `model` does not have, or a list longer than `max_items`, in parsed JSON `data`:
+    pydantic would report every such key or item alone (seconds for a body of 200,000), this
+    walk costs a step per key and stops at the first."""
+    if not isinstance(data, dict):
+        return None
+    for key, value in data.items():
+        where = f"{path}{clip(key)}"
+        field = model.model_fields.get(key)
+        if field is None:
+            return APIError(400, f"{where}: unsupported parameter", path.split(".")[0] or clip(key))
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) > max_items:
+            return APIError(400, f"{where}: {len(value)} items; no list of this model's context holds more "
+                                 f"than {max_items}", path.split(".")[0] or key, "context_length_exceeded")
+        for nested in _nested_models(field.annotation):
+            for index, item in enumerate(items):
+                inner = f"{where}.{index}." if isinstance(value, list) else f"{where}."
+                error = _shape_error(item, nested, max_items, inner)
+                if error is not None:
+                    return error
+    return None
 
 
 @dataclass
@@ -155,8 +200,59 @@ class Server:
                 self.names[name] = member
         self.end_of_turn_ids = [token for token in map(tokenizer.token_to_id, END_OF_TURN_TOKENS)
                                 if token is not None]
+        # Special tokens written in a message are its text: this copy of the tokenizer reads them so.
+        self.specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+        self.literal_tokenizer = type(tokenizer).from_str(tokenizer.to_str())
+        self.literal_tokenizer.encode_special_tokens = True
         self.pool = ThreadPoolExecutor(engine.max_batch_size + engine.max_queue + 4,
                                        thread_name_prefix="familial-serve")
+        # One health check of the engine at a time, shared by the requests asking meanwhile.
+        self.stats_call: asyncio.Future | None = None
+        self.bodies = BodyWorkers()
+        # JSON items (values and keys) of the largest request the context can take: token ids or
+        # messages of a few items each, up to the context (longer lists are refused).
+        self.max_body_items = 16 * self.context + 256
+
+    async def read(self, request: Request, model: type[BaseModel]) -> Any:
+        """The request's body as `model`, parsed and validated in the pool."""
+        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if kind != "application/json" and not kind.endswith("+json"):
+            raise APIError(400, f"the request body must be JSON (Content-Type: application/json), "
+                                f"not '{clip(kind)}'")
+        raw = await request.body()
+        if raw.count(b",") + raw.count(b'"') > CHEAP_ITEMS:
+            self.check_measure(await self.bodies.measure(raw))
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.parse, raw, model)
+
+    def check_measure(self, found: dict) -> None:
+        if "error" in found:
+            raise APIError(400, f"the request body is not valid JSON: {found['error']}")
+        if found["keys"] > MAX_KEYS:
+            raise APIError(400, f"the request has an object of {found['keys']} keys; this API's objects have "
+                                f"at most {MAX_KEYS} fields")
+        if found["items"] > self.max_body_items:
+            raise APIError(400, f"the request holds {found['items']} JSON items; one that fits this model's "
+                                f"{self.context}-token context holds at most {self.max_body_items}", None,
+                           "context_length_exceeded")
+
+    def parse(self, raw: bytes, model: type[BaseModel]) -> Any:
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise APIError(400, f"the request body is not valid JSON: {error.msg} at character {error.pos}") from None
+        except UnicodeDecodeError:
+            raise APIError(400, "the request body is not valid JSON: not UTF-8 text") from None
+        except RecursionError:
+            raise APIError(400, "the request body is not valid JSON: it nests too deeply") from None
+        if not isinstance(data, dict):
+            raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+        error = _shape_error(data, model, self.context)
+        if error is not None:
+            raise error
+        try:
+            return model.model_validate(data)
+        except ValidationError as failure:
+            raise APIError(400, *_validation_message(failure)) from None
 
     def member(self, name: str) -> Member:
         if name not in self.names:
@@ -170,31 +266,44 @@ class Server:
                                 f"here covers more than {self.max_prompt_chars // self.context} characters; "
                                 f"the {param} has {characters} characters", param, "context_length_exceeded")
 
-    async def encode(self, text: str, special_tokens: bool, param: str) -> list[int]:
+    async def encode(self, text: str, special_tokens: bool, param: str,
+                     marks: dict[str, str] | None = None) -> list[int]:
+        """Token ids of `text`; where `marks` (mark_specials) stand, their special tokens'
+        strings are read as text (a chat prompt's, to which nothing is added)."""
         self.check_length(len(text), param)
         loop = asyncio.get_running_loop()
         try:
-            # encode_batch releases the GIL while it works (encode holds it): the loop runs meanwhile.
-            encodings = await loop.run_in_executor(
-                self.pool, lambda: self.tokenizer.encode_batch([text], add_special_tokens=special_tokens))
+            return await loop.run_in_executor(self.pool, self._encode, text, special_tokens, marks)
         except Exception as error:  # noqa: BLE001 - tokenizers raises bare Exceptions
             # e.g. lone surrogates ("\ud800"), which JSON allows and the tokenizer cannot read.
             raise APIError(400, f"{param}: the tokenizer cannot read this text ({error})", param) from None
-        return list(encodings[0].ids)
 
-    async def render(self, messages: list[dict]) -> str:
+    def _encode(self, text: str, special_tokens: bool, marks: dict[str, str] | None) -> list[int]:
+        # encode_batch releases the GIL while it works (encode holds it): the loop runs meanwhile.
+        if not marks:
+            return list(self.tokenizer.encode_batch([text], add_special_tokens=special_tokens)[0].ids)
+        pieces = split_marked(text, marks)
+        ours = iter(self.tokenizer.encode_batch([t for t, literal in pieces if not literal], add_special_tokens=False))
+        theirs = iter(self.literal_tokenizer.encode_batch([t for t, literal in pieces if literal],
+                                                          add_special_tokens=False))
+        return [i for _, literal in pieces for i in next(theirs if literal else ours).ids]
+
+    async def render(self, messages: list[dict]) -> tuple[str, dict[str, str]]:
+        """The conversation's prompt text, and the marks standing for special tokens' strings
+        its messages held (to tokenise as text)."""
         if self.templates is None:
             raise APIError(400, "this model has no chat template (no chat_template.jinja, nor a chat_template "
                                 "in tokenizer_config.json): use /v1/completions, or start the server with "
                                 "--chat-template FILE (or chatml)", "messages", "no_chat_template")
         self.check_length(sum(len(m["content"]) + len(m.get("name", "")) for m in messages), "messages")
+        messages, marks = mark_specials(messages, self.specials, self.templates.template.source)
         try:
-            return await self.templates.render(messages, add_generation_prompt=True)
+            return await self.templates.render(messages, add_generation_prompt=True), marks
         except ChatTemplateError as error:
             raise APIError(400, str(error), "messages") from None
 
-    def submit(self, body: p.CompletionRequest | p.ChatCompletionRequest, prompt_ids: list[int],
-               max_tokens: int | None, prefix: str, stop_token_ids: list[int] | None = None) -> Job:
+    async def submit(self, body: p.CompletionRequest | p.ChatCompletionRequest, prompt_ids: list[int],
+                     max_tokens: int | None, prefix: str, stop_token_ids: list[int] | None = None) -> Job:
         member = self.member(body.model)
         if not prompt_ids:
             raise APIError(400, "the prompt is empty after tokenization", "prompt")
@@ -213,10 +322,16 @@ class Server:
                                 top_p=body.top_p, repetition_penalty=body.repetition_penalty,
                                 stop=body.stop_list(), seed=body.seed,
                                 stop_token_ids=list(stop_token_ids or []))
+        call = asyncio.get_running_loop().run_in_executor(self.pool, lambda: self.engine.submit(
+            prompt_ids, member=member.id, params=params, speculative=body.speculative, budget=body.budget,
+            target=body.target))
         try:
-            handle = self.engine.submit(prompt_ids, member=member.id, params=params,
-                                        speculative=body.speculative, budget=body.budget,
-                                        target=body.target)
+            # The engine (another process) may be slow to answer: the loop serves others meanwhile.
+            handle = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The client left while the engine took the request: end it once it has a handle.
+            call.add_done_callback(_cancel_taken)
+            raise
         except QueueFull:
             raise APIError(429, "the request queue is full; retry later", None, "queue_full",
                            {"Retry-After": "1"}) from None
@@ -264,15 +379,29 @@ class Server:
             if not finished:
                 job.handle.cancel()
 
+    def check_engine(self) -> None:
+        # An Engine in this process runs until the server stops it; an EngineProcess can die.
+        ended = getattr(self.engine, "ended", None)
+        if ended is not None:
+            raise APIError(503, ended, None, "engine_unavailable")
+
     def models(self) -> p.ModelList:
+        self.check_engine()
         created = int(time.time())
         return p.ModelList(data=[p.ModelCard(id=m.id, created=created, familial=p.MemberInfo(
             exit=m.exit, layers=m.layers, aliases=m.aliases)) for m in self.members])
 
-    def health(self) -> p.Health:
-        stats = self.engine.stats()
+    async def health(self) -> p.Health:
+        if self.stats_call is None or self.stats_call.done():
+            self.stats_call = asyncio.get_running_loop().run_in_executor(self.pool, self.engine.stats)
+        stats = await asyncio.shield(self.stats_call)
         return p.Health(ok=stats["alive"], queue_depth=stats["queued"], running=stats["running"],
                         max_batch_size=stats["max_batch_size"], max_queue=stats["max_queue"])
+
+
+def _cancel_taken(submitted: asyncio.Future) -> None:
+    if not submitted.cancelled() and submitted.exception() is None:
+        submitted.result().cancel()
 
 
 class _Waiter:
@@ -402,12 +531,14 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, pol
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        await server.bodies.start()
         if server.templates is not None:
             await server.templates.start()
         try:
             yield
         finally:
             server.pool.shutdown(wait=False, cancel_futures=True)
+            await server.bodies.close()
             if server.templates is not None:
                 await server.templates.close()
 
@@ -443,17 +574,19 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, pol
     @app.get("/health", response_model=p.Health,
              responses={503: {"model": p.Health, "description": "the engine loop is not running"}})
     async def health():
-        state = server.health()
+        state = await server.health()
         return state if state.ok else JSONResponse(state.model_dump(), status_code=503)
 
-    @app.post("/v1/completions", response_model=p.CompletionResponse, responses=GENERATION_RESPONSES)
-    async def completions(body: p.CompletionRequest, request: Request):
+    @app.post("/v1/completions", response_model=p.CompletionResponse, responses=GENERATION_RESPONSES,
+              openapi_extra=_request_body(p.CompletionRequest))
+    async def completions(request: Request):
+        body = await server.read(request, p.CompletionRequest)
         server.member(body.model)
         if isinstance(body.prompt, str):
             ids = await server.encode(body.prompt, special_tokens=True, param="prompt")
         else:
             ids = body.prompt
-        job = server.submit(body, ids, body.max_tokens, "cmpl")
+        job = await server.submit(body, ids, body.max_tokens, "cmpl")
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return JobStream(job, _stream(server, job, request, chat=False, usage=usage))
@@ -463,8 +596,9 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, pol
                                     familial=p.FamilialInfo(member=job.model, exits=job.exits, note=job.note))
 
     @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse,
-              responses=GENERATION_RESPONSES)
-    async def chat_completions(body: p.ChatCompletionRequest, request: Request):
+              responses=GENERATION_RESPONSES, openapi_extra=_request_body(p.ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        body = await server.read(request, p.ChatCompletionRequest)
         server.member(body.model)
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
@@ -472,11 +606,11 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, pol
                            "max_completion_tokens")
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in body.messages]
-        prompt = await server.render(messages)
-        ids = await server.encode(prompt, special_tokens=False, param="messages")
+        prompt, marks = await server.render(messages)
+        ids = await server.encode(prompt, special_tokens=False, param="messages", marks=marks)
         max_tokens = body.max_completion_tokens or body.max_tokens
         # A chat answer is one assistant turn: it ends at the template's end-of-turn token.
-        job = server.submit(body, ids, max_tokens, "chatcmpl", server.end_of_turn_ids)
+        job = await server.submit(body, ids, max_tokens, "chatcmpl", server.end_of_turn_ids)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return JobStream(job, _stream(server, job, request, chat=True, usage=usage))
@@ -497,11 +631,27 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, pol
     return app
 
 
+# Request models read by Server.read rather than FastAPI (which parses and validates on the
+# event loop), published in /openapi.json as FastAPI would publish them.
+REQUEST_MODELS = (p.CompletionRequest, p.ChatCompletionRequest)
+
+
+def _request_body(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
 def _publish_errors_as_400(app: FastAPI) -> None:
-    """Make /openapi.json say what clients get: 400 with an error body, never FastAPI's 422."""
+    """Make /openapi.json say what clients get: 400 with an error body, never FastAPI's 422,
+    and the request bodies Server.read takes."""
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in REQUEST_MODELS:
+                published = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(published.pop("$defs", {}))
+                components[model.__name__] = published
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)

@@ -5,13 +5,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import ipaddress
+import math
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
-from familial.config import ConfigError
+from familial.config import ConfigError, FamilyConfig
 from familial.data.provenance import family_tokenizer
+
+# Exit status when the engine process ends on its own: the server stops so that a supervisor
+# (systemd, Kubernetes, docker --restart) starts it again with a fresh engine.
+ENGINE_DIED = 3
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -29,7 +35,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=512,
                         help="prompt tokens prefilled per engine step beside the decoding sequences (as "
                              "vLLM's --max-num-batched-tokens): smaller stalls running streams less")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="weights and KV cache precision (default: the checkpoint's)")
     parser.add_argument("--threads", type=int,
@@ -58,11 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if not (family / "tokenizer.json").exists():
         raise ConfigError(f"{family}: no tokenizer.json; the server needs the family's tokenizer "
                           f"to read prompts and write answers")
-    if args.api_key is not None and not args.api_key.strip():
-        raise ConfigError("--api-key: the key is empty")
-    for name in ("header_timeout", "body_timeout"):
-        if not getattr(args, name) > 0:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected seconds > 0")
+    _check_options(args, family)
     # Listen first: a bad --host or a taken port is reported before the model loads.
     sock, loopback = _listen(args.host, args.port)
     try:
@@ -71,6 +73,52 @@ def run(args: argparse.Namespace) -> int:
         return _serve(args, family, sock, policy)
     finally:
         sock.close()
+
+
+def _check_options(args: argparse.Namespace, family: Path) -> None:
+    """Refuse what the engine would fail on later (a traceback, or the OOM killer at the
+    first request), naming the option, its value and what it takes."""
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise ConfigError("--api-key: the key is empty")
+        bad = next((c for c in args.api_key if not " " < c <= "~"), None)
+        if bad is not None:
+            # HTTP clients (openai's, browsers) send only ASCII in headers: such a key locks everyone out.
+            raise ConfigError(f"--api-key: {bad!r} is not a printable ASCII character; a key is sent in an "
+                              f"HTTP header, which clients write in ASCII")
+    for name in ("header_timeout", "body_timeout"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a finite number of seconds > 0")
+    for name in ("max_batch_size", "max_queue", "max_prefill_tokens", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: expected a whole number >= 1")
+    positions = FamilyConfig.load(family).max_position_embeddings
+    if args.max_seq_len is not None and not 1 < args.max_seq_len <= positions:
+        raise ConfigError(f"--max-seq-len {args.max_seq_len}: expected 2..{positions} tokens (the family's "
+                          f"max_position_embeddings in {family / 'family.json'})")
+    _check_device(args.device)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device}: not a torch device; expected cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not hasattr(backend, "is_available"):
+        raise ConfigError(f"--device {device}: this server runs on cpu, cuda or mps devices")
+    if not backend.is_available():
+        raise ConfigError(f"--device {device}: no {parsed.type} device is available to torch here")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} {parsed.type} device(s), "
+                          f"numbered from 0")
 
 
 def _serve(args: argparse.Namespace, family: Path, sock: socket.socket, policy) -> int:
@@ -91,6 +139,16 @@ def _serve(args: argparse.Namespace, family: Path, sock: socket.socket, policy) 
     if not policy.loopback_only and policy.api_key is None:
         print(f"note: listening on {args.host} without --api-key: anyone who can reach this address can "
               f"use the API", flush=True)
+    died: list[str] = []
+
+    def engine_ended(reason: str) -> None:
+        # On the engine's reader thread: uvicorn's loop sees should_exit within 0.1 s.
+        died.append(reason)
+        print(f"error: {reason}; the server stops (exit status {ENGINE_DIED}) so that a supervisor can "
+              f"start it again", file=sys.stderr, flush=True)
+        server.should_exit = True
+
+    engine.on_end(engine_ended)
     # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again with the
     # handlers it found: SIGTERM's default would end this process before the engine's does.
     signal.signal(signal.SIGTERM, _terminated)
@@ -103,7 +161,7 @@ def _serve(args: argparse.Namespace, family: Path, sock: socket.socket, policy) 
         pass
     finally:
         engine.stop()
-    return 0
+    return ENGINE_DIED if died else 0
 
 
 class _Terminated(Exception):
@@ -115,7 +173,7 @@ def _terminated(signum, frame) -> None:
 
 
 def _require_serve_extras() -> None:
-    for module in ("fastapi", "uvicorn", "jinja2"):
+    for module in ("fastapi", "uvicorn", "httptools", "jinja2"):
         try:
             importlib.import_module(module)
         except ImportError:

@@ -97,10 +97,22 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: 
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
+# Error messages quote what a client sent (a field name, a value): at most this many characters.
+MAX_QUOTE_CHARS = 80
+MAX_MESSAGE_CHARS = 2000
+
+
+def clip(text: str, limit: int = MAX_QUOTE_CHARS) -> str:
+    """`text`, cut to `limit` characters (marked with '...') if longer."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}, bounded in size
+    whatever the request held."""
+    return {"error": {"message": clip(message, MAX_MESSAGE_CHARS),
+                      "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": None if param is None else clip(param), "code": code}}
 
 
 class ErrorDetail(BaseModel):
