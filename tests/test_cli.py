@@ -13,6 +13,7 @@ from familial.checkpoint_io import load_family
 from familial.cli import main
 
 
+@pytest.mark.reference
 def test_import_info_export(tiny_hf, tmp_path, capsys):
     family = tmp_path / "family"
     assert main(["import", str(tiny_hf), str(family), "--exits", "1,3,5",

@@ -194,6 +194,7 @@ def malformed_requests(spec: dict):
     return st.one_of(strategies)
 
 
+@pytest.mark.timeout(HANG_S + 600)  # past the load's own hang limit, which says more
 def test_64_streaming_clients_and_malformed_requests(server):
     port, process = server
     status, body = request(port, "GET", "/openapi.json")
