@@ -83,9 +83,9 @@ class TemplateWorkers:
         setup = {"source": self.template.source, "tokens": self.template.tokens, "max_chars": self.max_chars,
                  "memory": WORKER_MEMORY_BYTES}
         worker.stdin.write(json.dumps(setup).encode() + b"\n")
+        # Compiling is bounded too: a template that will not compile in time is refused.
+        start_s = max(self.timeout, START_TIMEOUT_S)
         try:
-            # Compiling is bounded too: a template that will not compile in time is refused.
-            start_s = max(self.timeout, START_TIMEOUT_S)
             reply = json.loads(await asyncio.wait_for(worker.stdout.readline(), start_s) or b"{}")
         except asyncio.TimeoutError:
             reply = {"error": f"the chat template's worker did not start and compile it within {start_s:g} s"}
