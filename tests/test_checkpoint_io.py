@@ -26,6 +26,7 @@ def family_dir(tiny_hf, tmp_path):
     return tmp_path / "family"
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("member", ["device", "edge", 5])
 def test_exported_member_loads_in_stock_transformers(family_dir, tmp_path, member):
     family = load_family(family_dir).eval()
@@ -45,6 +46,7 @@ def test_export_all_writes_every_member(family_dir, tmp_path):
     assert sorted(p.name for p in paths) == ["device", "edge", "exit-5"]
 
 
+@pytest.mark.reference
 def test_tied_family_exports_branch_heads_untied(tmp_path):
     dense = write_tiny_hf(tmp_path / "dense", tie_word_embeddings=True)
     import_checkpoint(dense, tmp_path / "family", exits=[2, 5])
@@ -273,6 +275,7 @@ def test_calibration_keeps_the_checksums(family_dir):
     load_family(family_dir, verify=True)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("ids, tokenizer, pad", [({"eos_token_id": 2}, False, 2),
                                                  ({"eos_token_id": 2}, True, 0),
                                                  ({"eos_token_id": [2, 1], "pad_token_id": 7}, True, 7)])

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from familial.checkpoint_io import load_family
+from familial.checkpoint_io import export_member, load_family
 from familial.cli import main
 
 
+@pytest.mark.reference
 def test_import_info_export(tiny_hf, tmp_path, capsys):
     family = tmp_path / "family"
     assert main(["import", str(tiny_hf), str(family), "--exits", "1,3,5",
@@ -167,3 +168,25 @@ def test_directory_inputs_name_the_glob_they_used(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*command, "--help"])
         assert "(default: *.txt; '*' takes every file)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.reference
+def test_import_shared_head_gives_every_member_the_dense_models_one_head(tiny_hf, tmp_path):
+    assert main(["import", str(tiny_hf), str(tmp_path / "family"), "--exits", "1,3,5", "--shared-head"]) == 0
+    family = load_family(tmp_path / "family").eval()
+    assert family.config.shared_head
+    assert [n for n in family.state_dict() if n.endswith("lm_head.weight")] == ["lm_head.weight"]
+    assert family.exit_head(1) is family.exit_head(3) is family.lm_head
+    ids = torch.randint(0, 97, (2, 11))
+    for exit_layer in (1, 3):
+        # The member is stock transformers' dense model cut after its exit's branch layer.
+        reference = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+        keep = exit_layer + 1
+        reference.model.layers = reference.model.layers[:keep]
+        reference.config.num_hidden_layers = keep
+        reference.config.layer_types = reference.config.layer_types[:keep]
+        exported = AutoModelForCausalLM.from_pretrained(export_member(tmp_path / "family", tmp_path / f"m{exit_layer}",
+                                                                      exit_layer), dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(family(ids)[exit_layer], reference(ids).logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(exported(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)

@@ -30,6 +30,7 @@ def _load_pair(tmp_path, exits, **overrides):
     return family, reference
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_full_member_matches_transformers(tmp_path, variant):
     family, reference = _load_pair(tmp_path, [1, 3, 5], **VARIANTS[variant])
@@ -48,6 +49,7 @@ def test_full_member_matches_transformers(tmp_path, variant):
         torch.testing.assert_close(ours[valid], theirs[valid], rtol=0, atol=1e-5)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("branch_layers", [1, 2])
 def test_member_after_import_is_truncated_dense_model(tmp_path, branch_layers):
     dense = write_tiny_hf(tmp_path / "dense")

@@ -15,7 +15,6 @@ from familial.data.shards import ShardWriter, TokenShards
 @pytest.fixture
 def mixed_inputs(tmp_path):
     """Text files, plain and gzipped JSONL, chat and parquet: every kind of chunk."""
-    pytest.importorskip("pyarrow", reason="the parquet reader needs pyarrow (the data extra)")
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     texts = documents(count=60)

@@ -15,9 +15,6 @@ from familial.data.demo_corpus import TOKENIZER_PATH
 from familial.data.shards import TokenShards
 from familial.data.tokenize import load_tokenizer
 
-pytest.importorskip("pyarrow", reason="the parquet reader needs pyarrow (the data extra)")
-pytest.importorskip("zstandard", reason="the .zst reader needs zstandard (the data extra)")
-
 WRITERS = {
     "jsonl.gz": (lambda d, t: write_gzip(d / "docs.jsonl.gz", t), []),
     "jsonl.zst": (lambda d, t: write_zstd(d / "docs.jsonl.zst", t), []),

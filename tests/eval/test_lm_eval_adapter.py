@@ -10,14 +10,16 @@ import sys
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+import lm_eval
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
 
-from familial.checkpoint_io import load_family  # noqa: E402
-from familial.eval.lm_eval_adapter import FamilialLM  # noqa: E402
-from familial.eval.tasks import (encode, encode_pair, evaluate_task, load_tokenizer,  # noqa: E402
-                                 prefix_token_id, read_task, score_continuations)
+from familial.checkpoint_io import load_family
+from familial.eval.lm_eval_adapter import FamilialLM
+from familial.eval.tasks import (encode, encode_pair, evaluate_task, load_tokenizer, prefix_token_id, read_task,
+                                 score_continuations)
+
+pytestmark = pytest.mark.reference
 
 ITEMS = [{"context": "k l m", "choices": [" n", " q", " b"], "answer": 0},
          {"context": "c d e f", "choices": [" z", " a", " g h"], "answer": 2},

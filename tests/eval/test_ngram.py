@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kneser_ney import kneser_ney_nll
+
 from familial.eval.ngram import Bigram, Unigram
 
 V = 37
@@ -30,6 +32,16 @@ def test_unigram_and_bigram_sum_to_one_for_seen_and_unseen_histories():
         probs = distribution(bigram, previous)
         assert np.isclose(probs.sum(), 1.0) and (probs > 0).all()
     assert 0 < bigram.discount < 1
+
+
+def test_bigram_is_interpolated_kneser_ney():
+    tokens = training_stream(length=400)   # short: pairs seen once and twice set the discount
+    held_out = training_stream(length=400, seed=1)
+    # Index 36 never occurs in training: a history the bigram backs off from entirely.
+    previous = np.concatenate([held_out[:-1], [36, 36]])
+    targets = np.concatenate([held_out[1:], [3, 36]])
+    expected = kneser_ney_nll(tokens.tolist(), V, previous.tolist(), targets.tolist())
+    np.testing.assert_allclose(Bigram(tokens, V).nll(previous, targets), expected, rtol=1e-12)
 
 
 def test_bigram_learns_the_pairs_and_beats_the_unigram_on_new_text():

@@ -102,7 +102,7 @@ def _generate(engine, prompts, **kwargs):
     return [([e.token_id for e in ev], [e.exit for e in ev]) for ev in events]
 
 
-@pytest.mark.parametrize("measure", ["classifier", "saturation", "top1"])
+@pytest.mark.parametrize("measure", ["classifier", "saturation", "top1", "margin"])
 def test_recomputed_kv_gives_the_tokens_and_exits_of_deciding_from_scratch(calibrated, measure):
     """Sequences decoded one after another in a running engine, tokens leaving at every exit:
     each one's tokens and exits are those of recomputing it from scratch every step (the
@@ -117,7 +117,7 @@ def test_recomputed_kv_gives_the_tokens_and_exits_of_deciding_from_scratch(calib
     assert {e for _, exits in got for e in exits} == {1, 3, 5}
 
 
-@pytest.mark.parametrize("measure", ["classifier", "top1"])
+@pytest.mark.parametrize("measure", ["classifier", "top1", "margin"])
 def test_batch_leaves_together_where_every_sequence_may_leave(calibrated, measure):
     """Decoded together, the batch leaves an exit only when every sequence's token may leave
     there; tokens and exits are those of recomputing the lockstep batch from scratch."""
@@ -128,6 +128,17 @@ def test_batch_leaves_together_where_every_sequence_may_leave(calibrated, measur
     got = _generate(engine, PROMPTS)
     assert got == together_from_scratch(family, PROMPTS, early_exit, 12)
     assert {e for _, exits in got for e in exits} > {5}
+
+
+def test_margin_is_the_gap_between_an_exits_two_most_likely_tokens(family):
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    features = exit_features(family, ids)
+    with torch.no_grad():
+        logits = family(ids)
+    for e in family.config.exits[:-1]:
+        probs = torch.softmax(logits[e].double(), dim=-1).sort(dim=-1, descending=True).values.flatten(0, 1)
+        torch.testing.assert_close(features.scores["margin"][e].double(), probs[:, 0] - probs[:, 1],
+                                   rtol=0, atol=1e-5)
 
 
 def test_threshold_one_gives_exactly_the_full_member(calibrated, greedy_reference):
@@ -279,9 +290,27 @@ def test_calibrate_command_stores_the_classifier_and_keeps_checksums_valid(famil
     second = stored["runtime"]["early_exit"]["classifier"]["file"]
     assert sorted(p.name for p in directory.iterdir()) == sorted(["family.json", "model.safetensors", second])
     assert verify_checksums(directory) == sorted(stored["files"])
-    # A refused calibration writes nothing.
+    # A larger --delta (a guarantee held with lower probability) raises every point's bound.
+    narrow = {(p["agreement"], json.dumps(p["thresholds"])): p["lower_bound"]
+              for p in stored["runtime"]["early_exit"]["points"]}
+    assert main(command + ["--metric", "saturation", "--target", "0.6", "--delta", "0.2"]) == 0
+    stored = json.loads((directory / "family.json").read_text())
+    loose = stored["runtime"]["early_exit"]
+    assert loose["delta"] == 0.2
+    pairs = [(narrow[key], p["lower_bound"], p["agreement"]) for p in loose["points"]
+             if (key := (p["agreement"], json.dumps(p["thresholds"]))) in narrow]
+    assert pairs and all(a < b <= agreement for a, b, agreement in pairs), pairs
+    second = loose["classifier"]["file"]
+    # A refused calibration, or a dry run, writes nothing.
     before = (directory / "family.json").read_text()
+    capsys.readouterr()
+    assert main(command + ["--dry-run", "--delta", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "with probability >= 80%" in out and "wrote" not in out
+    assert (directory / "family.json").read_text() == before
+    assert sorted(p.name for p in directory.iterdir()) == sorted(["family.json", "model.safetensors", second])
     assert main(command[:-2] + ["--seq-len", "4096"]) == 2
+    assert "calibration data has 1200 tokens, fewer than two windows of 4096" in capsys.readouterr().err
     assert (directory / "family.json").read_text() == before
     engine = Engine.from_checkpoint(directory)
     assert engine.early_exit.rule.measure == "saturation"
@@ -303,7 +332,12 @@ def test_stored_calibration_reproduces_its_decisions(calibrated, tmp_path):
         ids = torch.as_tensor(np.random.default_rng(0).integers(0, 97, 2048)).view(32, 64)
         features = exit_features(family, ids[1::2])
         point = calibration.settings(measure, 0.5)["operating_point"]
-        exits, _ = leave_at(family.config, loaded.rule, _scores(features, loaded.classifier, measure))
+        scores = _scores(features, loaded.classifier, measure)
+        # Each token's exit written out one by one (not the calibrator's leave_at): the first
+        # early exit that is on and whose threshold its score reaches, else the full member.
+        exits = torch.tensor([next((e for e in family.config.exits[:-1] if loaded.rule.thresholds.get(e, OFF) < OFF
+                                    and float(scores[e][i]) >= loaded.rule.thresholds[e]), family.config.exits[-1])
+                              for i in range(len(scores[family.config.exits[0]]))])
         for e, share in point["exits"].items():
             assert share["share"] == round(float((exits == int(e)).float().mean()), 4)
         for e, rate in loaded.rule.leave.items():

@@ -16,6 +16,7 @@ from gates import HANG_S, ForwardGate
 GREEDY = SamplingParams(max_new_tokens=10, greedy=True)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("member", [1, 5])
 def test_greedy_matches_transformers_generate_on_exported_member(family, tmp_path, member):
     from transformers import AutoModelForCausalLM

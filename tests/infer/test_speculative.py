@@ -169,3 +169,29 @@ def test_switching_chains_and_plain_steps_keeps_the_output_exact(family, greedy_
     for prompt, result in zip(PROMPTS[:2], results):
         assert result.token_ids == greedy_reference(family, prompt, 5, 40)
     assert all(r.drafted > 0 for r in results)
+
+
+@pytest.mark.parametrize("end", ["eos", "stop token", "stop string"])
+def test_speculative_decoding_stops_where_plain_decoding_stops(family, greedy_reference, end):
+    """A drafter always right drafts long rounds, so the end falls inside an accepted draft: the
+    tokens after it, accepted in the same round, are not returned."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    family = _draft_equals_verifier(family)
+    plain = greedy_reference(family, [7, 8, 9], 5, 60)
+    # The first token whose first occurrence is past the first few rounds.
+    at = next(i for i in range(24, 60) if plain.index(plain[i]) == i)
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    params = SamplingParams(max_new_tokens=60, greedy=True, stop=[f" w{plain[at]}"] if end == "stop string" else [],
+                            stop_token_ids=[plain[at]] if end == "stop token" else [])
+    if end == "eos":
+        family.config.eos_token_id = plain[at]
+    engine = Engine(family, max_batch_size=1, max_seq_len=96, tokenizer=tokenizer)
+    _fixed_costs(engine, {})
+    result = engine.generate([[7, 8, 9]], member=5, params=params, speculative=True)[0]
+    assert result.finish_reason == "stop" and result.drafted > at // 2
+    if end == "stop string":
+        assert result.text == tokenizer.decode(plain[:at])
+    else:
+        assert result.token_ids == plain[:at + 1]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import transformers
 
 from familial.checkpoint_io import export_member, load_family, save_family
 from familial.cli import main
@@ -129,8 +130,8 @@ def test_plan_gives_more_rank_to_the_matrix_with_larger_truncation_loss(family):
     assert small.rank + large.rank <= 2 * rank_for_ratio(64, 64, 0.5) + 1
 
 
+@pytest.mark.reference
 def test_compressed_family_counts_loads_merges_and_exports(family, tmp_path):
-    transformers = pytest.importorskip("transformers")
     expand_member(family, 1, blocks=2, seed=0)
     with torch.no_grad():
         for layer in family.branches["1"].layers[1:]:

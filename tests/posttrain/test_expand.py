@@ -6,9 +6,11 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 from familial.checkpoint_io import export_member, load_family, save_family
 from familial.config import ConfigError
+from familial.train import loop
 from familial.posttrain.expand import (
     expand_member, freeze_except, frozen_parameter_patterns, trainable_parameter_patterns)
 
@@ -94,7 +96,6 @@ def test_training_moves_new_blocks_and_leaves_frozen_parameters_bitwise(family):
 
 
 def test_trainer_freeze_list_leaves_exactly_the_trainable_patterns(family):
-    loop = pytest.importorskip("familial.train.loop")
     expand_member(family, 1, blocks=2, seed=0)
     frozen = set(loop.freeze(family, frozen_parameter_patterns(family.config, 1)))
     trainable = {n for n, p in family.named_parameters() if p.requires_grad}
@@ -104,8 +105,8 @@ def test_trainer_freeze_list_leaves_exactly_the_trainable_patterns(family):
                                           "branches.1.lm_head.", "branches.1.norm."))}
 
 
+@pytest.mark.reference
 def test_expanded_member_saves_loads_and_exports_as_deeper_dense_model(family, tmp_path):
-    transformers = pytest.importorskip("transformers")
     expand_member(family, 1, blocks=2, seed=0)
     with torch.no_grad():
         family.branches["1"].layers[2].mlp.down_proj.weight.normal_(0, 0.02)

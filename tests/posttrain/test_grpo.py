@@ -199,7 +199,7 @@ def test_reward_rises_on_small_sums_and_other_members_stay_unchanged(one_thread)
         assert torch.equal(param, final_member[name]), name
 
 
-def test_grpo_command_runs_from_toml_and_logs(tmp_path, monkeypatch):
+def test_grpo_command_runs_from_toml_and_logs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     model = tiny_family(vocab_size=len(CHARS), num_hidden_layers=2, exits=[0, 1], eos_token_id=0)
     save_family(model, tmp_path / "family")
@@ -220,6 +220,7 @@ def test_grpo_command_runs_from_toml_and_logs(tmp_path, monkeypatch):
     assert load_family(tmp_path / "run" / "family").config.exits == [0, 1]
     (tmp_path / "bad.toml").write_text('family = "family"\noutput = "x"\nmember = 0\ngroup_size = 1\n')
     assert main(["grpo", str(tmp_path / "bad.toml")]) == 2
+    assert "field 'group_size' = 1 is out of range" in capsys.readouterr().err
 
 
 def test_bf16_compute_keeps_float32_master_weights():

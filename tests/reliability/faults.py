@@ -5,9 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from familial.config import FamilyConfig
@@ -15,6 +20,8 @@ from familial.data import write_shards
 from familial.model import FamilyModel
 
 VOCAB = 61
+# No launch may take longer than this; a hang fails the test instead of blocking CI.
+LAUNCH_LIMIT_S = 180
 
 
 def tiny_family_config(**overrides) -> FamilyConfig:
@@ -108,3 +115,17 @@ def disk_full_open(room: int):
     def fake_open(*args, **kwargs):
         return _FillingFile(open(*args, **kwargs), left)
     return fake_open
+def launch(script: Path, spec: dict, *argv: str, nproc: int | None = None) -> tuple[int, str, float]:
+    """Run `script SPEC ARGV...` under torchrun with `nproc` gloo processes (None: one plain
+    process); its exit code, output and seconds. A hang fails the test."""
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc else []
+    command = [sys.executable, *runner, str(script), json.dumps(spec), *map(str, argv)]
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=LAUNCH_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"{command[1:]} hung for {LAUNCH_LIMIT_S}s:\n{process.communicate()[0][-3000:]}")
+    return process.returncode, output, time.monotonic() - started

@@ -4,10 +4,11 @@ and optimizer state never take a non-finite value, and too many in a row abort c
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from faults import train_config_dict
+from faults import launch, train_config_dict, write_toml
 
 from familial.train import checkpoint as ckpt
 from familial.train import loop
@@ -108,3 +109,28 @@ def test_too_many_in_a_row_abort_with_the_last_good_checkpoint_intact(tmp_path, 
     monkeypatch.undo()
     resumed = Trainer(config, resume="latest")
     assert resumed.run().step == 10 and resumed.state.bad_in_a_row == 0
+
+
+@pytest.mark.distributed
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path, shards):
+    """Two pipeline stages: only stage 1 (rank 1) sees an infinite gradient at step 3, yet both
+    ranks skip that update together, and the run's losses are those of one process that
+    skipped the same step."""
+    launcher = Path(__file__).with_name("poisoned_rank.py")
+    spec = {"rank": 1, "steps": [3]}
+    data = train_config_dict(tmp_path / "run", shards, steps=5)
+    single = write_toml(tmp_path / "single.toml", dict(data, run_dir=str(tmp_path / "single")))
+    code, output, _ = launch(launcher, {"rank": 0, "steps": [3]}, single)
+    assert code == 0, output[-3000:]
+    config = write_toml(tmp_path / "train.toml", dict(data, parallel={"pp": 2, "microbatches": 2}))
+    code, output, _ = launch(launcher, spec, config, nproc=2)
+    assert code == 0, output[-3000:]
+    for rank in (0, 1):
+        for step in range(1, 6):
+            assert f"rank {rank} step {step}: skipped {step == 3}, weights changed {step != 3}" in output, \
+                (rank, step, output[-3000:])
+    got, want = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "single")
+    assert [r["skipped"] for r in got] == [r["skipped"] for r in want] == [False, False, True, False, False]
+    for a, b in zip(got, want):
+        for key in ("loss/exit-1", "loss/exit-2", "loss/exit-3"):
+            assert abs(a[key] - b[key]) <= 1e-4, (a["step"], key, a[key], b[key])

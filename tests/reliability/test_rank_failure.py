@@ -4,17 +4,11 @@ the same losses as an uninterrupted run."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from faults import train_config_dict, write_toml
+from faults import launch, train_config_dict, write_toml
 from familial.train.config import load_config
 from familial.train.loop import Trainer
 from familial.train.metrics import read_metrics
@@ -23,22 +17,10 @@ pytestmark = pytest.mark.distributed
 
 LAUNCHER = Path(__file__).with_name("dying_rank.py")
 STEPS = 6
-# No launch may take longer than this; a hang fails the test instead of blocking CI.
-LIMIT_S = 180
 
 
 def torchrun(config: Path, spec: dict, resume: bool = False) -> tuple[int, str, float]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(LAUNCHER), json.dumps(spec), str(config), *(["--resume"] if resume else [])]
-    started = time.monotonic()
-    process = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"the 2-process run hung for {LIMIT_S}s:\n{process.communicate()[0][-3000:]}")
-    return process.returncode, output, time.monotonic() - started
+    return launch(LAUNCHER, spec, config, *(["--resume"] if resume else []), nproc=2)
 
 
 def test_a_dead_rank_stops_the_run_and_resume_continues_from_the_last_checkpoint(tmp_path, shards):

@@ -194,6 +194,7 @@ def malformed_requests(spec: dict):
     return st.one_of(strategies)
 
 
+@pytest.mark.timeout(HANG_S + 600)  # past the load's own hang limit, which says more
 def test_64_streaming_clients_and_malformed_requests(server):
     port, process = server
     status, body = request(port, "GET", "/openapi.json")
@@ -261,9 +262,10 @@ def test_64_streaming_clients_and_malformed_requests(server):
         {"model": "exit-2", "prompt": [5] * (CONTEXT + 4), "max_tokens": 1}).encode())
     assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded", body
 
-    # Memory is bounded: the second half of the run holds no more than the first half plus slack.
-    half = len(memory) // 2
-    assert max(memory[half:]) <= max(memory[:half]) + 64, memory
+    # Memory is bounded by the server's limits (slots, queue, body size), not by how many
+    # requests went through: the peak stays within a fixed margin of the start, however fast
+    # the machine is (~8 MiB of growth over ~2,000 requests on an idle machine).
+    assert max(memory) - memory[0] < 128, memory
     latencies = sorted(load.latencies)
     p50, p95 = statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))]
     print(f"\nserver load: {elapsed:.0f}s, {CLIENTS} streaming clients: {len(latencies)} completed, "

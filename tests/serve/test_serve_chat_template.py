@@ -59,7 +59,7 @@ def test_broken_templates_name_the_file(tmp_path):
 
 def test_the_sandbox_keeps_templates_away_from_python():
     template = ChatTemplate("{{ messages.__class__.__mro__ }}")
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError, match="access to attribute '__class__' of 'list' object is unsafe"):
         template.render(MESSAGES)
 
 
@@ -122,3 +122,58 @@ def test_special_tokens_written_in_a_message_are_text(family_dir, serve, http):
     # A message without such strings is tokenised as the whole prompt always was.
     assert plain == tokenizer.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
                                      add_special_tokens=False).ids
+
+
+# In the style of Qwen3's template: namespace, loop control, string methods, filters and
+# whitespace control; and one that dumps each message with tojson, its block tags on lines of
+# their own (trim_blocks and lstrip_blocks decide the whitespace).
+QWEN_STYLE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}\n"
+    "{%- set ns = namespace(last_user=0) %}\n"
+    "{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- endif %}{%- endfor %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message.role == 'system' and loop.first %}{%- continue %}{%- endif %}\n"
+    "    {%- if message.role == 'assistant' and loop.index0 < ns.last_user %}\n"
+    "        {{- '<|im_start|>assistant\\n' + message.content.split('</think>')[-1].lstrip('\\n') + '<|im_end|>\\n' }}\n"
+    "    {%- else %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content | trim + '<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n")
+TOJSON = ("{% for m in messages %}\n  {% if m.role != 'system' %}\n{{ m | tojson }}\n  {% endif %}\n{% endfor %}\n"
+          "{% if add_generation_prompt %}{{ eos_token }}{% endif %}")
+CONVERSATIONS = [
+    MESSAGES,
+    [{"role": "user", "content": "  2 + 2?  "}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
+     {"role": "user", "content": "Ünïcode \"quoted\" <|im_end|>\n<|im_start|>system"}],
+]
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("source", [None, USER_ONLY, QWEN_STYLE, TOJSON], ids=["shipped", "user-only", "qwen", "tojson"])
+def test_templates_render_as_transformers_apply_chat_template(tmp_path, source):
+    """The server's prompt is what stock transformers renders from the same tokenizer_config.json."""
+    import shutil
+    from importlib import resources
+
+    from transformers import AutoTokenizer
+
+    assets = resources.files("familial.data").joinpath("assets")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(str(assets.joinpath(name)), tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    if source is not None:
+        config.update(chat_template=source, bos_token="<|im_start|>")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = ChatTemplate.from_directory(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    for conversation in CONVERSATIONS:
+        if source == USER_ONLY:
+            conversation = [m for m in conversation if m["role"] != "system"]
+        for generation_prompt in (True, False):
+            expected = theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
+            assert ours.render(conversation, generation_prompt) == expected

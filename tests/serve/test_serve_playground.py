@@ -7,6 +7,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+from playwright import sync_api
 
 CHROMIUM = Path("/usr/bin/chromium")
 PROMPT = "Once upon a time"
@@ -20,10 +21,9 @@ def test_page_is_served_at_root_and_playground(live, http):
         assert status == 200 and "<title>familial playground</title>" in page
 
 
+@pytest.mark.reference
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium")
 def test_playground_streams_an_answer_coloured_by_exit(live, http, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="needs the playwright package (it drives /usr/bin/chromium)")
     status, reference = http.post(live.url, "/v1/completions", REQUEST)
     assert status == 200
     query = urlencode({**{k: REQUEST[k] for k in ("model", "prompt", "max_tokens", "temperature", "budget")},
@@ -53,13 +53,12 @@ def test_playground_streams_an_answer_coloured_by_exit(live, http, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.reference
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium")
 def test_playground_asks_for_the_api_key_of_a_keyed_server(family_dir, serve):
     from familial.infer.engine import Engine
     from familial.serve.guard import ClientPolicy
 
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="needs the playwright package (it drives /usr/bin/chromium)")
     engine = Engine.from_checkpoint(family_dir, max_batch_size=1, max_queue=2, max_seq_len=128)
     query = urlencode({"model": "exit-1", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "autorun": 1})
     with serve(engine, policy=ClientPolicy(api_key="s3cret", loopback_only=True)) as live, \

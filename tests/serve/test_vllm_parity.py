@@ -33,6 +33,9 @@ from familial.model import FamilyModel
 ASSETS = Path(str(resources.files("familial.data").joinpath("assets")))
 ROOT = Path(__file__).resolve().parents[2]
 MEMBER = "exit-3"
+# Stock vLLM is the reference: without it this skips, or fails under CI (tests/conftest.py).
+# vLLM's start is most of the time, and minutes on a loaded machine.
+pytestmark = [pytest.mark.reference, pytest.mark.timeout(1200)]
 NEW_TOKENS = 16
 
 

@@ -23,6 +23,10 @@ from familial.chat_template import ChatTemplate, ChatTemplateError
 
 # Address space of a worker: a Python process with jinja2 needs well under 100 MiB.
 WORKER_MEMORY_BYTES = 2**30
+# A worker's start (the interpreter, its imports, compiling the template) takes ~0.1 s idle but
+# seconds on a loaded machine; it is bounded apart from `timeout`, which bounds a render (a short
+# render timeout must not refuse the next conversation because its replacement worker is slow to start).
+START_TIMEOUT_S = 60.0
 
 
 class TemplateWorkers:
@@ -79,11 +83,12 @@ class TemplateWorkers:
         setup = {"source": self.template.source, "tokens": self.template.tokens, "max_chars": self.max_chars,
                  "memory": WORKER_MEMORY_BYTES}
         worker.stdin.write(json.dumps(setup).encode() + b"\n")
+        # Compiling is bounded too: a template that will not compile in time is refused.
+        start_s = max(self.timeout, START_TIMEOUT_S)
         try:
-            # Compiling is bounded like rendering: a template that will not compile in time is refused.
-            reply = json.loads(await asyncio.wait_for(worker.stdout.readline(), self.timeout) or b"{}")
+            reply = json.loads(await asyncio.wait_for(worker.stdout.readline(), start_s) or b"{}")
         except asyncio.TimeoutError:
-            reply = {"error": f"the chat template did not compile within {self.timeout:g} s"}
+            reply = {"error": f"the chat template's worker did not start and compile it within {start_s:g} s"}
         if not reply.get("ready"):
             await self._end(worker)
             raise ChatTemplateError(reply.get("error", "the chat template's worker did not start"))
