@@ -101,6 +101,70 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# The special tokens transformers passes to a template by name, besides the conversation.
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def read_template(path: str | Path) -> tuple[str | None, str, dict[str, str]]:
+    """(source, where, special tokens) of the chat template at `path`, the one loader of both
+    the server and the data pipeline.
+
+    `path` is a family or tokenizer directory (its `chat_template.jinja`, else the
+    `chat_template` of its `tokenizer_config.json`; source None when it has neither), a
+    `tokenizer_config.json` (whose template must be there), or a template file. The special
+    tokens are the strings of `TEMPLATE_TOKENS` in the tokenizer_config.json read, if any.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config = _tokenizer_config(path / "tokenizer_config.json")
+        jinja_path = path / "chat_template.jinja"
+        if jinja_path.exists():
+            return _read_source(jinja_path), str(jinja_path), _special_tokens(config)
+        if config.get("chat_template") is None:
+            return None, str(path), _special_tokens(config)
+        path = path / "tokenizer_config.json"
+    elif not path.is_file():
+        raise ConfigError(f"{path}: no chat template file")
+    elif path.suffix != ".json":
+        return _read_source(path), str(path), {}
+    else:
+        config = _tokenizer_config(path)
+    where = f"{path}: field 'chat_template'"
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        # Older transformers saved several named templates; "default" is the chat one.
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        if "default" not in named:
+            raise ConfigError(f"{where}: a list of templates needs one named 'default', "
+                              f"found {sorted(map(str, named))}")
+        source = named["default"]
+    if source is None:
+        raise ConfigError(f"{path}: 'chat_template' is missing (expected a Jinja template string, "
+                          f"or a list holding one named 'default')")
+    if not isinstance(source, str):
+        raise ConfigError(f"{where}: expected a Jinja template string, got {type(source).__name__}")
+    return source, where, _special_tokens(config)
+
+
+def _tokenizer_config(path: Path) -> dict[str, Any]:
+    config = read_json(path) if path.exists() else {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config
+
+
+def _read_source(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+
+
+def _special_tokens(config: dict[str, Any]) -> dict[str, str]:
+    tokens = {key: _token_text(config.get(key)) for key in TEMPLATE_TOKENS}
+    return {key: value for key, value in tokens.items() if value is not None}
+
+
 class ChatTemplate:
     def __init__(self, source: str = CHATML, bos_token: str | None = None,
                  eos_token: str | None = None, where: str = "chat template",
@@ -135,30 +199,10 @@ class ChatTemplate:
     @classmethod
     def from_directory(cls, directory: str | Path, fallback: str | None = CHATML) -> ChatTemplate | None:
         """The directory's template; `fallback` (ChatML; None: no template) when it has none."""
-        directory = Path(directory)
-        config_path = directory / "tokenizer_config.json"
-        config = read_json(config_path) if config_path.exists() else {}
-        if not isinstance(config, dict):
-            raise ConfigError(f"{config_path}: expected a JSON object")
-        tokens = {"bos_token": _token_text(config.get("bos_token")),
-                  "eos_token": _token_text(config.get("eos_token"))}
-        jinja_path = directory / "chat_template.jinja"
-        if jinja_path.exists():
-            return cls(jinja_path.read_text(), where=str(jinja_path), **tokens)
-        source = config.get("chat_template")
+        source, where, tokens = read_template(directory)
         if source is None:
-            return None if fallback is None else cls(fallback, **tokens)
-        where = f"{config_path}: field 'chat_template'"
-        if isinstance(source, list):
-            # Older transformers saved several named templates; "default" is the chat one.
-            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-            if "default" not in named:
-                raise ConfigError(f"{where}: a list of templates needs one named 'default', "
-                                  f"found {sorted(map(str, named))}")
-            source = named["default"]
-        if not isinstance(source, str):
-            raise ConfigError(f"{where}: expected a Jinja template string, got {type(source).__name__}")
-        return cls(source, where=where, **tokens)
+            return None if fallback is None else cls(fallback, special_tokens=tokens)
+        return cls(source, where=where, special_tokens=tokens)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                max_chars: int | None = None) -> str:

@@ -87,3 +87,25 @@ def test_template_and_special_tokens_from_tokenizer_config(tmp_path):
     config.write_text(json.dumps({"eos_token": "x"}))
     with pytest.raises(ValueError, match="'chat_template' is missing"):
         load_chat_template(config)
+
+
+def test_data_and_server_read_a_template_directory_alike(tmp_path):
+    """One loader: a directory's chat_template.jinja wins over tokenizer_config.json for both,
+    and both get the same special tokens (pad and unk too, as transformers passes them)."""
+    from familial.chat_template import ChatTemplate
+    from familial.config import ConfigError
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": "ignored", "eos_token": "</s>", "pad_token": {"content": "<pad>"}}))
+    (tmp_path / "chat_template.jinja").write_text("{{ pad_token }}{{ messages[0].content }}{{ eos_token }}")
+    template, special = load_chat_template(tmp_path)
+    assert (template, special) == ((tmp_path / "chat_template.jinja").read_text(),
+                                   {"eos_token": "</s>", "pad_token": "<pad>"})
+    assert ChatTemplate.from_directory(tmp_path).render(MESSAGES[:1]) == "<pad>You are terse.</s>"
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert ChatTemplate.from_directory(tmp_path, fallback=None) is None
+    with pytest.raises(ConfigError, match="no chat template"):
+        load_chat_template(tmp_path)
+    with pytest.raises(ConfigError, match="no chat template file"):
+        load_chat_template(tmp_path / "missing.jinja")

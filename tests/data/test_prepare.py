@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from prepare_inputs import (documents, files_of, prepare_args, write_gzip, write_jsonl,
                             write_parquet, write_text_files)
 
 from familial.cli import main
-from familial.data import readers
+from familial.data import encode, readers
 from familial.data.demo_corpus import write_arithmetic_chat
 from familial.data.shards import ShardWriter, TokenShards
 
@@ -127,3 +129,19 @@ def test_progress_shows_tokens_per_second(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     tokens = TokenShards(tmp_path / "out").num_tokens
     assert "tokenising" in err and f"{tokens:,} tokens" in err and "tokens/s" in err
+
+
+def test_a_worker_that_dies_is_reported_in_one_line_and_nothing_is_written(tmp_path, mixed_inputs,
+                                                                            monkeypatch, capsys):
+    class DyingPool(encode.ProcessPoolExecutor):
+        """Each worker exits at its first chunk, as one the kernel killed would."""
+
+        def submit(self, fn, *args, **kwargs):
+            return super().submit(os._exit, 1)
+
+    monkeypatch.setattr(encode, "ProcessPoolExecutor", DyingPool)
+    assert main(prepare_args(mixed_inputs, tmp_path / "out", "--workers", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "a tokenising worker process died" in err, err
+    assert not issubclass(encode.WorkerDied, ValueError)
+    assert not (tmp_path / "out").exists()

@@ -170,6 +170,16 @@ def test_compressed_family_counts_loads_merges_and_exports(family, tmp_path):
         torch.testing.assert_close(hf(ids).logits, expected[1], atol=1e-5, rtol=1e-5)
 
 
+def test_merge_refuses_a_listed_module_that_is_not_low_rank_and_changes_nothing(family):
+    first = family.factorize("model.layers.0.mlp.up_proj", 4)
+    family.config.low_rank["model.layers.0.mlp.down_proj"] = 4  # listed, but still dense
+    listed = dict(family.config.low_rank)
+    with pytest.raises(ConfigError, match="model.layers.0.mlp.down_proj: listed in config.low_rank but is Linear"):
+        merge_low_rank(family)
+    assert family.config.low_rank == listed
+    assert family.get_submodule("model.layers.0.mlp.up_proj") is first
+
+
 def test_cli_expand_then_compress(family, tmp_path, capsys):
     save_family(family, tmp_path / "family")
     torch.save(torch.randint(0, 61, (12, 20)), tmp_path / "calib.pt")

@@ -4,8 +4,9 @@ The default rendering is ChatML as Qwen uses it (without Qwen3's `<think>` scaff
 
     <|im_start|>{role}\n{content}<|im_end|>\n
 
-A checkpoint's own template (the `chat_template` of its tokenizer_config.json, or a .jinja
-file) is rendered with jinja2 the way transformers does. The loss mask is 1 exactly on each
+A checkpoint's own template (its chat_template.jinja, the `chat_template` of its
+tokenizer_config.json, or a .jinja file), read by the server's loader
+(`familial.chat_template.read_template`), is rendered with jinja2 the way transformers does. The loss mask is 1 exactly on each
 assistant turn's content and the `<|im_end|>` that closes it: the model learns to answer and
 to stop, never to predict the user. Masks are exact by construction: the rendered text is
 cut at the borders of assistant spans and each piece is tokenised on its own, so no token
@@ -23,7 +24,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from familial.chat_template import ChatTemplate
+from familial.chat_template import ChatTemplate, read_template
+from familial.config import ConfigError
 from familial.data.shards import Document
 
 END_OF_TURN = "<|im_end|>"
@@ -31,37 +33,14 @@ Span = tuple[int, int]
 
 
 def load_chat_template(path: str | Path) -> tuple[str, dict[str, str]]:
-    """(template, special tokens) from a .jinja file or a tokenizer_config.json.
-
-    The special tokens (`bos_token`, `eos_token`, ...) are the variables a checkpoint's
-    template may refer to; a bare .jinja file comes with none.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no chat template file")
-    if path.suffix != ".json":
-        return path.read_text(encoding="utf-8"), {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        template = config.get("chat_template")
-    except (json.JSONDecodeError, AttributeError) as error:
-        raise ValueError(f"{path}: not a JSON object with a 'chat_template' ({error})") from None
-    if isinstance(template, list):
-        named = {item.get("name"): item.get("template")
-                 for item in template if isinstance(item, dict)}
-        template = named.get("default")
-    if not isinstance(template, str):
-        raise ValueError(f"{path}: 'chat_template' is missing or not a string (or a list "
-                         f"with a template named 'default')")
-    special = {}
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        value = config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            special[key] = value
-    return template, special
+    """(template, special tokens) as `familial.chat_template.read_template` reads them (a
+    directory, a tokenizer_config.json or a template file), the server's loader; a directory
+    without a template is refused, as data needs one to render."""
+    source, _, tokens = read_template(path)
+    if source is None:
+        raise ConfigError(f"{path}: no chat template (neither chat_template.jinja nor a "
+                          f"'chat_template' in tokenizer_config.json)")
+    return source, tokens
 
 
 def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:

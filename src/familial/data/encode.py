@@ -29,9 +29,10 @@ from familial.data.tokenize import tokenizer_from_json
 IN_FLIGHT_PER_WORKER = 4
 
 
-class WorkerDied(ValueError):
-    """A worker process ended without an answer: the run cannot finish (a ValueError, so the
-    command line reports it in one line)."""
+class WorkerDied(ChildProcessError):
+    """A worker process ended without an answer (killed, or out of memory): the run cannot
+    finish. The machine's fault, not the input's, so not a ValueError; as an OSError without
+    a file name, the command line still reports it in one line."""
 
 
 @dataclass(frozen=True)

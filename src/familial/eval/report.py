@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from familial import checks  # noqa: E402
 from familial.staging import atomic_directory  # noqa: E402
 from familial.config import ConfigError, FamilyConfig, read_json  # noqa: E402
 from familial.eval.cost import member_costs  # noqa: E402
@@ -49,18 +50,14 @@ def load_baselines(path: str | Path) -> list[dict]:
         where = f"{path}: baseline {i}"
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ConfigError(f"{where}: expected an object with a string 'name'")
-        loss = item.get("loss")
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            raise ConfigError(f"{where} ({item['name']}): field 'loss' = {loss!r}: expected a number")
+        loss = checks.finite_number(f"{where} ({item['name']}): field 'loss'", item.get("loss"), error=ConfigError)
         costs = {}
         for key, aliases in (("parameters", ("parameters", "params")),
                              ("flops_per_token", ("flops_per_token", "flops"))):
             value = next((item[a] for a in aliases if a in item), None)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ConfigError(f"{where} ({item['name']}): field '{key}' = {value!r}: "
-                                      f"expected a positive number")
-                costs[key] = value
+                costs[key] = checks.positive_number(f"{where} ({item['name']}): field '{key}'", value,
+                                                    error=ConfigError)
         if not costs:
             raise ConfigError(f"{where} ({item['name']}): needs 'parameters' or 'flops_per_token'")
         out.append({"name": item["name"], "loss": float(loss), **costs})

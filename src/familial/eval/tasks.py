@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from familial import checks
 from familial.config import FamilyConfig
 from familial.infer.engine import Engine
 from familial.infer.sampling import SamplingParams
@@ -200,9 +201,8 @@ def _parse_item(record, where: str):
                 isinstance(c, str) and c for c in choices):
             raise TaskError(f"{where}: field 'choices' = {choices!r}: expected a list of at least "
                             f"two non-empty strings")
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise TaskError(f"{where}: field 'answer' = {answer!r}: expected the index of the right "
-                            f"choice, 0..{len(choices) - 1}")
+        checks.integer(f"{where}: field 'answer'", answer, f"the index of the right choice, 0..{len(choices) - 1}",
+                       minimum=0, maximum=len(choices) - 1, error=TaskError)
         return MultipleChoice(context, choices, answer)
     if "prompt" in record:
         prompt = record["prompt"]
@@ -212,8 +212,8 @@ def _parse_item(record, where: str):
             raise TaskError(f"{where}: field 'answer' is missing (the expected output)")
         stop = _string_list(record["stop"], where, "stop") if "stop" in record else []
         limit = record.get("max_new_tokens")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise TaskError(f"{where}: field 'max_new_tokens' = {limit!r}: expected a positive integer")
+        if limit is not None:
+            checks.positive_int(f"{where}: field 'max_new_tokens'", limit, error=TaskError)
         return Generation(prompt, _string_list(record["answer"], where, "answer"), stop, limit)
     raise TaskError(f"{where}: expected 'context'/'choices'/'answer' (multiple choice) or "
                     f"'prompt'/'answer' (generation), got fields {sorted(record)}")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from familial import checks
+
 F32 = torch.finfo(torch.float32)
 MASK64 = (1 << 64) - 1
 
@@ -51,27 +53,21 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"sampling parameter '{name}' = {getattr(self, name)!r}: expected {expected}")
+        def label(name: str) -> str:
+            return f"sampling parameter '{name}'"
 
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", "an integer >= 1")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
-            raise bad("temperature", "a number in [0, 100]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "an integer >= 0")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "a number in (0, 1]")
-        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < float("inf"):
-            raise bad("repetition_penalty", "a positive number")
+        checks.integer(label("max_new_tokens"), self.max_new_tokens, "an integer >= 1", minimum=1)
+        checks.finite_number(label("temperature"), self.temperature, "a number in [0, 100]", minimum=0, maximum=100)
+        checks.integer(label("top_k"), self.top_k, "an integer >= 0", minimum=0)
+        checks.probability(label("top_p"), self.top_p)
+        checks.positive_number(label("repetition_penalty"), self.repetition_penalty)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "a list of non-empty strings")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "an integer or None")
+            raise ValueError(f"{label('stop')} = {self.stop!r}: expected a list of non-empty strings")
+        if self.seed is not None:
+            checks.integer(label("seed"), self.seed, "an integer or None")
         if not isinstance(self.stop_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "a list of token ids")
+            raise ValueError(f"{label('stop_token_ids')} = {self.stop_token_ids!r}: expected a list of token ids")
 
     @property
     def is_greedy(self) -> bool:

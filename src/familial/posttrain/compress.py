@@ -373,19 +373,25 @@ def compress_member(model: FamilyModel, member: int | str, batches, ratio: float
 
 @torch.no_grad()
 def merge_low_rank(model: FamilyModel) -> list[str]:
-    """Replace every LowRankLinear by a dense linear holding up @ down (float64 product)."""
-    merged = []
-    for name in list(model.config.low_rank):
+    """Replace every LowRankLinear by a dense linear holding up @ down (float64 product).
+
+    Every listed module is checked before any is replaced, and `config.low_rank` is assigned
+    once at the end rather than edited while its names are walked, so a refusal leaves the
+    model and its config as they were."""
+    sites = []
+    for name in model.config.low_rank:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         low_rank = getattr(parent, child)
         if not isinstance(low_rank, LowRankLinear):
             raise ConfigError(f"{name}: listed in config.low_rank but is {type(low_rank).__name__}")
+        sites.append((parent, child, low_rank))
+    for parent, child, low_rank in sites:
         weight = low_rank.up.weight.double() @ low_rank.down.weight.double()
         dense = nn.Linear(low_rank.in_features, low_rank.out_features, bias=False)
         dense.to(device=low_rank.down.weight.device, dtype=low_rank.down.weight.dtype)
         dense.weight.copy_(weight)
         setattr(parent, child, dense)
-        del model.config.low_rank[name]
-        merged.append(name)
+    merged = list(model.config.low_rank)
+    model.config.low_rank = {}
     return merged

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from familial import checks
 from familial.config import ConfigError, FamilyConfig
 from familial.model import DecoderLayer, FamilyModel, RMSNorm
 
@@ -38,13 +39,9 @@ def expand_member(model: FamilyModel, member: int | str, blocks: int,
     if exit_layer == config.exits[-1]:
         raise ConfigError(f"member {member!r} is the final exit ({exit_layer}); only an early "
                           f"exit's own branch can be expanded (exits: {config.exits[:-1]})")
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise ConfigError(f"blocks = {blocks!r}: expected a positive integer")
-    if init not in ("random", "clone"):
-        raise ConfigError(f"init = {init!r}: expected 'random' or 'clone'")
-    std = config.initializer_range if std is None else std
-    if not std > 0:
-        raise ConfigError(f"std = {std!r}: expected a positive number")
+    checks.positive_int("blocks", blocks, error=ConfigError)
+    checks.one_of("init", init, ("random", "clone"), "'random' or 'clone'", error=ConfigError)
+    std = checks.positive_number("std", config.initializer_range if std is None else std, error=ConfigError)
     branch = model.branches[str(exit_layer)]
     neighbour = branch.layers[-1]
     if init == "clone" and any(not isinstance(m, nn.Linear) for m in _linears(neighbour).values()):

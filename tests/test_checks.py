@@ -1,0 +1,38 @@
+import math
+
+import pytest
+
+from familial import checks
+from familial.config import ConfigError
+
+
+@pytest.mark.parametrize("value", [0, -3, True, 2.0, "4", None])
+def test_positive_int_refuses_what_is_not_a_count_in_the_callers_error(value):
+    with pytest.raises(ConfigError, match=rf"^f.json: field 'steps' = {value!r}: expected a positive integer$"):
+        checks.positive_int("f.json: field 'steps'", value, error=ConfigError)
+
+
+def test_checks_return_the_value_they_pass():
+    assert checks.positive_int("n", 3) == 3
+    assert checks.integer("k", 0, minimum=0, maximum=0) == 0
+    assert checks.finite_number("loss", 2) == 2
+    assert checks.positive_number("std", 0.02) == 0.02
+    assert checks.probability("top_p", 1.0) == 1.0
+    assert checks.one_of("init", "clone", ("random", "clone")) == "clone"
+
+
+@pytest.mark.parametrize("check, value", [
+    (checks.finite_number, math.nan), (checks.finite_number, math.inf), (checks.finite_number, False),
+    (checks.positive_number, 0), (checks.positive_number, math.inf), (checks.positive_number, math.nan),
+    (checks.probability, 0), (checks.probability, 1.5), (checks.probability, math.nan),
+    (checks.probability, True)])
+def test_numbers_are_finite_and_never_bools(check, value):
+    with pytest.raises(ValueError, match=r"^x = .*: expected "):
+        check("x", value)
+
+
+def test_one_of_names_the_choices_unless_told_otherwise():
+    with pytest.raises(ValueError, match=r"^init = 'zero': expected one of 'random', 'clone'$"):
+        checks.one_of("init", "zero", ("random", "clone"))
+    with pytest.raises(ValueError, match=r"^init = 'zero': expected 'random' or 'clone'$"):
+        checks.one_of("init", "zero", ("random", "clone"), "'random' or 'clone'")
