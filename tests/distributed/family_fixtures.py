@@ -47,7 +47,8 @@ def optimizer_factory(lr: float):
 
 
 def reference_run(overrides: dict, steps: int, weights: dict[int, float] | None = None, lr: float = 1e-3,
-                  seed: int = 0, model=None, optimizer=None, skip: int = 0, distill: dict[int, float] | None = None):
+                  seed: int = 0, model=None, optimizer=None, skip: int = 0, distill: dict[int, float] | None = None,
+                  batch: int = 4):
     """Per-step {exit: mean CE} (and {exit: mean KL}), and the first step's gradients, of plain
     single-process training."""
     torch.manual_seed(seed)
@@ -55,7 +56,7 @@ def reference_run(overrides: dict, steps: int, weights: dict[int, float] | None 
     optimizer = optimizer or optimizer_factory(lr)(model)
     weights = weights or {e: 1.0 for e in model.config.exits}
     losses, kds, grads = [], [], None
-    for step, (input_ids, labels) in enumerate(batches(overrides, steps, seed=seed)):
+    for step, (input_ids, labels) in enumerate(batches(overrides, steps, seed=seed, batch=batch)):
         if step < skip:
             continue
         sums = family_loss_sums(model, input_ids, labels, lambdas=weights, distill=distill)

@@ -7,10 +7,11 @@ The trainer's loop (`familial.train.loop.Trainer`) drives it exactly as it drive
 process; this module decides how a step runs forward/backward and how checkpoints are
 written (DCP, `familial.train.dcp`).
 
-A step's micro-batches run one after another. Without a pipeline, FSDP reduces gradients
-only after the last one (`set_requires_gradient_sync`); with one, the accumulation
-micro-batches become more pipeline micro-batches of a single schedule step (1F1B keeps
-at most `stages` of them in flight, so activation memory stays flat). Reported per-exit
+A step's micro-batches run one after another, and FSDP reduce-scatters each one's gradients
+into the rank's shard (`familial.parallel.fsdp`). With a pipeline, the accumulation
+micro-batches become more pipeline micro-batches of a single schedule step (1F1B keeps at
+most `stages` of them in flight, so activation memory stays flat), and the stages reduce-
+scatter every micro-batch too (`familial.parallel.pipeline.SyncedStage`). Reported per-exit
 losses are token sums reduced over micro-batches, stages and data-parallel ranks, divided
 by the global target count: exact means, not averages of averages.
 """
@@ -23,14 +24,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 
 from familial.checkpoint_io import family_parameter_names
 from familial.config import ConfigError, FamilyConfig
-from familial.parallel.fsdp import apply_fsdp, mixed_precision
+from familial.parallel.fsdp import accumulation_sync, apply_fsdp, mixed_precision
 from familial.parallel.mesh import build_mesh, dp_mesh, dp_rank, init_distributed
 from familial.parallel.pipeline import (
+    SyncedStage,
     build_schedule,
     check_boundaries,
     schedule_class,
@@ -85,7 +86,8 @@ class ParallelLayout:
                 apply_tensor_parallel(part, self.mesh["tp"], p.sequence_parallel)
             apply_block_options(part, train.activation_checkpointing, train.compile)
             if sharded:
-                apply_fsdp(part, dp_mesh(self.mesh, p), mixed_precision(dtype), reshard_after_forward=p.pp == 1)
+                apply_fsdp(part, dp_mesh(self.mesh, p), mixed_precision(dtype),
+                           reshard_after_forward=p.pp == 1 or p.pp_reshard)
             materialize(part, self.device)
         # Sharded parameters are gathered in the compute dtype; unsharded ones run under autocast.
         self.autocast = None if sharded or dtype == torch.float32 else dtype
@@ -193,7 +195,7 @@ class ParallelLayout:
         targets, tokens = (int(v) // copies for v in counts.tolist())
         if self.parallel.pp == 1:
             model = self.parts[0]
-            sync = model.set_requires_gradient_sync if self.sharded else None
+            sync = accumulation_sync(model) if self.sharded else None
             ce, kd = accumulate(model, micro_batches, lambdas, distill, chunk_size, targets, self.device,
                                 self.autocast, sync)
         else:
@@ -250,9 +252,9 @@ class ParallelLayout:
         tokens = torch.zeros(rows, length, dtype=torch.long, device=self.device)
         loss = torch.zeros((), dtype=torch.float32, device=self.device, requires_grad=True)
         group = self.mesh["pp"].get_group()
-        stages = [PipelineStage(part, index, self._num_stages, self.device, group=group,
-                                input_args=tokens if part.is_first else hidden,
-                                output_args=loss if part.is_last else hidden)
+        stages = [SyncedStage(part, index, self._num_stages, self.device, group=group,
+                              input_args=tokens if part.is_first else hidden,
+                              output_args=loss if part.is_last else hidden, reshard=p.pp_reshard)
                   for part, index in zip(self.parts, self._stage_indices)]
         self._schedule = build_schedule(p.pp_schedule, stages, count)
         self._schedule_key = (batch, length, count)

@@ -153,6 +153,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # explicit pipeline stage boundaries [0, ..., L]; default: balanced by cost.
     stage_boundaries: list[int] | None = None
+    # with pp > 1 and FSDP: free each layer's gathered weights after its forward and its
+    # backward in every micro-batch (two all-gathers per layer per micro-batch) instead of
+    # keeping the stage gathered for the whole step (one all-gather per layer per step).
+    pp_reshard: bool = False
 
     def resolve(self, world_size: int) -> ParallelConfig:
         """A copy with dp_shard filled in, checked against the world size."""

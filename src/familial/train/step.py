@@ -2,8 +2,8 @@
 
 Micro-batches run one after another (activation memory is one micro-batch's, whatever
 `grad_accum` is), each loss divided by the step's global target count so the summed
-gradients are exactly one big batch's. `sync(last)` lets a data-parallel layout skip the
-gradient reduction until the last micro-batch (FSDP2's `set_requires_gradient_sync`).
+gradients are exactly one big batch's. `sync(last)` tells a data-parallel layout whether
+the micro-batch about to run is the step's last (`familial.parallel.fsdp.accumulation_sync`).
 """
 
 from __future__ import annotations
