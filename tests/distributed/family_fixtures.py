@@ -4,7 +4,7 @@ import contextlib
 import weakref
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 from familial.config import FamilyConfig
 from familial.model import FamilyModel
@@ -118,3 +118,32 @@ def saved_bytes(exclude: set[int] = frozenset()):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
         yield lambda: peak[0]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts, inside the block, collectives and reads of device data by the host.
+
+    A collective is any c10d or functional-collective op. A host read is an op whose result
+    the host must wait for: `_local_scalar_dense` (item, bool, float, int), `nonzero`,
+    `masked_select`, or indexing with a boolean mask. `allowed(op, args)` exempts reads
+    that are host-side by design (e.g. of labels that never leave the CPU).
+    """
+
+    READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default"}
+    MASKED = {"aten.index.Tensor", "aten.index_put_.default", "aten.index_put.default"}
+
+    def __init__(self, allowed=lambda op, args: False):
+        super().__init__()
+        self.allowed = allowed
+        self.collectives: list[str] = []
+        self.host_reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(("c10d.", "_c10d_functional.")) and "wait" not in name:
+            self.collectives.append(name)
+        read = name in self.READS or (name in self.MASKED and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())))
+        if read and not self.allowed(name, args):
+            self.host_reads.append(f"{name} on {args[0].dtype} {tuple(args[0].shape)}")
+        return func(*args, **(kwargs or {}))

@@ -154,6 +154,28 @@ def test_interleaved_pipeline_with_cost_balanced_split(tmp_path):
     assert_matches(results, PLACED, PLACED_WEIGHTS)
 
 
+@pytest.mark.parametrize("layout", [{"tp": 2, "dp_shard": 2, "sequence_parallel": True},
+                                    {"pp": 2, "tp": 2, "dp_shard": 1, "microbatches": 2}])
+def test_clipping_is_one_all_reduce_and_one_host_read_and_the_loss_reads_nothing(tmp_path, layout):
+    # Mixed meshes: weights sharded over (dp_shard, tp), norms over dp_shard alone or
+    # replicated over tp; or two pipeline stages. The norm is the one-process gradients' norm.
+    results = run_layout(tmp_path, 4, {"parallel": layout, "steps": 1, "count": True})
+    _, ref_grads, _ = reference({})
+    want = float(torch.sqrt(sum((g.double() ** 2).sum() for g in ref_grads.values())))
+    for result in results:
+        clip = result["clip"]
+        assert abs(clip["norm"] - want) <= 1e-5 * want, (clip["norm"], want)
+        assert abs(clip["clipped_norm"] - want / 4) <= 1e-5 * want
+        for key in ("collectives", "clip_collectives"):
+            assert clip[key] == ["c10d.allreduce_.default"], clip[key]
+        for key in ("host_reads", "clip_host_reads"):
+            assert clip[key] == ["aten._local_scalar_dense.default on torch.float64 ()"], clip[key]
+        if "pp" not in layout:
+            # The tensor-parallel exit loss (and the whole step) reads no device data on the
+            # host. (torch's pipeline schedule makes a few reads of its own per step.)
+            assert result["step_host_reads"] == [], result["step_host_reads"]
+
+
 def assert_states_as_documented(results: list[dict], family: dict, layout: dict) -> None:
     """Each rank holds the model-state bytes docs/parallel.md's arithmetic gives for its stage."""
     config, parallel = family_config(family), ParallelConfig(**layout).resolve(len(results))

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from familial.checkpoint_io import family_parameter_names
 from familial.config import ConfigError, FamilyConfig
 from familial.parallel.fsdp import accumulation_sync, apply_fsdp, mixed_precision
+from familial.parallel.norm import clip_grad_norm_, settle_partial_grads
 from familial.parallel.mesh import build_mesh, dp_mesh, dp_rank, init_distributed
 from familial.parallel.pipeline import (
     SyncedStage,
@@ -200,6 +201,8 @@ class ParallelLayout:
                                 self.autocast, sync)
         else:
             ce, kd = self._pipeline_step(micro_batches, lambdas, distill, targets)
+        if self.parallel.tp > 1 and not self.sharded:
+            settle_partial_grads(p for _, p in self.named_parameters())
         sums = torch.stack((ce, kd)).cpu()
         dist.all_reduce(sums)
         # Tensor-parallel ranks record identical (replicated) losses.
@@ -208,7 +211,7 @@ class ParallelLayout:
 
     def _pipeline_step(self, micro_batches, lambdas, distill, targets) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.cat([b["input_ids"] for b in micro_batches]).to(self.device)
-        labels = torch.cat([b["labels"] for b in micro_batches]).to(self.device)
+        labels = torch.cat([b["labels"] for b in micro_batches])  # on the host (see `exit_loss_sum`)
         for part in self.parts:
             part.exit_weights, part.distill, part.global_targets = dict(lambdas), dict(distill), targets
         schedule = self._pipeline(*labels.shape, len(micro_batches))
@@ -261,24 +264,10 @@ class ParallelLayout:
         return self._schedule
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Global gradient norm over every rank and stage; gradients scaled down to max_norm if given."""
-        total = torch.zeros((), dtype=torch.float64)
-        for _, p in self.named_parameters():
-            if p.grad is None:
-                continue
-            norm = torch.linalg.vector_norm(p.grad.float())
-            if isinstance(norm, DTensor):
-                norm = norm.full_tensor()
-            total += norm.double().cpu() ** 2
-        if self.parallel.pp > 1:
-            dist.all_reduce(total, group=self.mesh["pp"].get_group())
-        norm = float(total.sqrt())
-        if max_norm > 0 and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            for _, p in self.named_parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        return norm
+        """Global gradient norm over every rank and stage (one all-reduce, one host read);
+        gradients scaled down to max_norm if given (`familial.parallel.norm`)."""
+        grads = [p.grad for _, p in self.named_parameters() if p.grad is not None]
+        return clip_grad_norm_(grads, max_norm, self.parallel.world_size // self.parallel.pp, self.device)
 
     def optimizer_step(self) -> None:
         for optimizer in self.optimizers:

@@ -117,6 +117,72 @@ def per_gpu(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpoin
     return {k: round(v / 1e9, 1) for k, v in best.items()}
 
 
+def _stage_blocks(config: FamilyConfig, start: int, stop: int) -> tuple[int, int, int]:
+    """(decoder blocks, heads, embeddings) a stage holding trunk layers [start, stop) runs."""
+    blocks = (stop - start) + sum(config.branch_depth(e) for e in config.exits[:-1] if start <= e < stop)
+    heads = sum(1 for e in config.exits[:-1] if start <= e < stop and not config.shared_head) + \
+        (stop == config.num_hidden_layers)
+    return blocks, heads, int(start == 0)
+
+
+def rank_peak(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpointing: str, grad_accum: int = 1,
+              compute_bytes: int = 2, device: str = "cuda", chunk: int = 1024,
+              boundaries: list[int] | None = None) -> list[dict[str, float]]:
+    """Every term one rank of each pipeline stage holds at its peak, in bytes, and their total.
+
+    `tokens` per accumulation micro-batch per data-parallel rank (a pipeline splits them into
+    `microbatches`); `compute_bytes` 2 for bf16, 4 for float32. Terms:
+      params, optimizer, grads   float32 shards (16 bytes per local parameter / dp_shard)
+      gathered    FSDP's unsharded weights in the compute dtype: the root unit (embedding,
+                  norms, heads: gathered from the forward to the end of the backward) plus one
+                  decoder layer, or the stage's every layer under a pipeline without pp_reshard
+      reduce      at the root's reduce-scatter, ending each micro-batch's backward: its
+                  unsharded gradients (compute dtype) and the float32 reduce-scatter input
+      activations what autograd keeps per block (module docstring) for the micro-batches in
+                  flight on the stage (1F1B: pp - stage on stage `stage`, at most all of them)
+      exit_loss   an exit's float32 head-gradient accumulator and two chunks of logits
+      optimizer_temp  AdamW's foreach temporaries on CUDA (one float32 copy of the shard)
+    Peak = params + optimizer + max(backward, update), backward = grads + gathered +
+    activations of the other micro-batches in flight + max(reduce, this micro-batch's
+    activations + exit_loss), update = grads + optimizer_temp. Gradient accumulation adds
+    nothing: every micro-batch is reduce-scattered into the float32 shard.
+    """
+    bounds = boundaries or ([0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp))
+    t, d, c = layout.tp, layout.dp_shard, compute_bytes
+    sharded = layout.dp > 1
+    layer_matrices, layer_norms = layer_parameters(config)
+    layer = layer_matrices / t + layer_norms
+    head = config.vocab_size * config.hidden_size / t
+    per_pipeline_micro = tokens / (layout.microbatches or layout.pp) if layout.pp > 1 else tokens
+    micro_batches = (layout.microbatches or layout.pp) * grad_accum if layout.pp > 1 else 1
+    per_token = activation_elements(config, checkpointing, t, layout.sequence_parallel) * c
+    if checkpointing == "none" and c < 4:
+        per_token = activation_bytes_bf16(config, checkpointing, t, layout.sequence_parallel)
+    out = []
+    for index, (start, stop) in enumerate(pairwise(bounds)):
+        matrices, norms = stage_parameters(config, start, stop)
+        local = matrices / t + norms
+        blocks, heads, embeddings = _stage_blocks(config, start, stop)
+        root = local - blocks * layer
+        terms = {"params": 4 * local / d, "optimizer": 8 * local / d, "grads": 4 * local / d}
+        if start == 0 and t > 1 and not sharded:
+            terms["grads"] += 4 * config.vocab_size * config.hidden_size * (1 - 1 / t)
+        gathered_layers = 1 if layout.pp == 1 or layout.pp_reshard else blocks
+        terms["gathered"] = c * (root + gathered_layers * layer) if sharded else 0.0
+        terms["reduce"] = (c + 4) * root if sharded else 0.0
+        in_flight = min(layout.pp - index, micro_batches)
+        one = per_pipeline_micro * blocks * per_token
+        terms["activations"] = one * in_flight
+        terms["exit_loss"] = (4 * head + 2 * min(chunk, per_pipeline_micro) * config.vocab_size / t * 4) if heads else 0.0
+        terms["optimizer_temp"] = 4 * local / d if device == "cuda" else 0.0
+        backward = terms["grads"] + terms["gathered"] + one * (in_flight - 1) + max(
+            terms["reduce"], one + terms["exit_loss"])
+        update = terms["grads"] + terms["optimizer_temp"]
+        terms["total"] = terms["params"] + terms["optimizer"] + max(backward, update)
+        out.append(terms)
+    return out
+
+
 def main() -> None:
     """The 14B family's memory per GPU under common layouts (docs/parallel.md's table)."""
     config = FamilyConfig(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
