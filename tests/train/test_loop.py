@@ -226,3 +226,12 @@ def test_busy_cores_measures_this_machine():
 
     busy = threads.busy_cores(0.05)
     assert busy is None or 0 <= busy <= os.cpu_count()
+
+
+def test_resume_before_any_checkpoint_starts_from_step_zero(tmp_path, shards, make_config, capsys):
+    # One command line for the first start and every restart: nothing saved yet is step 0.
+    config = load_config(data=make_config(tmp_path / "run", shards, steps=2))
+    trainer = Trainer(config, resume="latest")
+    assert trainer.state.step == 0
+    assert "no checkpoint yet; --resume starts from step 0" in capsys.readouterr().out
+    assert trainer.run().step == 2

@@ -183,6 +183,11 @@ class Trainer:
         self.state = TrainState()
         self._saved_at: int | None = None
         checkpoint = None
+        if resume is not None and str(resume) in ("", "latest", "auto") and not ckpt.list_checkpoints(self.run_dir):
+            # The same command line starts a run and restarts it (torchrun --max-restarts, a
+            # scheduler's requeue): before the first checkpoint, resuming is starting.
+            print(f"{self.run_dir}: no checkpoint yet; --resume starts from step 0", flush=True)
+            resume = None
         if resume is not None:
             checkpoint = ckpt.find_checkpoint(resume, self.run_dir)
             family = saved_family_config(checkpoint)
