@@ -133,19 +133,28 @@ def rank_peak(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpo
     `tokens` per accumulation micro-batch per data-parallel rank (a pipeline splits them into
     `microbatches`); `compute_bytes` 2 for bf16, 4 for float32. Terms:
       params, optimizer, grads   float32 shards (16 bytes per local parameter / dp_shard)
-      gathered    FSDP's unsharded weights in the compute dtype: the root unit (embedding,
-                  norms, heads: gathered from the forward to the end of the backward) plus one
-                  decoder layer, or the stage's every layer under a pipeline without pp_reshard
-      reduce      at the root's reduce-scatter, ending each micro-batch's backward: its
-                  unsharded gradients (compute dtype) and the float32 reduce-scatter input
-      activations what autograd keeps per block (module docstring) for the micro-batches in
-                  flight on the stage (1F1B: pp - stage on stage `stage`, at most all of them)
-      exit_loss   an exit's float32 head-gradient accumulator and two chunks of logits
-      optimizer_temp  AdamW's foreach temporaries on CUDA (one float32 copy of the shard)
-    Peak = params + optimizer + max(backward, update), backward = grads + gathered +
-    activations of the other micro-batches in flight + max(reduce, this micro-batch's
-    activations + exit_loss), update = grads + optimizer_temp. Gradient accumulation adds
-    nothing: every micro-batch is reduce-scattered into the float32 shard.
+      gathered_root  FSDP's root unit (embedding, norms, heads) in the compute dtype, gathered
+                     from each micro-batch's forward to its root reduce-scatter
+      gathered_layers  decoder layers gathered at once: the one in backward and the one
+                     prefetched, or every layer of the stage under a pipeline without pp_reshard
+      head_grads     the stage's heads' unsharded gradients (compute dtype), from the start of
+                     each micro-batch's backward to the root's reduce-scatter
+      root_reduce    at that reduce-scatter: the root's unsharded gradients and the float32
+                     reduce-scatter input (plain FSDP frees the gathered root just before; a
+                     pipeline without pp_reshard keeps it gathered until the last micro-batch)
+      retained       FSDP keeps the latest reduce-scatter input until the next unit's: a
+                     layer's, or under a pipeline the root's, which outlives its micro-batch
+      activations    what autograd keeps per block (module docstring) for one micro-batch;
+                     `in_flight` of them on the stage (1F1B: pp - stage, at most all)
+      optimizer_temp AdamW's foreach temporaries on CUDA (one float32 copy of the shard)
+    Peak = params + optimizer + max(backward, reduce, update) with
+      backward = grads + gathered_root + gathered_layers + head_grads + retained
+                 + in_flight x activations
+      reduce   = grads + root_reduce (+ gathered_root and gathered_layers under a pipeline
+                 without pp_reshard) + (in_flight - 1) x activations
+      update   = grads + optimizer_temp.
+    Gradient accumulation adds nothing: every micro-batch is reduce-scattered into the float32
+    shard. Without FSDP, heads' gradients are the grads term itself.
     """
     bounds = boundaries or ([0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp))
     t, d, c = layout.tp, layout.dp_shard, compute_bytes
@@ -158,27 +167,32 @@ def rank_peak(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpo
     per_token = activation_elements(config, checkpointing, t, layout.sequence_parallel) * c
     if checkpointing == "none" and c < 4:
         per_token = activation_bytes_bf16(config, checkpointing, t, layout.sequence_parallel)
+    keeps_stage = layout.pp > 1 and not layout.pp_reshard
     out = []
     for index, (start, stop) in enumerate(pairwise(bounds)):
         matrices, norms = stage_parameters(config, start, stop)
         local = matrices / t + norms
-        blocks, heads, embeddings = _stage_blocks(config, start, stop)
+        blocks, heads, _ = _stage_blocks(config, start, stop)
         root = local - blocks * layer
         terms = {"params": 4 * local / d, "optimizer": 8 * local / d, "grads": 4 * local / d}
         if start == 0 and t > 1 and not sharded:
             terms["grads"] += 4 * config.vocab_size * config.hidden_size * (1 - 1 / t)
-        gathered_layers = 1 if layout.pp == 1 or layout.pp_reshard else blocks
-        terms["gathered"] = c * (root + gathered_layers * layer) if sharded else 0.0
-        terms["reduce"] = (c + 4) * root if sharded else 0.0
+        terms["gathered_root"] = c * root if sharded else 0.0
+        terms["gathered_layers"] = c * layer * (blocks if keeps_stage else min(2, blocks)) if sharded else 0.0
+        terms["head_grads"] = c * heads * head if sharded else 0.0
+        terms["root_reduce"] = (c + 4) * root if sharded else 0.0
+        terms["retained"] = 4 * (root if layout.pp > 1 else layer) if sharded else 0.0
         in_flight = min(layout.pp - index, micro_batches)
-        one = per_pipeline_micro * blocks * per_token
-        terms["activations"] = one * in_flight
-        terms["exit_loss"] = (4 * head + 2 * min(chunk, per_pipeline_micro) * config.vocab_size / t * 4) if heads else 0.0
+        terms["activations"] = per_pipeline_micro * blocks * per_token
+        terms["in_flight"] = in_flight
         terms["optimizer_temp"] = 4 * local / d if device == "cuda" else 0.0
-        backward = terms["grads"] + terms["gathered"] + one * (in_flight - 1) + max(
-            terms["reduce"], one + terms["exit_loss"])
+        others = (in_flight - 1) * terms["activations"]
+        backward = terms["grads"] + terms["gathered_root"] + terms["gathered_layers"] + terms["head_grads"] + \
+            terms["retained"] + in_flight * terms["activations"]
+        kept = terms["gathered_root"] + terms["gathered_layers"] if keeps_stage else 0.0
+        reduce = terms["grads"] + terms["root_reduce"] + kept + others
         update = terms["grads"] + terms["optimizer_temp"]
-        terms["total"] = terms["params"] + terms["optimizer"] + max(backward, update)
+        terms["total"] = terms["params"] + terms["optimizer"] + max(backward, reduce, update)
         out.append(terms)
     return out
 

@@ -13,6 +13,7 @@ with nothing left to do says so.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -212,9 +213,41 @@ class Trainer:
                 # Earlier parallel checkpoints kept one (identical) data position per rank.
                 self.state.loader = saved["loaders"][0]
             self._saved_at = self.state.step
+            self._keep_global_batch(saved.get("global_batch"), saved.get("layout"))
         else:
             self.layout.load_weights(source)
         self._place()
+
+    def _global_batch(self) -> list[int]:
+        """Rows per optimizer step of each stage: batch_size x grad_accum x data-parallel ranks."""
+        return [stage.data.batch_size * stage.data.grad_accum * self.layout.dp_size for stage in self.stages]
+
+    def _keep_global_batch(self, saved: list[int] | None, layout: dict | None) -> None:
+        """Resumed under another data-parallel degree, a stage keeps the global batch it was
+        trained with: its grad_accum changes to make up for the ranks, or the resume is refused
+        when no whole grad_accum can."""
+        if saved is None:
+            return
+        before = (layout or {}).get("dp_replicate", 1) * (layout or {}).get("dp_shard", 1)
+        if before == self.layout.dp_size:
+            return
+        for index, (stage, rows, now) in enumerate(zip(self.stages, saved, self._global_batch())):
+            if rows == now:
+                continue
+            per_micro = stage.data.batch_size * self.layout.dp_size
+            if rows % per_micro:
+                raise ConfigError(f"train config: stage '{stage.name}': the checkpoint trained on {rows} rows per "
+                                  f"step ({before} data-parallel ranks); with {self.layout.dp_size} ranks and "
+                                  f"data.batch_size {stage.data.batch_size} a step is {now} rows and no grad_accum "
+                                  f"gives {rows}: set data.batch_size so that {rows} divides by batch_size x "
+                                  f"{self.layout.dp_size}")
+            accumulation = rows // per_micro
+            if self.layout.is_main:
+                print(f"stage '{stage.name}': {self.layout.dp_size} data-parallel ranks instead of {before}; "
+                      f"grad_accum {stage.data.grad_accum} -> {accumulation} keeps the global batch of {rows} rows",
+                      flush=True)
+            self.stages[index] = dataclasses.replace(
+                stage, data=dataclasses.replace(stage.data, grad_accum=accumulation))
 
     @property
     def model(self):
@@ -344,6 +377,7 @@ class Trainer:
         if self._saved_at == self.state.step:
             return None
         state = {k: getattr(self.state, k) for k in TrainState.__dataclass_fields__}
+        state["global_batch"] = self._global_batch()
         path = self.layout.save(self.state.step, state)
         self._saved_at = self.state.step
         return path
