@@ -36,7 +36,7 @@ PLACED_WEIGHTS = {1: 0.5, 2: 0.25, 3: 0.75, 5: 1.0}
 TIMEOUT_S = 240
 
 
-def run_layout(tmp_path: Path, nproc: int, spec: dict) -> list[dict]:
+def run_layout(tmp_path: Path, nproc: int, spec: dict, fails: bool = False) -> list[dict] | str:
     out = tmp_path / "out"
     out.mkdir()
     spec = {"steps": STEPS, "family": {}, **spec, "out": str(out), "run_dir": str(tmp_path / "run")}
@@ -51,6 +51,9 @@ def run_layout(tmp_path: Path, nproc: int, spec: dict) -> list[dict]:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         pytest.fail(f"{nproc}-process run {spec['parallel']} hung for {TIMEOUT_S}s:\n{output[-3000:]}")
+    if fails:
+        assert process.returncode != 0, output[-5000:]
+        return output
     assert process.returncode == 0, output[-5000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
@@ -233,3 +236,9 @@ def test_pipeline_with_tensor_parallel_resumes_in_one_process(tmp_path):
     assert set(held) == set(family.state_dict())
     for name, tensor in family.state_dict().items():
         assert torch.equal(tensor, held[name]), name
+
+
+def test_a_run_directory_not_shared_by_every_rank_is_refused_at_start(tmp_path):
+    output = run_layout(tmp_path, 2, {"parallel": {"dp_shard": 2}, "steps": 1, "node_local_run_dir": True},
+                        fails=True)
+    assert "run_dir run: ranks [1] do not see what rank 0 writes there" in output, output[-3000:]

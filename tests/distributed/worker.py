@@ -120,6 +120,12 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
     init_distributed(timeout_s=120)
+    if spec.get("node_local_run_dir"):
+        # Each rank its own working directory: a relative run_dir is then on another "node".
+        local = Path(spec["out"]) / f"node{dist.get_rank()}"
+        local.mkdir()
+        os.chdir(local)
+        spec["run_dir"] = "run"
     # Several runs in one launch share the process group (each builds its own mesh).
     results = [run({**spec, **variant}) for variant in spec.get("variants", [{}])]
     torch.save(results if "variants" in spec else results[0], Path(spec["out"]) / f"rank{dist.get_rank()}.pt")

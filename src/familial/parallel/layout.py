@@ -18,6 +18,7 @@ by the global target count: exact means, not averages of averages.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class ParallelLayout:
     def __init__(self, train: TrainConfig, config: FamilyConfig) -> None:
         init_distributed()
         self.train, self.config = train, config
+        check_shared_run_dir(Path(train.run_dir))
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
         p = self.parallel = train.parallel.resolve(dist.get_world_size())
@@ -290,6 +292,36 @@ class ParallelLayout:
             if p.grad is not None:
                 out[name] = (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().cpu().clone()
         return out
+
+
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Every rank must see the run directory rank 0 sees: rank 0 writes the checkpoints'
+    staging directory that every rank then writes its shards into, and reads back what all
+    of them wrote. Rank 0 writes a random token; after a barrier each rank reads it, and a
+    rank on another filesystem (a node-local run_dir) stops the run with a clear error
+    before anything is trained."""
+    tokens = [os.urandom(8).hex()]
+    dist.broadcast_object_list(tokens, src=0)
+    marker = run_dir / f".shared-{tokens[0]}"
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(tokens[0])
+    dist.barrier()
+    try:
+        seen = marker.read_text() == tokens[0]
+    except OSError:
+        seen = False
+    blind = torch.tensor([0 if seen else 1], dtype=torch.int64)
+    missing = [torch.zeros_like(blind) for _ in range(dist.get_world_size())]
+    dist.all_gather(missing, blind)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        marker.unlink(missing_ok=True)
+    ranks = [r for r, m in enumerate(missing) if int(m)]
+    if ranks:
+        raise ConfigError(f"run_dir {run_dir}: ranks {ranks} do not see what rank 0 writes there; every node "
+                          f"needs the run directory on one shared filesystem (checkpoints are written into it by "
+                          f"all ranks)")
 
 
 def check_distillation(train: TrainConfig, config: FamilyConfig, layout: ParallelConfig) -> None:

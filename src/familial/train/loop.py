@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -67,11 +68,14 @@ def check_data_fits(stages: list[StageConfig], config: FamilyConfig) -> None:
             vocab = shards.vocab_size
             if vocab is None:
                 # A Megatron index names no vocabulary: scan its ids, unless its dtype
-                # cannot hold one outside the model's.
+                # cannot hold one outside the model's. Once per node: the first local rank
+                # scans (the others wait for it to join the process group, and a bad id
+                # there ends the whole run), so a node reads the tokens once, not once per GPU.
                 if np.issubdtype(shards.tokens.dtype, np.unsignedinteger) and \
                         np.iinfo(shards.tokens.dtype).max < config.vocab_size:
                     continue
-                shards.check_token_ids(config.vocab_size)
+                if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                    shards.check_token_ids(config.vocab_size)
             elif vocab > config.vocab_size:
                 raise ConfigError(f"{Path(source.path) / 'manifest.json'}: vocab_size {vocab} is larger than "
                                   f"the model's vocab_size {config.vocab_size} (the shards were tokenised "
