@@ -1,7 +1,8 @@
 """The N-process layout: pipeline x FSDP2/HSDP x tensor parallel over one DeviceMesh.
 
-Built in torchtitan's order on the meta device: split into pipeline stages -> tensor
-parallel -> activation checkpointing and compile per block -> FSDP, then each rank
+Built in torchtitan's order on the meta device: split into pipeline stages, then
+`familial.parallel.parallelize.parallelize_family` on each (tensor parallel -> activation
+checkpointing and compile per block -> FSDP), then each rank
 allocates only its shards and reads only its slices of the weights (`familial.train.init`).
 The trainer's loop (`familial.train.loop.Trainer`) drives it exactly as it drives one
 process; this module decides how a step runs forward/backward and how checkpoints are
@@ -29,9 +30,10 @@ from torch.distributed.tensor import DTensor
 
 from familial.checkpoint_io import family_parameter_names
 from familial.config import ConfigError, FamilyConfig
-from familial.parallel.fsdp import accumulation_sync, apply_fsdp, mixed_precision
+from familial.parallel.fsdp import accumulation_sync
 from familial.parallel.norm import clip_grad_norm_, settle_partial_grads
-from familial.parallel.mesh import build_mesh, dp_mesh, dp_rank, init_distributed
+from familial.parallel.mesh import build_mesh, dp_rank, init_distributed
+from familial.parallel.parallelize import parallelize_family
 from familial.parallel.pipeline import (
     SyncedStage,
     build_schedule,
@@ -43,12 +45,10 @@ from familial.parallel.pipeline import (
 )
 from familial.parallel.stage import FamilyStage
 from familial.parallel.tensor_parallel import (
-    apply_tensor_parallel,
     check_tensor_parallel,
 )
 from familial.train import checkpoint as ckpt
 from familial.train import dcp
-from familial.train.blocks import apply_block_options
 from familial.train.config import ParallelConfig, TrainConfig
 from familial.train.init import (
     WeightSource,
@@ -76,21 +76,16 @@ class ParallelLayout:
         p = self.parallel = train.parallel.resolve(dist.get_world_size())
         self.device = resolve_device(train.device)
         dtype = compute_dtype(train.precision, self.device)
-        if p.tp > 1:
+        if p.tp_enabled:
             check_tensor_parallel(config, p.tp)
         self.mesh = build_mesh(p, self.device.type)
         self.dp_rank, self.dp_size = dp_rank(self.mesh, p), p.dp
         check_distillation(train, config, p)
         family = meta_family(config)
         self.parts, self.boundaries = self._split(family)
-        sharded = p.dp > 1
+        sharded = p.fsdp_enabled
         for part in self.parts:
-            if p.tp > 1:
-                apply_tensor_parallel(part, self.mesh["tp"], p.sequence_parallel)
-            apply_block_options(part, train.activation_checkpointing, train.compile)
-            if sharded:
-                apply_fsdp(part, dp_mesh(self.mesh, p), mixed_precision(dtype),
-                           reshard_after_forward=p.pp == 1 or p.pp_reshard)
+            parallelize_family(part, self.mesh, p, train, dtype)
             materialize(part, self.device)
         # Sharded parameters are gathered in the compute dtype; unsharded ones run under autocast.
         self.autocast = None if sharded or dtype == torch.float32 else dtype
@@ -106,7 +101,7 @@ class ParallelLayout:
 
     def _split(self, family) -> tuple[list, list[int]]:
         p = self.parallel
-        if p.pp == 1:
+        if not p.pp_enabled:
             return [family], [0, self.config.num_hidden_layers]
         schedule_class(p.pp_schedule)
         per_rank = stages_per_rank(p.pp_schedule)
@@ -158,7 +153,7 @@ class ParallelLayout:
                 optimizer.state[parameter] = state
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        layout = dict(zip(("pp", "dp_replicate", "dp_shard", "tp"), self.parallel.shape()))
+        layout = self.parallel.dims()
         return self.checkpointer.save(self.parts, self.optimizers, step, dict(state, step=step, layout=layout),
                                       self.train.checkpoint.keep)
 
@@ -196,14 +191,14 @@ class ParallelLayout:
         # Tensor and pipeline ranks hold copies of their data-parallel group's batch.
         copies = self.parallel.tp * self.parallel.pp
         targets, tokens = (int(v) // copies for v in counts.tolist())
-        if self.parallel.pp == 1:
+        if not self.parallel.pp_enabled:
             model = self.parts[0]
             sync = accumulation_sync(model) if self.sharded else None
             ce, kd = accumulate(model, micro_batches, lambdas, distill, chunk_size, targets, self.device,
                                 self.autocast, sync)
         else:
             ce, kd = self._pipeline_step(micro_batches, lambdas, distill, targets)
-        if self.parallel.tp > 1 and not self.sharded:
+        if self.parallel.tp_enabled and not self.sharded:
             settle_partial_grads(p for _, p in self.named_parameters())
         sums = torch.stack((ce, kd)).cpu()
         dist.all_reduce(sums)
