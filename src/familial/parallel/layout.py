@@ -298,7 +298,9 @@ def check_shared_run_dir(run_dir: Path) -> None:
     tokens = [os.urandom(8).hex()]
     dist.broadcast_object_list(tokens, src=0)
     marker = run_dir / f".shared-{tokens[0]}"
+    created = False
     if dist.get_rank() == 0:
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(tokens[0])
     dist.barrier()
@@ -311,7 +313,10 @@ def check_shared_run_dir(run_dir: Path) -> None:
     dist.all_gather(missing, blind)
     dist.barrier()
     if dist.get_rank() == 0:
+        # Nothing is left behind: the check writes no file a run has not written itself.
         marker.unlink(missing_ok=True)
+        if created:
+            run_dir.rmdir()
     ranks = [r for r, m in enumerate(missing) if int(m)]
     if ranks:
         raise ConfigError(f"run_dir {run_dir}: ranks {ranks} do not see what rank 0 writes there; every node "
