@@ -5,13 +5,14 @@ Runs 4 gloo processes under torchrun. For each layout every rank builds the real
 optimizer state, then measures a second step (forward/backward of every micro-batch,
 clipping, the AdamW update): its peak = the bytes the rank holds at the step's start (local
 parameters and AdamW moments) + the peak of what the CPU allocator hands out during the step
-(torch.profiler's memory events; the least of three measured steps). The estimate is `familial.parallel.memory.rank_peak` for
+(torch.profiler's memory events; the least of three measured steps, two with --quick). The estimate is `familial.parallel.memory.rank_peak` for
 the same family, layout, micro-batch and compute dtype (float32 on CPU).
 
     python bench/train_memory.py [--quick]
 
 FSDP's reduce-scatter runs as an in-place all-reduce here (`reduce_scatter_in_place`: gloo's
-own clones its input and frees the clone late); each layout runs in its own launch.
+own clones its input and frees the clone late, which also made a layout measured after
+another read high).
 
 Prints one row per layout and rank group, and as its last line one JSON object: per layout,
 the largest measured peak over its ranks, the estimate for that rank's stage, their ratio,
@@ -122,7 +123,7 @@ def reduce_scatter_in_place(parts) -> None:
                 module.set_custom_reduce_scatter(InPlace())
 
 
-def measure(name: str, parallel: dict, accumulation: int, out: Path) -> dict:
+def measure(name: str, parallel: dict, accumulation: int, out: Path, repeats: int) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -152,7 +153,7 @@ def measure(name: str, parallel: dict, accumulation: int, out: Path) -> dict:
         layout.optimizer_step()
         layout.zero_grad()
 
-    growth, where = step_peak(step, out / f"trace{dist.get_rank()}.json")
+    growth, where = step_peak(step, out / f"trace{dist.get_rank()}.json", repeats)
     held = held_bytes(layout)
     peak = held + growth
     stage = layout.mesh["pp"].get_local_rank()
@@ -170,7 +171,8 @@ def worker(spec: dict) -> None:
     torch.set_num_threads(1)
     init_distributed(timeout_s=300)
     out = Path(spec["out"])
-    results = [measure(name, parallel, accumulation, out) for name, parallel, accumulation in spec["layouts"]]
+    results = [measure(name, parallel, accumulation, out, spec["repeats"])
+               for name, parallel, accumulation in spec["layouts"]]
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
@@ -196,20 +198,15 @@ def main() -> None:
         worker(json.loads(args.worker))
         return
     layouts = QUICK if args.quick else FULL
-    ranks = [[] for _ in range(4)]
-    for layout in layouts:
-        # One launch per layout: a layout measured after another in the same processes reads
-        # tens of MB high (the profiler's running total is process-wide).
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = {"out": tmp, "layouts": [layout]}
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                       str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-            if done.returncode:
-                sys.exit(f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-            for r in range(4):
-                ranks[r] += json.loads((Path(tmp) / f"rank{r}.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {"out": tmp, "layouts": layouts, "repeats": 2 if args.quick else 3}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                   str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode:
+            sys.exit(f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(4)]
     figures = {}
     print("layout | grad_accum | stage | measured peak MB (max over ranks) | estimate MB | estimate / measured")
     for index, (name, parallel, accumulation) in enumerate(layouts):
