@@ -4,7 +4,7 @@ import contextlib
 import weakref
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 from familial.config import FamilyConfig
 from familial.model import FamilyModel
@@ -47,7 +47,8 @@ def optimizer_factory(lr: float):
 
 
 def reference_run(overrides: dict, steps: int, weights: dict[int, float] | None = None, lr: float = 1e-3,
-                  seed: int = 0, model=None, optimizer=None, skip: int = 0, distill: dict[int, float] | None = None):
+                  seed: int = 0, model=None, optimizer=None, skip: int = 0, distill: dict[int, float] | None = None,
+                  batch: int = 4):
     """Per-step {exit: mean CE} (and {exit: mean KL}), and the first step's gradients, of plain
     single-process training."""
     torch.manual_seed(seed)
@@ -55,7 +56,7 @@ def reference_run(overrides: dict, steps: int, weights: dict[int, float] | None 
     optimizer = optimizer or optimizer_factory(lr)(model)
     weights = weights or {e: 1.0 for e in model.config.exits}
     losses, kds, grads = [], [], None
-    for step, (input_ids, labels) in enumerate(batches(overrides, steps, seed=seed)):
+    for step, (input_ids, labels) in enumerate(batches(overrides, steps, seed=seed, batch=batch)):
         if step < skip:
             continue
         sums = family_loss_sums(model, input_ids, labels, lambdas=weights, distill=distill)
@@ -117,3 +118,32 @@ def saved_bytes(exclude: set[int] = frozenset()):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
         yield lambda: peak[0]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts, inside the block, collectives and reads of device data by the host.
+
+    A collective is any c10d or functional-collective op. A host read is an op whose result
+    the host must wait for: `_local_scalar_dense` (item, bool, float, int), `nonzero`,
+    `masked_select`, or indexing with a boolean mask. `allowed(op, args)` exempts reads
+    that are host-side by design (e.g. of labels that never leave the CPU).
+    """
+
+    READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default"}
+    MASKED = {"aten.index.Tensor", "aten.index_put_.default", "aten.index_put.default"}
+
+    def __init__(self, allowed=lambda op, args: False):
+        super().__init__()
+        self.allowed = allowed
+        self.collectives: list[str] = []
+        self.host_reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(("c10d.", "_c10d_functional.")) and "wait" not in name:
+            self.collectives.append(name)
+        read = name in self.READS or (name in self.MASKED and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())))
+        if read and not self.allowed(name, args):
+            self.host_reads.append(f"{name} on {args[0].dtype} {tuple(args[0].shape)}")
+        return func(*args, **(kwargs or {}))

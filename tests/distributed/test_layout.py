@@ -75,7 +75,8 @@ def test_tensor_parallel_needs_whole_kv_heads():
 
 def test_parallel_layout_fills_and_checks_the_world():
     assert ParallelConfig(tp=2, pp=2).resolve(8).dp_shard == 2  # dp_shard = -1 takes the rest
-    assert ParallelConfig().resolve(1).shape() == (1, 1, 1, 1)
+    assert ParallelConfig().resolve(1).dims() == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
+    assert ParallelConfig(tp=2, pp=2).resolve(8).tp_enabled and not ParallelConfig().resolve(1).fsdp_enabled
     with pytest.raises(ConfigError, match="needs 12 ranks, but the world size is 8"):
         ParallelConfig(dp_shard=3, tp=2, pp=2).resolve(8)
     with pytest.raises(ConfigError, match="parallel.tp = 0"):

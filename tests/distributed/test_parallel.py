@@ -36,7 +36,7 @@ PLACED_WEIGHTS = {1: 0.5, 2: 0.25, 3: 0.75, 5: 1.0}
 TIMEOUT_S = 240
 
 
-def run_layout(tmp_path: Path, nproc: int, spec: dict) -> list[dict]:
+def run_layout(tmp_path: Path, nproc: int, spec: dict, fails: bool = False) -> list[dict] | str:
     out = tmp_path / "out"
     out.mkdir()
     spec = {"steps": STEPS, "family": {}, **spec, "out": str(out), "run_dir": str(tmp_path / "run")}
@@ -51,27 +51,36 @@ def run_layout(tmp_path: Path, nproc: int, spec: dict) -> list[dict]:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         pytest.fail(f"{nproc}-process run {spec['parallel']} hung for {TIMEOUT_S}s:\n{output[-3000:]}")
+    if fails:
+        assert process.returncode != 0, output[-5000:]
+        return output
     assert process.returncode == 0, output[-5000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
 
 @cache
-def _reference(family_json: str, weights_json: str, distill_json: str):
+def _reference(family_json: str, weights_json: str, distill_json: str, batch: int):
     weights = {int(k): v for k, v in json.loads(weights_json).items()} or None
     distill = {int(k): v for k, v in json.loads(distill_json).items()} or None
-    losses, grads, _, _, kds = reference_run(json.loads(family_json), STEPS, weights=weights, distill=distill)
+    losses, grads, _, _, kds = reference_run(json.loads(family_json), STEPS, weights=weights, distill=distill,
+                                             batch=batch)
     return losses, grads, kds
 
 
-def reference(family: dict, weights: dict | None = None, distill: dict | None = None):
+def reference(family: dict, weights: dict | None = None, distill: dict | None = None, batch: int = 4):
     """Per-step {exit: mean CE}, first-step gradients and per-step {exit: mean KL} of one process."""
     return _reference(json.dumps(family, sort_keys=True), json.dumps(weights or {}, sort_keys=True),
-                      json.dumps(distill or {}, sort_keys=True))
+                      json.dumps(distill or {}, sort_keys=True), batch)
+
+
+def accumulation_variants(rows_per_rank: int, data_parallel: int, steps: int = 3) -> list[dict]:
+    """grad_accum 1, 2 and 4 over the same global batch (so one reference covers all three)."""
+    return [{"grad_accum": n, "batch": 4 * rows_per_rank * data_parallel, "steps": steps} for n in (1, 2, 4)]
 
 
 def assert_matches(results: list[dict], family: dict, weights: dict | None = None,
-                   distill: dict | None = None) -> None:
-    ref_losses, ref_grads, ref_kds = reference(family, weights, distill)
+                   distill: dict | None = None, batch: int = 4) -> None:
+    ref_losses, ref_grads, ref_kds = reference(family, weights, distill, batch)
     curves = [("losses", ref_losses)] + ([("kd", ref_kds)] if distill else [])
     for rank, result in enumerate(results):
         for key, want_curve in curves:
@@ -113,10 +122,19 @@ def test_gradient_accumulation_keeps_activation_memory_flat_and_equals_one_big_b
             assert error <= 1e-5, (name, float(error))
 
 
+def assert_variants_match(results: list[list[dict]], variants: list[dict], family: dict,
+                          weights: dict | None = None) -> None:
+    for index, variant in enumerate(variants):
+        assert_matches([rank[index] for rank in results], family, weights, batch=variant["batch"])
+
+
 @pytest.mark.parametrize("layout", [{"dp_shard": 2}, {"dp_replicate": 2, "dp_shard": 1}])
 def test_data_parallel_gradients_are_summed_over_ranks(tmp_path, layout):
-    # dp_shard: FSDP2; dp_replicate: full replicas (HSDP with one shard per group).
-    assert_matches(run_layout(tmp_path, 2, {"parallel": layout}), {})
+    # dp_shard: FSDP2; dp_replicate: full replicas (HSDP with one shard per group). Each
+    # micro-batch is reduce-scattered; HSDP's all-reduce waits for the last: grad_accum 1, 2
+    # and 4 all give the one-process gradients.
+    variants = accumulation_variants(1, 2)
+    assert_variants_match(run_layout(tmp_path, 2, {"parallel": layout, "variants": variants}), variants, {})
 
 
 @pytest.mark.parametrize("layout", [{"tp": 2, "dp_shard": 2}, {"dp_replicate": 2, "dp_shard": 2}],
@@ -149,6 +167,28 @@ def test_interleaved_pipeline_with_cost_balanced_split(tmp_path):
     assert_matches(results, PLACED, PLACED_WEIGHTS)
 
 
+@pytest.mark.parametrize("layout", [{"tp": 2, "dp_shard": 2, "sequence_parallel": True},
+                                    {"pp": 2, "tp": 2, "dp_shard": 1, "microbatches": 2}])
+def test_clipping_is_one_all_reduce_and_one_host_read_and_the_loss_reads_nothing(tmp_path, layout):
+    # Mixed meshes: weights sharded over (dp_shard, tp), norms over dp_shard alone or
+    # replicated over tp; or two pipeline stages. The norm is the one-process gradients' norm.
+    results = run_layout(tmp_path, 4, {"parallel": layout, "steps": 1, "count": True})
+    _, ref_grads, _ = reference({})
+    want = float(torch.sqrt(sum((g.double() ** 2).sum() for g in ref_grads.values())))
+    for result in results:
+        clip = result["clip"]
+        assert abs(clip["norm"] - want) <= 1e-5 * want, (clip["norm"], want)
+        assert abs(clip["clipped_norm"] - want / 4) <= 1e-5 * want
+        for key in ("collectives", "clip_collectives"):
+            assert clip[key] == ["c10d.allreduce_.default"], clip[key]
+        for key in ("host_reads", "clip_host_reads"):
+            assert clip[key] == ["aten._local_scalar_dense.default on torch.float64 ()"], clip[key]
+        if "pp" not in layout:
+            # The tensor-parallel exit loss (and the whole step) reads no device data on the
+            # host. (torch's pipeline schedule makes a few reads of its own per step.)
+            assert result["step_host_reads"] == [], result["step_host_reads"]
+
+
 def assert_states_as_documented(results: list[dict], family: dict, layout: dict) -> None:
     """Each rank holds the model-state bytes docs/parallel.md's arithmetic gives for its stage."""
     config, parallel = family_config(family), ParallelConfig(**layout).resolve(len(results))
@@ -158,11 +198,23 @@ def assert_states_as_documented(results: list[dict], family: dict, layout: dict)
         assert abs(result["state_bytes"] - want) <= 0.01 * want, (rank, result["state_bytes"], want)
 
 
-def test_fsdp_with_pipeline(tmp_path):
-    layout = {"pp": 2, "dp_shard": 2, "pp_schedule": "1F1B", "microbatches": 2, "stage_boundaries": [0, 3, 6]}
-    results = run_layout(tmp_path, 4, {"parallel": layout, "family": PLACED, "weights": PLACED_WEIGHTS})
-    assert_matches(results, PLACED, PLACED_WEIGHTS)
-    assert_states_as_documented(results, PLACED, layout)
+@pytest.mark.parametrize("reshard", [False, True])
+def test_fsdp_with_pipeline(tmp_path, reshard):
+    # Accumulation micro-batches become pipeline micro-batches, each reduce-scattered.
+    layout = {"pp": 2, "dp_shard": 2, "pp_schedule": "1F1B", "microbatches": 2, "stage_boundaries": [0, 3, 6],
+              "pp_reshard": reshard}
+    variants = accumulation_variants(2, 2)
+    results = run_layout(tmp_path, 4, {"parallel": layout, "family": PLACED, "weights": PLACED_WEIGHTS,
+                                       "variants": variants})
+    assert_variants_match(results, variants, PLACED, PLACED_WEIGHTS)
+    assert_states_as_documented([rank[0] for rank in results], PLACED, layout)
+
+
+def test_hsdp_accumulates_exactly(tmp_path):
+    # Two replicas of two shards: partial sums stay sharded until the last micro-batch.
+    variants = accumulation_variants(1, 4)
+    results = run_layout(tmp_path, 4, {"parallel": {"dp_replicate": 2, "dp_shard": 2}, "variants": variants})
+    assert_variants_match(results, variants, {})
 
 
 def test_pipeline_with_tensor_parallel_resumes_in_one_process(tmp_path):
@@ -194,3 +246,9 @@ def test_pipeline_with_tensor_parallel_resumes_in_one_process(tmp_path):
     assert set(held) == set(family.state_dict())
     for name, tensor in family.state_dict().items():
         assert torch.equal(tensor, held[name]), name
+
+
+def test_a_run_directory_not_shared_by_every_rank_is_refused_at_start(tmp_path):
+    output = run_layout(tmp_path, 2, {"parallel": {"dp_shard": 2}, "steps": 1, "node_local_run_dir": True},
+                        fails=True)
+    assert "run_dir run: ranks [1] do not see what rank 0 writes there" in output, output[-3000:]

@@ -6,6 +6,8 @@ boundaries, and what the spec asks to measure. The step is `ParallelLayout.forwa
 the one the trainer's loop runs.
 """
 
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -22,7 +24,7 @@ from familial.train.config import InitConfig, ParallelConfig, TrainConfig
 from familial.train.init import ModelWeights
 
 sys.path.insert(0, os.path.dirname(__file__))
-from family_fixtures import batches, make_family, optimizer_factory, saved_bytes
+from family_fixtures import OpCounter, batches, make_family, optimizer_factory, saved_bytes
 
 
 def build(spec: dict) -> ParallelLayout:
@@ -50,6 +52,32 @@ def state_bytes(layout: ParallelLayout) -> int:
     return total
 
 
+def host_side(op: str, args, labels: torch.Tensor, hidden: int) -> bool:
+    """Reads the trainer makes of tensors that stay on the host (target counts of the labels,
+    the loss's target rows of a micro-batch's labels), and torch's own vocabulary-parallel
+    embedding, which zeroes the rows of ids another rank holds with a boolean mask."""
+    tensor = args[0]
+    if op == "aten.index_put_.default":
+        return tensor.dim() == 3 and tensor.shape[-1] == hidden and tensor.shape[:2] == args[1][0].shape
+    if op == "aten._local_scalar_dense.default":
+        return tensor.dtype == torch.int64 and tensor.dim() == 0
+    return op == "aten.nonzero.default" and tensor.dtype == torch.bool and tensor.dim() == 1 \
+        and labels.numel() % tensor.numel() == 0
+
+
+def count_clip(layout: ParallelLayout) -> dict:
+    """The norm, and the collectives and host reads of computing it and of clipping to a quarter."""
+    counter = OpCounter()
+    with counter:
+        norm = layout.clip_grad_norm(0.0)
+    clip = OpCounter()
+    with clip:
+        layout.clip_grad_norm(norm / 4)
+    return {"norm": norm, "collectives": counter.collectives, "host_reads": counter.host_reads,
+            "clip_collectives": clip.collectives, "clip_host_reads": clip.host_reads,
+            "clipped_norm": layout.clip_grad_norm(0.0)}
+
+
 def run(spec: dict) -> dict:
     layout = build(spec)
     exits = layout.config.exits
@@ -65,11 +93,15 @@ def run(spec: dict) -> dict:
         size = rows // accumulation
         micro = [{"input_ids": ids[i * size:(i + 1) * size], "labels": targets[i * size:(i + 1) * size]}
                  for i in range(accumulation)]
-        with saved_bytes() as peak:
+        counter = OpCounter(functools.partial(host_side, labels=targets, hidden=layout.config.hidden_size))
+        with saved_bytes() as peak, counter if spec.get("count") and step == 0 else contextlib.nullcontext():
             sums = layout.forward_backward(micro, weights, distill, spec.get("chunk_size", 1024))
         result["peak_saved_bytes"].append(peak())
         if step == 0:
+            result["step_host_reads"] = counter.host_reads
             result["grads"] = layout.full_gradients()
+        if spec.get("count") and step == 0:
+            result["clip"] = count_clip(layout)
         layout.optimizer_step()
         if step == 0:
             result["state_bytes"] = state_bytes(layout)
@@ -88,6 +120,12 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
     init_distributed(timeout_s=120)
+    if spec.get("node_local_run_dir"):
+        # Each rank its own working directory: a relative run_dir is then on another "node".
+        local = Path(spec["out"]) / f"node{dist.get_rank()}"
+        local.mkdir()
+        os.chdir(local)
+        spec["run_dir"] = "run"
     # Several runs in one launch share the process group (each builds its own mesh).
     results = [run({**spec, **variant}) for variant in spec.get("variants", [{}])]
     torch.save(results if "variants" in spec else results[0], Path(spec["out"]) / f"rank{dist.get_rank()}.pt")

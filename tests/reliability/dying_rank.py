@@ -4,7 +4,8 @@
 
 The rank dies inside the step's forward/backward (the other rank is then blocked in a
 collective, as after a real crash or lost node). Every rank prints which checkpoint it
-resumed from. '{}' kills nothing.
+resumed from. '{}' kills nothing. With "attempt": N it dies only in torchrun's N-th start
+(TORCHELASTIC_RESTART_COUNT), so a run under `--max-restarts` dies once and then finishes.
 """
 
 import json
@@ -26,7 +27,9 @@ def main() -> int:
     def forward_backward(self, *args, **kwargs):
         nonlocal calls
         calls += 1
-        if dist.get_rank() == spec.get("rank") and calls == spec.get("step"):
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if dist.get_rank() == spec.get("rank") and calls == spec.get("step") and \
+                attempt == spec.get("attempt", attempt):
             os.kill(os.getpid(), signal.SIGKILL)
         return real_step(self, *args, **kwargs)
 

@@ -115,10 +115,12 @@ def disk_full_open(room: int):
     def fake_open(*args, **kwargs):
         return _FillingFile(open(*args, **kwargs), left)
     return fake_open
-def launch(script: Path, spec: dict, *argv: str, nproc: int | None = None) -> tuple[int, str, float]:
+def launch(script: Path, spec: dict, *argv: str, nproc: int | None = None,
+           restarts: int = 0) -> tuple[int, str, float]:
     """Run `script SPEC ARGV...` under torchrun with `nproc` gloo processes (None: one plain
     process); its exit code, output and seconds. A hang fails the test."""
-    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc else []
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+              f"--max-restarts={restarts}"] if nproc else []
     command = [sys.executable, *runner, str(script), json.dumps(spec), *map(str, argv)]
     started = time.monotonic()
     process = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,

@@ -19,8 +19,8 @@ LAUNCHER = Path(__file__).with_name("dying_rank.py")
 STEPS = 6
 
 
-def torchrun(config: Path, spec: dict, resume: bool = False) -> tuple[int, str, float]:
-    return launch(LAUNCHER, spec, config, *(["--resume"] if resume else []), nproc=2)
+def torchrun(config: Path, spec: dict, resume: bool = False, restarts: int = 0) -> tuple[int, str, float]:
+    return launch(LAUNCHER, spec, config, *(["--resume"] if resume else []), nproc=2, restarts=restarts)
 
 
 def test_a_dead_rank_stops_the_run_and_resume_continues_from_the_last_checkpoint(tmp_path, shards):
@@ -48,3 +48,25 @@ def test_a_dead_rank_stops_the_run_and_resume_continues_from_the_last_checkpoint
         for key in ("loss/exit-1", "loss/exit-2", "loss/exit-3", "lr"):
             assert abs(a[key] - b[key]) <= 1e-4, (a["step"], key, a[key], b[key])
     print(f"rank failure: stopped in {seconds:.1f}s (launch included), resumed run {resumed_seconds:.1f}s")
+
+
+def test_torchrun_restarts_a_run_whose_rank_died_and_it_finishes_on_the_uninterrupted_curve(tmp_path, shards):
+    # One command line for the first start and the restart: `--resume` on an empty run
+    # directory starts from step 0; torchrun restarts every rank after rank 1 dies at step 4,
+    # and the restart resumes from the step-2 checkpoint.
+    data = train_config_dict(tmp_path / "run", shards, steps=STEPS, checkpoint={"every": 2, "keep": 2})
+    Trainer(load_config(data=dict(data, run_dir=str(tmp_path / "single")))).run()
+    # FSDP over two ranks, each with half of the single process's rows: the same global batch.
+    config = write_toml(tmp_path / "train.toml", dict(data, parallel={"dp_shard": 2},
+                                                      data=dict(data["data"], batch_size=1)))
+
+    code, output, _ = torchrun(config, {"rank": 1, "step": 4, "attempt": 0}, resume=True, restarts=1)
+    assert code == 0, output[-3000:]
+    assert "no checkpoint yet; --resume starts from step 0" in output
+    for rank in (0, 1):
+        assert f"rank {rank} resumed from {tmp_path / 'run' / 'checkpoints' / 'dcp-00000002'}" in output
+    got, want = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "single")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want):
+        for key in ("loss/exit-1", "loss/exit-2", "loss/exit-3", "lr"):
+            assert abs(a[key] - b[key]) <= 1e-4, (a["step"], key, a[key], b[key])

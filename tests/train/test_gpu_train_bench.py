@@ -57,3 +57,17 @@ def test_step_flops_equal_what_torch_counts_for_one_joint_step():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         layout.forward_backward([batch], {e: 1.0 for e in config.exits}, {}, 4096)
     assert counter.get_total_flops() == bench.step_flops(config, rows * length, length)
+
+
+def test_the_14b_slice_gives_its_heads_the_family_share_of_the_flops():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_train", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from familial.config import FamilyConfig
+
+    family = FamilyConfig(**bench.FAMILY_14B)
+    piece = bench.families(False)["14b_slice"][0]
+    assert abs(bench.head_share(piece) - bench.head_share(family)) < 0.002
+    assert round(bench.head_share(family), 3) == 0.144  # 3 heads among 42 blocks

@@ -226,3 +226,30 @@ def test_busy_cores_measures_this_machine():
 
     busy = threads.busy_cores(0.05)
     assert busy is None or 0 <= busy <= os.cpu_count()
+
+
+def test_resume_before_any_checkpoint_starts_from_step_zero(tmp_path, shards, make_config, capsys):
+    # One command line for the first start and every restart: nothing saved yet is step 0.
+    config = load_config(data=make_config(tmp_path / "run", shards, steps=2))
+    trainer = Trainer(config, resume="latest")
+    assert trainer.state.step == 0
+    assert "no checkpoint yet; --resume starts from step 0" in capsys.readouterr().out
+    assert trainer.run().step == 2
+
+
+class _TwoDataParallelRanks(loop.LocalLayout):
+    """One process that reports two data-parallel ranks (what a resume under FSDP sees)."""
+    dp_size = 2
+
+
+def test_resume_under_more_data_parallel_ranks_keeps_the_global_batch_or_refuses(tmp_path, shards, make_config,
+                                                                                capsys):
+    data = make_config(tmp_path, shards, steps=4)
+    data["data"] = dict(data["data"], batch_size=2, grad_accum=2)
+    Trainer(load_config(data=data)).run(max_steps=2)
+    resumed = Trainer(load_config(data=data), resume="latest", layout=_TwoDataParallelRanks)
+    assert resumed.stages[0].data.grad_accum == 1  # 2 rows x 1 x 2 ranks: the saved 4 rows
+    assert "grad_accum 2 -> 1 keeps the global batch of 4 rows" in capsys.readouterr().out
+    odd = dict(data, data=dict(data["data"], batch_size=3))
+    with pytest.raises(ConfigError, match=r"trained on 4 rows per step \(1 data-parallel ranks\).*a step is 12 rows"):
+        Trainer(load_config(data=odd), resume="latest", layout=_TwoDataParallelRanks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,3 +166,31 @@ def test_scaling_inside_the_loss_equals_dividing_after_it():
     sum(part.objective for part in losses.values()).backward()
     for name, grad in grads(divided).items():
         torch.testing.assert_close(grads(scaled)[name], grad, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def _keep(saved: list, tensor: torch.Tensor) -> torch.Tensor:
+    saved.append(tensor)
+    return tensor
+
+
+def test_gradients_formed_in_backward_equal_those_formed_in_forward_and_keep_no_head_gradient():
+    # A shallow exit recomputes its logits in backward instead of saving a (vocab, hidden)
+    # head gradient from forward to backward; the result is the same to rounding.
+    model = tiny_family()
+    ids, labels = batch(pad=2)
+    hidden = model(ids, exits=[0, 3], return_hidden=True)
+    head, teacher_head = model.exit_head(0), model.exit_head(3)
+    results = {}
+    for eager in (True, False):
+        rows = hidden[0].detach().requires_grad_()
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_keep, saved), lambda t: t):
+            loss = exit_loss_sum(rows, head, labels, 7, hidden[3].detach(), teacher_head, 0.7, 0.3, eager=eager)
+        head.weight.grad = None
+        loss.objective.backward()
+        results[eager] = (loss.objective.detach(), rows.grad, head.weight.grad.clone())
+        head_sized = [t for t in saved if t.shape == head.weight.shape and t.data_ptr() != head.weight.data_ptr()
+                      and t.data_ptr() != teacher_head.weight.data_ptr()]
+        assert bool(head_sized) == eager  # only the eager loss keeps a gradient of the head's size
+    for got, want in zip(results[False], results[True]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)

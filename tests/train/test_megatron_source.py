@@ -11,7 +11,9 @@ import torch
 from familial.data import write_shards
 from familial.data.shards import ShardError
 from familial.train.config import load_config
-from familial.train.loop import Trainer, build_batches
+from familial.config import FamilyConfig
+from familial.data.shards import open_shards
+from familial.train.loop import Trainer, build_batches, check_data_fits
 from familial.train.metrics import read_metrics
 
 try:
@@ -98,3 +100,17 @@ def test_ids_past_the_model_vocabulary_are_refused_before_training(tmp_path, mak
                                          rf"vocabulary \[0, {VOCAB}\)"):
         Trainer(config)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_megatron_ids_are_scanned_once_per_node(tmp_path, make_config, monkeypatch):
+    # The node's first rank scans (and stops the run on a bad id); the others do not read.
+    theirs = write_megatron(tmp_path / "big", [[1, 2, 3] * 10, [VOCAB + 7] * 20], np.int32)
+    config = load_config(data=make_config(tmp_path, theirs))
+    scans = []
+    monkeypatch.setattr(type(open_shards(theirs)), "check_token_ids", lambda self, vocab: scans.append(vocab))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    check_data_fits(config.resolved_stages(), FamilyConfig(**config.init.model.to_dict()))
+    assert scans == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    check_data_fits(config.resolved_stages(), FamilyConfig(**config.init.model.to_dict()))
+    assert scans == [VOCAB]

@@ -8,6 +8,14 @@ ranks, not averaged: every loss is already divided by the global target count of
 
 Parameters stay float32 (the master weights, sharded with the AdamW state); the policy's
 `param_dtype` is the compute dtype FSDP gathers them in, and gradients are reduced in float32.
+
+Under gradient accumulation every micro-batch's gradients are reduce-scattered as soon as
+its backward has passed a unit (as torchtitan does), and added to the rank's float32 shard:
+no rank ever holds more than its shard of the gradients plus the unsharded gradients of the
+unit in flight. Turning the sync off until the last micro-batch would save those reduce-
+scatters but keep the whole model's unsharded gradients alive between micro-batches. With
+HSDP only the all-reduce across replicas waits for the last micro-batch (`accumulation_sync`):
+the partial sums are already sharded, so nothing unsharded is kept.
 """
 
 from __future__ import annotations
@@ -43,3 +51,12 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionP
             # A plain SUM (gloo has no pre-multiplied sum; with factor 1 nothing is lost).
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def accumulation_sync(model: FSDPModule):
+    """`sync(last)` for `familial.train.step.accumulate`: reduce-scatter every micro-batch,
+    all-reduce across HSDP replicas only after the last one."""
+    def sync(last: bool) -> None:
+        model.set_requires_gradient_sync(True)
+        model.set_requires_all_reduce(last)
+    return sync

@@ -1,36 +1,41 @@
 """The N-process layout: pipeline x FSDP2/HSDP x tensor parallel over one DeviceMesh.
 
-Built in torchtitan's order on the meta device: split into pipeline stages -> tensor
-parallel -> activation checkpointing and compile per block -> FSDP, then each rank
+Built in torchtitan's order on the meta device: split into pipeline stages, then
+`familial.parallel.parallelize.parallelize_family` on each (tensor parallel -> activation
+checkpointing and compile per block -> FSDP), then each rank
 allocates only its shards and reads only its slices of the weights (`familial.train.init`).
 The trainer's loop (`familial.train.loop.Trainer`) drives it exactly as it drives one
 process; this module decides how a step runs forward/backward and how checkpoints are
 written (DCP, `familial.train.dcp`).
 
-A step's micro-batches run one after another. Without a pipeline, FSDP reduces gradients
-only after the last one (`set_requires_gradient_sync`); with one, the accumulation
-micro-batches become more pipeline micro-batches of a single schedule step (1F1B keeps
-at most `stages` of them in flight, so activation memory stays flat). Reported per-exit
+A step's micro-batches run one after another, and FSDP reduce-scatters each one's gradients
+into the rank's shard (`familial.parallel.fsdp`). With a pipeline, the accumulation
+micro-batches become more pipeline micro-batches of a single schedule step (1F1B keeps at
+most `stages` of them in flight, so activation memory stays flat), and the stages reduce-
+scatter every micro-batch too (`familial.parallel.pipeline.SyncedStage`). Reported per-exit
 losses are token sums reduced over micro-batches, stages and data-parallel ranks, divided
 by the global target count: exact means, not averages of averages.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 
 from familial.checkpoint_io import family_parameter_names
 from familial.config import ConfigError, FamilyConfig
-from familial.parallel.fsdp import apply_fsdp, mixed_precision
-from familial.parallel.mesh import build_mesh, dp_mesh, dp_rank, init_distributed
+from familial.parallel.fsdp import accumulation_sync
+from familial.parallel.norm import clip_grad_norm_, settle_partial_grads
+from familial.parallel.mesh import build_mesh, dp_rank, init_distributed
+from familial.parallel.parallelize import parallelize_family
 from familial.parallel.pipeline import (
+    SyncedStage,
     build_schedule,
     check_boundaries,
     schedule_class,
@@ -40,12 +45,10 @@ from familial.parallel.pipeline import (
 )
 from familial.parallel.stage import FamilyStage
 from familial.parallel.tensor_parallel import (
-    apply_tensor_parallel,
     check_tensor_parallel,
 )
 from familial.train import checkpoint as ckpt
 from familial.train import dcp
-from familial.train.blocks import apply_block_options
 from familial.train.config import ParallelConfig, TrainConfig
 from familial.train.init import (
     WeightSource,
@@ -67,25 +70,22 @@ class ParallelLayout:
     def __init__(self, train: TrainConfig, config: FamilyConfig) -> None:
         init_distributed()
         self.train, self.config = train, config
+        check_shared_run_dir(Path(train.run_dir))
         self.rank = dist.get_rank()
         self.is_main = self.rank == 0
         p = self.parallel = train.parallel.resolve(dist.get_world_size())
         self.device = resolve_device(train.device)
         dtype = compute_dtype(train.precision, self.device)
-        if p.tp > 1:
+        if p.tp_enabled:
             check_tensor_parallel(config, p.tp)
         self.mesh = build_mesh(p, self.device.type)
         self.dp_rank, self.dp_size = dp_rank(self.mesh, p), p.dp
         check_distillation(train, config, p)
         family = meta_family(config)
         self.parts, self.boundaries = self._split(family)
-        sharded = p.dp > 1
+        sharded = p.fsdp_enabled
         for part in self.parts:
-            if p.tp > 1:
-                apply_tensor_parallel(part, self.mesh["tp"], p.sequence_parallel)
-            apply_block_options(part, train.activation_checkpointing, train.compile)
-            if sharded:
-                apply_fsdp(part, dp_mesh(self.mesh, p), mixed_precision(dtype), reshard_after_forward=p.pp == 1)
+            parallelize_family(part, self.mesh, p, train, dtype)
             materialize(part, self.device)
         # Sharded parameters are gathered in the compute dtype; unsharded ones run under autocast.
         self.autocast = None if sharded or dtype == torch.float32 else dtype
@@ -101,7 +101,7 @@ class ParallelLayout:
 
     def _split(self, family) -> tuple[list, list[int]]:
         p = self.parallel
-        if p.pp == 1:
+        if not p.pp_enabled:
             return [family], [0, self.config.num_hidden_layers]
         schedule_class(p.pp_schedule)
         per_rank = stages_per_rank(p.pp_schedule)
@@ -153,7 +153,7 @@ class ParallelLayout:
                 optimizer.state[parameter] = state
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        layout = dict(zip(("pp", "dp_replicate", "dp_shard", "tp"), self.parallel.shape()))
+        layout = self.parallel.dims()
         return self.checkpointer.save(self.parts, self.optimizers, step, dict(state, step=step, layout=layout),
                                       self.train.checkpoint.keep)
 
@@ -191,13 +191,15 @@ class ParallelLayout:
         # Tensor and pipeline ranks hold copies of their data-parallel group's batch.
         copies = self.parallel.tp * self.parallel.pp
         targets, tokens = (int(v) // copies for v in counts.tolist())
-        if self.parallel.pp == 1:
+        if not self.parallel.pp_enabled:
             model = self.parts[0]
-            sync = model.set_requires_gradient_sync if self.sharded else None
+            sync = accumulation_sync(model) if self.sharded else None
             ce, kd = accumulate(model, micro_batches, lambdas, distill, chunk_size, targets, self.device,
                                 self.autocast, sync)
         else:
             ce, kd = self._pipeline_step(micro_batches, lambdas, distill, targets)
+        if self.parallel.tp_enabled and not self.sharded:
+            settle_partial_grads(p for _, p in self.named_parameters())
         sums = torch.stack((ce, kd)).cpu()
         dist.all_reduce(sums)
         # Tensor-parallel ranks record identical (replicated) losses.
@@ -206,7 +208,7 @@ class ParallelLayout:
 
     def _pipeline_step(self, micro_batches, lambdas, distill, targets) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.cat([b["input_ids"] for b in micro_batches]).to(self.device)
-        labels = torch.cat([b["labels"] for b in micro_batches]).to(self.device)
+        labels = torch.cat([b["labels"] for b in micro_batches])  # on the host (see `exit_loss_sum`)
         for part in self.parts:
             part.exit_weights, part.distill, part.global_targets = dict(lambdas), dict(distill), targets
         schedule = self._pipeline(*labels.shape, len(micro_batches))
@@ -250,33 +252,19 @@ class ParallelLayout:
         tokens = torch.zeros(rows, length, dtype=torch.long, device=self.device)
         loss = torch.zeros((), dtype=torch.float32, device=self.device, requires_grad=True)
         group = self.mesh["pp"].get_group()
-        stages = [PipelineStage(part, index, self._num_stages, self.device, group=group,
-                                input_args=tokens if part.is_first else hidden,
-                                output_args=loss if part.is_last else hidden)
+        stages = [SyncedStage(part, index, self._num_stages, self.device, group=group,
+                              input_args=tokens if part.is_first else hidden,
+                              output_args=loss if part.is_last else hidden, reshard=p.pp_reshard)
                   for part, index in zip(self.parts, self._stage_indices)]
         self._schedule = build_schedule(p.pp_schedule, stages, count)
         self._schedule_key = (batch, length, count)
         return self._schedule
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Global gradient norm over every rank and stage; gradients scaled down to max_norm if given."""
-        total = torch.zeros((), dtype=torch.float64)
-        for _, p in self.named_parameters():
-            if p.grad is None:
-                continue
-            norm = torch.linalg.vector_norm(p.grad.float())
-            if isinstance(norm, DTensor):
-                norm = norm.full_tensor()
-            total += norm.double().cpu() ** 2
-        if self.parallel.pp > 1:
-            dist.all_reduce(total, group=self.mesh["pp"].get_group())
-        norm = float(total.sqrt())
-        if max_norm > 0 and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            for _, p in self.named_parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        return norm
+        """Global gradient norm over every rank and stage (one all-reduce, one host read);
+        gradients scaled down to max_norm if given (`familial.parallel.norm`)."""
+        grads = [p.grad for _, p in self.named_parameters() if p.grad is not None]
+        return clip_grad_norm_(grads, max_norm, self.parallel.world_size // self.parallel.pp, self.device)
 
     def optimizer_step(self) -> None:
         for optimizer in self.optimizers:
@@ -299,6 +287,41 @@ class ParallelLayout:
             if p.grad is not None:
                 out[name] = (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().cpu().clone()
         return out
+
+
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Every rank must see the run directory rank 0 sees: rank 0 writes the checkpoints'
+    staging directory that every rank then writes its shards into, and reads back what all
+    of them wrote. Rank 0 writes a random token; after a barrier each rank reads it, and a
+    rank on another filesystem (a node-local run_dir) stops the run with a clear error
+    before anything is trained."""
+    tokens = [os.urandom(8).hex()]
+    dist.broadcast_object_list(tokens, src=0)
+    marker = run_dir / f".shared-{tokens[0]}"
+    created = False
+    if dist.get_rank() == 0:
+        created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(tokens[0])
+    dist.barrier()
+    try:
+        seen = marker.read_text() == tokens[0]
+    except OSError:
+        seen = False
+    blind = torch.tensor([0 if seen else 1], dtype=torch.int64)
+    missing = [torch.zeros_like(blind) for _ in range(dist.get_world_size())]
+    dist.all_gather(missing, blind)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        # Nothing is left behind: the check writes no file a run has not written itself.
+        marker.unlink(missing_ok=True)
+        if created:
+            run_dir.rmdir()
+    ranks = [r for r, m in enumerate(missing) if int(m)]
+    if ranks:
+        raise ConfigError(f"run_dir {run_dir}: ranks {ranks} do not see what rank 0 writes there; every node "
+                          f"needs the run directory on one shared filesystem (checkpoints are written into it by "
+                          f"all ranks)")
 
 
 def check_distillation(train: TrainConfig, config: FamilyConfig, layout: ParallelConfig) -> None:

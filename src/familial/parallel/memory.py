@@ -95,45 +95,126 @@ def activation_bytes_bf16(config: FamilyConfig, checkpointing: str, tp: int = 1,
     return 2 * elements
 
 
-def per_gpu(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpointing: str,
-            microbatches: int | None = None) -> dict[str, float]:
-    """GB per GPU on the busiest pipeline stage: model states, activations of the micro-batches
-    1F1B keeps in flight there (min(pp, microbatches) on the first stage), and the bf16 root unit
-    FSDP keeps gathered (embedding and heads on the stage, / tp)."""
-    bounds = [0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp)
-    states = state_bytes(config, layout, bounds)
-    in_flight = min(layout.pp, microbatches or layout.pp)
-    per_token = activation_bytes_bf16(config, checkpointing, layout.tp, layout.sequence_parallel)
-    head = config.hidden_size * config.vocab_size
-    best = None
+def _stage_blocks(config: FamilyConfig, start: int, stop: int) -> tuple[int, int, int]:
+    """(decoder blocks, heads, embeddings) a stage holding trunk layers [start, stop) runs."""
+    blocks = (stop - start) + sum(config.branch_depth(e) for e in config.exits[:-1] if start <= e < stop)
+    heads = sum(1 for e in config.exits[:-1] if start <= e < stop and not config.shared_head) + \
+        (stop == config.num_hidden_layers)
+    return blocks, heads, int(start == 0)
+
+
+def rank_peak(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpointing: str, grad_accum: int = 1,
+              compute_bytes: int = 2, device: str = "cuda", chunk: int = 1024,
+              boundaries: list[int] | None = None) -> list[dict[str, float]]:
+    """Every term one rank of each pipeline stage holds at its peak, in bytes, and their total.
+
+    `tokens` per accumulation micro-batch per data-parallel rank (a pipeline splits them into
+    `microbatches`); `compute_bytes` 2 for bf16, 4 for float32. Terms:
+      params, optimizer, grads   float32 shards (16 bytes per local parameter / dp_shard)
+      gathered_root  FSDP's root unit (embedding, norms, heads) in the compute dtype, gathered
+                     from each micro-batch's forward to its root reduce-scatter
+      gathered_layers  decoder layers gathered at once: the one in backward and the one
+                     prefetched, or every layer of the stage under a pipeline without pp_reshard
+      head_grads     the stage's heads' unsharded gradients (compute dtype), from the start of
+                     each micro-batch's backward to the root's reduce-scatter
+      root_reduce    at that reduce-scatter: the root's unsharded gradients and the float32
+                     reduce-scatter input (plain FSDP frees the gathered root just before; a
+                     pipeline without pp_reshard keeps it gathered until the last micro-batch)
+      retained       FSDP keeps the latest reduce-scatter input until the next unit's: a
+                     layer's, or under a pipeline the root's, which outlives its micro-batch
+      activations    what autograd keeps per block (module docstring) for one micro-batch;
+                     `in_flight` of them on the stage (1F1B: pp - stage, at most all)
+      optimizer_temp AdamW's foreach temporaries on CUDA (one float32 copy of the shard)
+    Peak = params + optimizer + max(backward, reduce, update) with
+      backward = grads + gathered_root + gathered_layers + head_grads + retained
+                 + in_flight x activations
+      reduce   = grads + root_reduce (+ gathered_root and gathered_layers under a pipeline
+                 without pp_reshard) + (in_flight - 1) x activations
+      update   = grads + optimizer_temp.
+    Gradient accumulation adds nothing: every micro-batch is reduce-scattered into the float32
+    shard. Without FSDP, heads' gradients are the grads term itself.
+    """
+    bounds = boundaries or ([0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp))
+    t, d, c = layout.tp, layout.dp_shard, compute_bytes
+    sharded = layout.dp > 1
+    layer_matrices, layer_norms = layer_parameters(config)
+    layer = layer_matrices / t + layer_norms
+    head = config.vocab_size * config.hidden_size / t
+    per_pipeline_micro = tokens / (layout.microbatches or layout.pp) if layout.pp > 1 else tokens
+    micro_batches = (layout.microbatches or layout.pp) * grad_accum if layout.pp > 1 else 1
+    per_token = activation_elements(config, checkpointing, t, layout.sequence_parallel) * c
+    if checkpointing == "none" and c < 4:
+        per_token = activation_bytes_bf16(config, checkpointing, t, layout.sequence_parallel)
+    keeps_stage = layout.pp > 1 and not layout.pp_reshard
+    out = []
     for index, (start, stop) in enumerate(pairwise(bounds)):
-        blocks = (stop - start) + sum(config.branch_depth(e) for e in config.exits[:-1] if start <= e < stop)
-        heads = sum(1 for e in config.exits if start <= e < stop) + (start == 0)
-        figures = {"states": states[index], "activations": tokens * blocks * per_token * (in_flight - index),
-                   "root_gathered": 2 * heads * head / layout.tp if layout.dp_shard > 1 else 0.0}
-        figures["total"] = sum(figures.values())
-        if best is None or figures["total"] > best["total"]:
-            best = figures
-    return {k: round(v / 1e9, 1) for k, v in best.items()}
+        matrices, norms = stage_parameters(config, start, stop)
+        local = matrices / t + norms
+        blocks, heads, _ = _stage_blocks(config, start, stop)
+        root = local - blocks * layer
+        terms = {"params": 4 * local / d, "optimizer": 8 * local / d, "grads": 4 * local / d}
+        if start == 0 and t > 1 and not sharded:
+            terms["grads"] += 4 * config.vocab_size * config.hidden_size * (1 - 1 / t)
+        terms["gathered_root"] = c * root if sharded else 0.0
+        terms["gathered_layers"] = c * layer * (blocks if keeps_stage else min(2, blocks)) if sharded else 0.0
+        terms["head_grads"] = c * heads * head if sharded else 0.0
+        terms["root_reduce"] = (c + 4) * root if sharded else 0.0
+        terms["retained"] = 4 * (root if layout.pp > 1 else layer) if sharded else 0.0
+        in_flight = min(layout.pp - index, micro_batches)
+        terms["activations"] = per_pipeline_micro * blocks * per_token
+        terms["in_flight"] = in_flight
+        terms["optimizer_temp"] = 4 * local / d if device == "cuda" else 0.0
+        others = (in_flight - 1) * terms["activations"]
+        backward = terms["grads"] + terms["gathered_root"] + terms["gathered_layers"] + terms["head_grads"] + \
+            terms["retained"] + in_flight * terms["activations"]
+        kept = terms["gathered_root"] + terms["gathered_layers"] if keeps_stage else 0.0
+        reduce = terms["grads"] + terms["root_reduce"] + kept + others
+        update = terms["grads"] + terms["optimizer_temp"]
+        terms["total"] = terms["params"] + terms["optimizer"] + max(backward, reduce, update)
+        out.append(terms)
+    return out
+
+
+H100_GB = 80.0
+FITS_GB = 0.95 * H100_GB  # what the estimate leaves out: CUDA context, allocator fragmentation
+
+
+def family_14b() -> FamilyConfig:
+    return FamilyConfig(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=8, head_dim=128, exits=[2, 21, 39])
+
+
+def layouts_14b() -> list[tuple[str, ParallelConfig]]:
+    return [("dp_shard 8", ParallelConfig(dp_shard=8)),
+            ("tp 2 x dp_shard 4", ParallelConfig(tp=2, dp_shard=4)),
+            ("tp 2 (sp) x dp_shard 4", ParallelConfig(tp=2, dp_shard=4, sequence_parallel=True)),
+            ("tp 4 (sp) x dp_shard 2", ParallelConfig(tp=4, dp_shard=2, sequence_parallel=True)),
+            ("pp 2 x dp_shard 4", ParallelConfig(pp=2, dp_shard=4)),
+            ("pp 2 x dp_shard 4, pp_reshard", ParallelConfig(pp=2, dp_shard=4, pp_reshard=True)),
+            ("dp_shard 16", ParallelConfig(dp_shard=16)),
+            ("dp_replicate 2 x dp_shard 8", ParallelConfig(dp_replicate=2, dp_shard=8)),
+            ("tp 2 (sp) x dp_shard 8", ParallelConfig(tp=2, dp_shard=8, sequence_parallel=True)),
+            ("pp 2 x dp_shard 8", ParallelConfig(pp=2, dp_shard=8)),
+            ("pp 2 x dp_shard 8, pp_reshard", ParallelConfig(pp=2, dp_shard=8, pp_reshard=True))]
 
 
 def main() -> None:
-    """The 14B family's memory per GPU under common layouts (docs/parallel.md's table)."""
-    config = FamilyConfig(vocab_size=151936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
-                          num_attention_heads=40, num_key_value_heads=8, head_dim=128, exits=[2, 21, 39])
-    layouts = [("dp_shard 8", ParallelConfig(dp_shard=8)), ("tp 2 x dp_shard 4", ParallelConfig(tp=2, dp_shard=4)),
-               ("tp 2 (sp) x dp_shard 4", ParallelConfig(tp=2, dp_shard=4, sequence_parallel=True)),
-               ("pp 2 x dp_shard 4", ParallelConfig(pp=2, dp_shard=4)),
-               ("dp_replicate 2 x dp_shard 8", ParallelConfig(dp_replicate=2, dp_shard=8)),
-               ("pp 2 x dp_shard 8", ParallelConfig(pp=2, dp_shard=8)),
-               ("pp 4 x tp 2 x dp_shard 4", ParallelConfig(pp=4, tp=2, dp_shard=4))]
-    print("layout | GPUs | states | activations none / selective / full | gathered root | total none / selective")
-    for name, layout in layouts:
-        figures = {mode: per_gpu(config, layout, 8192, mode) for mode in ("none", "selective", "full")}
-        none, selective = figures["none"], figures["selective"]
-        print(f"{name} | {layout.world_size} | {none['states']} | {none['activations']} / "
-              f"{selective['activations']} / {figures['full']['activations']} | {none['root_gathered']} | "
-              f"{none['total']} / {selective['total']}")
+    """The 14B family per H100 (docs/parallel.md's table): one 4096-token sequence per
+    micro-batch (per pipeline micro-batch under pp, microbatches = pp), bf16 over float32."""
+    config, seq = family_14b(), 4096
+    print("layout | GPUs | AC | busiest stage | params+optimizer+grads | gathered root / layers | head grads | "
+          "root reduce | activations (x in flight) | total GB | fits 80 GB")
+    for name, layout in layouts_14b():
+        for mode in ("selective", "full"):
+            tokens = seq * (layout.microbatches or layout.pp) if layout.pp > 1 else seq
+            stages = rank_peak(config, layout, tokens, mode, compute_bytes=2, device="cuda")
+            index = max(range(len(stages)), key=lambda i: stages[i]["total"])
+            t = {k: v / 1e9 for k, v in stages[index].items() if k != "in_flight"}
+            fits = "yes" if t["total"] <= FITS_GB else "no"
+            print(f"{name} | {layout.world_size} | {mode} | {index} | "
+                  f"{t['params'] + t['optimizer'] + t['grads']:.1f} | {t['gathered_root']:.1f} / "
+                  f"{t['gathered_layers']:.1f} | {t['head_grads']:.1f} | {t['root_reduce']:.1f} | "
+                  f"{t['activations']:.1f} (x{stages[index]['in_flight']}) | {t['total']:.1f} | {fits}")
 
 
 if __name__ == "__main__":

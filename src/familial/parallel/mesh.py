@@ -18,8 +18,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from familial.config import ConfigError
 from familial.train.config import ParallelConfig
 
-DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
-
 
 def init_distributed(timeout_s: float = 600.0) -> None:
     """Join the process group torchrun describes (no-op when already joined)."""
@@ -34,21 +32,21 @@ def init_distributed(timeout_s: float = 600.0) -> None:
 
 
 def build_mesh(layout: ParallelConfig, device_type: str = "cpu") -> DeviceMesh:
-    """The 4-D mesh (pp, dp_replicate, dp_shard, tp); size-1 dims are kept so names always resolve."""
+    """The mesh of `layout.dims()`, by name; size-1 dims are kept so names always resolve."""
     if not dist.is_initialized():
         raise RuntimeError("build_mesh needs torch.distributed initialised (launch with torchrun)")
     if layout.world_size != dist.get_world_size():
-        raise ConfigError(f"parallel layout {layout.shape()} needs {layout.world_size} ranks,"
+        raise ConfigError(f"parallel layout {layout.dims()} needs {layout.world_size} ranks,"
                           f" but the world size is {dist.get_world_size()}")
-    return init_device_mesh(device_type, layout.shape(), mesh_dim_names=DIM_NAMES)
+    dims = layout.dims()
+    return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
 
 
 def dp_mesh(mesh: DeviceMesh, layout: ParallelConfig) -> DeviceMesh:
     """The data-parallel mesh FSDP shards over: 1-D (shard), or 2-D (replicate, shard) for HSDP."""
-    return mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
+    return mesh["dp_replicate", "dp_shard"] if layout.dp_replicate_enabled else mesh["dp_shard"]
 
 
 def dp_rank(mesh: DeviceMesh, layout: ParallelConfig) -> int:
     """This rank's index among the data-parallel ranks (which slice of the global batch it reads)."""
-    _, replicate, shard, _ = mesh.get_coordinate()
-    return replicate * layout.dp_shard + shard
+    return mesh["dp_replicate"].get_local_rank() * layout.dp_shard + mesh["dp_shard"].get_local_rank()

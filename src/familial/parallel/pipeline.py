@@ -10,7 +10,9 @@ micro-batch as a keyword argument of `step(...)`, which the schedule splits for 
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._backward import stage_backward
 from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from familial.config import ConfigError, FamilyConfig
@@ -83,6 +85,35 @@ def check_boundaries(config: FamilyConfig, bounds: list[int]) -> None:
             raise ConfigError("family config: field 'shared_head' = True: every exit would need the"
                               f" one head, but exits {[e for e in config.exits if e < last_start]} lie"
                               f" before the last stage (layers {last_start}..); use pp = 1")
+
+
+class SyncedStage(PipelineStage):
+    """A PipelineStage whose FSDP gradients are reduce-scattered after every micro-batch.
+
+    torch's stage turns FSDP's gradient sync and reshard-after-backward off for every
+    micro-batch but the last, so each rank would hold its whole stage's unsharded gradients
+    (and weights) until the end of the step. Here each micro-batch's backward reduce-scatters
+    as a plain FSDP backward does, so a rank holds its gradient shard plus one layer's
+    unsharded gradients; HSDP's all-reduce across replicas still waits for the last
+    micro-batch. With `reshard` (parallel.pp_reshard) the layers' gathered weights are freed
+    after each micro-batch's backward too; without it the stage stays gathered for the step.
+    The schedule's closing `perform_reduce_grad` then finds nothing left to reduce and
+    reshards the stage.
+    """
+
+    def __init__(self, *args, reshard: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reshard = reshard
+
+    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+        if backward_type != "full" or not isinstance(self.submod, FSDPModule):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        self.submod.set_is_last_backward(last_backward)
+        self.submod.set_reshard_after_backward(self.reshard or last_backward)
+        self.submod.set_requires_gradient_sync(True)
+        self.submod.set_requires_all_reduce(last_backward)
+        return stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"],
+                              bwd_kwargs["input_values"]), None
 
 
 def stage_indices(pp_rank: int, pp_size: int, stages_per_rank: int) -> list[int]:

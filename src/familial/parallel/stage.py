@@ -100,7 +100,7 @@ class FamilyStage(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.model.embed_tokens(x) if self.is_first else x
         batch, length = labels.shape
-        positions = torch.arange(length, device=labels.device).expand(batch, length)
+        positions = torch.arange(length, device=hidden.device).expand(batch, length)
         rotary = self.model.rotary_emb(positions, hidden.dtype)
         students: dict[int, torch.Tensor] = {}
 
@@ -132,7 +132,7 @@ class FamilyStage(nn.Module):
         loss = exit_loss_sum(self.exit_norm(exit_layer)(hidden), self.exit_head(exit_layer), labels,
                              self.chunk_size, teacher, self.exit_head(final) if teacher is not None else None,
                              self.exit_weights.get(exit_layer, 0.0), self.distill.get(exit_layer, 0.0),
-                             scale=1.0 / max(self.global_targets, 1))
+                             scale=1.0 / max(self.global_targets, 1), eager=exit_layer == final)
         return loss.objective, (exit_layer, loss.ce_sum, loss.kd_sum)
 
     def take_records(self) -> list[Record]:

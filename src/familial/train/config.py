@@ -134,6 +134,10 @@ class LogConfig:
     progress: bool = True
 
 
+# Mesh dimensions, outermost first: pipeline stages exchange least, tensor-parallel ranks most.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
 @dataclass
 class ParallelConfig:
     """The layout: ranks per mesh dimension, outermost first; their product is the world size.
@@ -153,6 +157,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # explicit pipeline stage boundaries [0, ..., L]; default: balanced by cost.
     stage_boundaries: list[int] | None = None
+    # with pp > 1 and FSDP: free each layer's gathered weights after its forward and its
+    # backward in every micro-batch (two all-gathers per layer per micro-batch) instead of
+    # keeping the stage gathered for the whole step (one all-gather per layer per step).
+    pp_reshard: bool = False
 
     def resolve(self, world_size: int) -> ParallelConfig:
         """A copy with dp_shard filled in, checked against the world size."""
@@ -182,8 +190,30 @@ class ParallelConfig:
     def world_size(self) -> int:
         return self.pp * self.dp * self.tp
 
-    def shape(self) -> tuple[int, int, int, int]:
-        return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+    def dims(self) -> dict[str, int]:
+        """Ranks per named mesh dimension, outermost first (the DeviceMesh's order)."""
+        return {name: getattr(self, name) for name in MESH_DIMS}
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def dp_replicate_enabled(self) -> bool:
+        return self.dp_replicate > 1
+
+    @property
+    def dp_shard_enabled(self) -> bool:
+        return self.dp_shard > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """Parameters sharded or replicated by FSDP2 (any data-parallel dimension)."""
+        return self.dp > 1
 
 
 @dataclass

@@ -13,7 +13,9 @@ with nothing left to do says so.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -67,11 +69,14 @@ def check_data_fits(stages: list[StageConfig], config: FamilyConfig) -> None:
             vocab = shards.vocab_size
             if vocab is None:
                 # A Megatron index names no vocabulary: scan its ids, unless its dtype
-                # cannot hold one outside the model's.
+                # cannot hold one outside the model's. Once per node: the first local rank
+                # scans (the others wait for it to join the process group, and a bad id
+                # there ends the whole run), so a node reads the tokens once, not once per GPU.
                 if np.issubdtype(shards.tokens.dtype, np.unsignedinteger) and \
                         np.iinfo(shards.tokens.dtype).max < config.vocab_size:
                     continue
-                shards.check_token_ids(config.vocab_size)
+                if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                    shards.check_token_ids(config.vocab_size)
             elif vocab > config.vocab_size:
                 raise ConfigError(f"{Path(source.path) / 'manifest.json'}: vocab_size {vocab} is larger than "
                                   f"the model's vocab_size {config.vocab_size} (the shards were tokenised "
@@ -185,6 +190,11 @@ class Trainer:
         self.state = TrainState()
         self._saved_at: int | None = None
         checkpoint = None
+        if resume is not None and str(resume) in ("", "latest", "auto") and not ckpt.list_checkpoints(self.run_dir):
+            # The same command line starts a run and restarts it (torchrun --max-restarts, a
+            # scheduler's requeue): before the first checkpoint, resuming is starting.
+            print(f"{self.run_dir}: no checkpoint yet; --resume starts from step 0", flush=True)
+            resume = None
         if resume is not None:
             checkpoint = ckpt.find_checkpoint(resume, self.run_dir)
             family = saved_family_config(checkpoint)
@@ -215,9 +225,41 @@ class Trainer:
                 # Earlier parallel checkpoints kept one (identical) data position per rank.
                 self.state.loader = saved["loaders"][0]
             self._saved_at = self.state.step
+            self._keep_global_batch(saved.get("global_batch"), saved.get("layout"))
         else:
             self.layout.load_weights(source)
         self._place()
+
+    def _global_batch(self) -> list[int]:
+        """Rows per optimizer step of each stage: batch_size x grad_accum x data-parallel ranks."""
+        return [stage.data.batch_size * stage.data.grad_accum * self.layout.dp_size for stage in self.stages]
+
+    def _keep_global_batch(self, saved: list[int] | None, layout: dict | None) -> None:
+        """Resumed under another data-parallel degree, a stage keeps the global batch it was
+        trained with: its grad_accum changes to make up for the ranks, or the resume is refused
+        when no whole grad_accum can."""
+        if saved is None:
+            return
+        before = (layout or {}).get("dp_replicate", 1) * (layout or {}).get("dp_shard", 1)
+        if before == self.layout.dp_size:
+            return
+        for index, (stage, rows, now) in enumerate(zip(self.stages, saved, self._global_batch())):
+            if rows == now:
+                continue
+            per_micro = stage.data.batch_size * self.layout.dp_size
+            if rows % per_micro:
+                raise ConfigError(f"train config: stage '{stage.name}': the checkpoint trained on {rows} rows per "
+                                  f"step ({before} data-parallel ranks); with {self.layout.dp_size} ranks and "
+                                  f"data.batch_size {stage.data.batch_size} a step is {now} rows and no grad_accum "
+                                  f"gives {rows}: set data.batch_size so that {rows} divides by batch_size x "
+                                  f"{self.layout.dp_size}")
+            accumulation = rows // per_micro
+            if self.layout.is_main:
+                print(f"stage '{stage.name}': {self.layout.dp_size} data-parallel ranks instead of {before}; "
+                      f"grad_accum {stage.data.grad_accum} -> {accumulation} keeps the global batch of {rows} rows",
+                      flush=True)
+            self.stages[index] = dataclasses.replace(
+                stage, data=dataclasses.replace(stage.data, grad_accum=accumulation))
 
     @property
     def model(self):
@@ -347,6 +389,7 @@ class Trainer:
         if self._saved_at == self.state.step:
             return None
         state = {k: getattr(self.state, k) for k in TrainState.__dataclass_fields__}
+        state["global_batch"] = self._global_batch()
         path = self.layout.save(self.state.step, state)
         self._saved_at = self.state.step
         return path

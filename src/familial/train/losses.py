@@ -4,9 +4,11 @@
 
 Every term is a SUM over target tokens; the caller divides by the number of target tokens
 of the whole optimizer step (all micro-batches, all ranks), so the result is exact under
-gradient accumulation and padding. A head is applied chunk by chunk and the gradients are
-formed chunk by chunk in the forward pass, so no exit ever holds its full (tokens, vocab)
-logits: peak memory with K exits stays close to one exit's, even at a 150k vocabulary.
+gradient accumulation and padding. A head is applied chunk by chunk, so no exit ever holds
+its full (tokens, vocab) logits: peak memory with K exits stays close to one exit's, even at
+a 150k vocabulary. The deepest exit forms its gradients in the forward pass (its backward
+runs right after); the others recompute their logits in backward rather than keep a
+(vocab, hidden) head gradient alive from forward to backward.
 
 Under tensor parallelism a head's weight is a DTensor sharded over the vocabulary; the
 same loss then runs on this rank's vocabulary slice, with the softmax normaliser, the
@@ -33,82 +35,142 @@ class _ChunkedLinearLoss(torch.autograd.Function):
 
     Returns (objective, ce_sum, kd_sum); only the objective is differentiable. KL is
     KL(softmax(teacher_hidden @ teacher_weight.T) || softmax(hidden @ weight.T)) summed over
-    rows (zero without a teacher). The gradients are computed chunk by chunk during the
-    forward pass (the logits' gradient is q - onehot for CE and q - p for KL), so the head
-    runs once, no (M, V) tensor ever exists, and backward only scales them.
+    rows (zero without a teacher). No (M, V) tensor ever exists: logits are formed chunk by
+    chunk, and the gradient of a chunk's logits is q - onehot for CE and q - p for KL.
+
+    Where the gradients are formed is `eager`'s choice. Eager: in the forward pass, from the
+    logits it already has (the head runs once), saved for backward; then the exit holds a
+    whole (V, H) head gradient from its forward to its backward. Otherwise: the forward keeps
+    only each row's log-normaliser (M floats) and backward recomputes each chunk's logits
+    (one more head matmul, two with a teacher), so nothing of the head's size waits for
+    backward. `family_loss_sums` makes only the deepest exit eager: its loss is computed
+    last and its backward runs first, so its gradient is alive for no longer either way.
 
     With a process `group`, `weight` and `teacher_weight` hold vocabulary rows
-    [vocab_start, vocab_start + V_local) of a head sharded over the group; every
-    collective runs here, in forward, so backward needs no communication.
+    [vocab_start, vocab_start + V_local) of a head sharded over the group; the normalisers,
+    the sums and dL/dhidden are summed over the group, and `valid` (rows whose target lies
+    in this slice) masks the target terms arithmetically: no data-dependent indexing, so no
+    host synchronisation.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, teacher_hidden, teacher_weight, ce_weight, kd_weight,
-                group, vocab_start):
+                group, vocab_start, eager):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         ce_sum = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
         kd_sum = torch.zeros_like(ce_sum)
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = None
-        w = weight.to(hidden.dtype)
         local_targets = targets - vocab_start
-        mine = (local_targets >= 0) & (local_targets < weight.shape[0])
+        valid = (local_targets >= 0) & (local_targets < weight.shape[0])
         local_targets = local_targets.clamp(0, weight.shape[0] - 1)
+        w = weight.to(hidden.dtype)
+        tw = None if teacher_weight is None else teacher_weight.to(hidden.dtype)
+        normalisers = hidden.new_empty(hidden.shape[0], dtype=ce_sum.dtype)
+        teacher_normalisers = None if teacher_hidden is None else torch.empty_like(normalisers)
+        grads = _Grads(hidden, weight, need_hidden and eager, need_weight and eager)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            log_q = _log_probs(hidden[rows], w, group)                # (chunk, V_local)
-            index = torch.arange(log_q.shape[0], device=log_q.device)
-            picked = log_q[index, local_targets[rows]]
-            ce_sum -= picked.sum() if group is None else picked[mine[rows]].sum()
+            log_q, normalisers[rows] = _log_probs(hidden[rows], w, group)      # (chunk, V_local)
+            ce_sum -= _picked(log_q, local_targets[rows], valid[rows]).sum()
             p = None
             if teacher_hidden is not None:
-                log_p = _log_probs(teacher_hidden[rows], teacher_weight.to(hidden.dtype), group)
+                log_p, teacher_normalisers[rows] = _log_probs(teacher_hidden[rows], tw, group)
                 p = log_p.exp()
                 kd_sum += (p * (log_p - log_q)).sum()
                 del log_p
-            if not (need_hidden or need_weight):
-                continue
-            grad_logits = log_q.exp_().mul_(ce_weight + kd_weight)     # q, reusing log_q's memory
-            if group is None:
-                grad_logits[index, local_targets[rows]] -= ce_weight
-            else:
-                grad_logits[index[mine[rows]], local_targets[rows][mine[rows]]] -= ce_weight
-            if p is not None:
-                grad_logits.sub_(p, alpha=kd_weight)
-            grad_logits = grad_logits.to(hidden.dtype)
-            if need_hidden:
-                grad_hidden[rows] = grad_logits @ w
-            if need_weight:
-                part = grad_logits.T @ hidden[rows]
-                if grad_weight is None:
-                    grad_weight = part.to(_loss_dtype(weight.dtype))
-                else:
-                    grad_weight += part
+            if grads.wanted:
+                grads.add(rows, _grad_logits(log_q, p, local_targets[rows], valid[rows], ce_weight, kd_weight),
+                          hidden, w)
         if group is not None:
-            # Each rank holds its vocabulary slice's share of the sums and of dL/dhidden.
+            # Each rank holds its vocabulary slice's share of the sums (and of dL/dhidden).
             sums = torch.stack((ce_sum, kd_sum))
             dist.all_reduce(sums, group=group)
             ce_sum, kd_sum = sums[0].clone(), sums[1].clone()
-            if grad_hidden is not None:
-                dist.all_reduce(grad_hidden, group=group)
-        if need_weight and grad_weight is None:  # no target rows at all
-            grad_weight = torch.zeros_like(weight)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        if eager:
+            ctx.save_for_backward(*grads.finish(group))
+        else:
+            ctx.save_for_backward(hidden, weight, local_targets, valid, normalisers, teacher_hidden, teacher_weight,
+                                  teacher_normalisers)
+        ctx.eager, ctx.chunk, ctx.group = eager, chunk, group
+        ctx.weights = (ce_weight, kd_weight)
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return ce_sum * ce_weight + kd_sum * kd_weight, ce_sum, kd_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_objective, _grad_ce, _grad_kd):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        # The saved gradients are used once, so they are scaled in place (no copies of (V, H)).
-        if not bool(grad_objective == 1):
+        none = (None,) * 9
+        if ctx.eager:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            # Used once, so scaled in place (no copy of (V, H)); a multiply, not a test of
+            # the value, so no host synchronisation.
             for grad in (grad_hidden, grad_weight):
                 if grad is not None:
                     grad.mul_(grad_objective.to(grad.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+            return grad_hidden, grad_weight, *none
+        hidden, weight, local_targets, valid, normalisers, teacher_hidden, teacher_weight, teacher_normalisers = \
+            ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        ce_weight, kd_weight = ctx.weights
+        w = weight.to(hidden.dtype)
+        tw = None if teacher_weight is None else teacher_weight.to(hidden.dtype)
+        grads = _Grads(hidden, weight, need_hidden, need_weight)
+        scale = grad_objective.to(normalisers.dtype)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            log_q = _logits(hidden[rows], w).sub_(normalisers[rows, None])
+            p = None
+            if teacher_hidden is not None:
+                p = _logits(teacher_hidden[rows], tw).sub_(teacher_normalisers[rows, None]).exp_()
+            grad_logits = _grad_logits(log_q, p, local_targets[rows], valid[rows], ce_weight, kd_weight)
+            grads.add(rows, grad_logits.mul_(scale), hidden, w)
+        grad_hidden, grad_weight = grads.finish(ctx.group)
+        return grad_hidden, grad_weight, *none
+
+
+class _Grads:
+    """dL/dhidden (M, H) and dL/dweight (V_local, H) accumulated chunk by chunk."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, need_hidden: bool, need_weight: bool) -> None:
+        self.hidden = torch.empty_like(hidden) if need_hidden else None
+        self.weight = None
+        self.need_weight, self.weight_like = need_weight, weight
+        self.wanted = need_hidden or need_weight
+
+    def add(self, rows: slice, grad_logits: torch.Tensor, hidden: torch.Tensor, w: torch.Tensor) -> None:
+        grad_logits = grad_logits.to(hidden.dtype)
+        if self.hidden is not None:
+            self.hidden[rows] = grad_logits @ w
+        if self.need_weight:
+            part = grad_logits.T @ hidden[rows]
+            if self.weight is None:
+                self.weight = part.to(_loss_dtype(self.weight_like.dtype))
+            else:
+                self.weight += part
+
+    def finish(self, group) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if group is not None and self.hidden is not None:
+            dist.all_reduce(self.hidden, group=group)
+        if self.need_weight and self.weight is None:  # no target rows at all
+            self.weight = torch.zeros_like(self.weight_like)
+        weight = None if self.weight is None else self.weight.to(self.weight_like.dtype)
+        return self.hidden, weight
+
+
+def _picked(log_q: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each row's log-probability of its target, zero where the target is another rank's."""
+    index = torch.arange(log_q.shape[0], device=log_q.device)
+    return log_q[index, targets].masked_fill(~valid, 0.0)
+
+
+def _grad_logits(log_q: torch.Tensor, p: torch.Tensor | None, targets: torch.Tensor, valid: torch.Tensor,
+                 ce_weight: float, kd_weight: float) -> torch.Tensor:
+    """d(ce_weight CE + kd_weight KL)/dlogits of one chunk, reusing log_q's memory."""
+    grad = log_q.exp_().mul_(ce_weight + kd_weight)
+    index = torch.arange(grad.shape[0], device=grad.device)
+    grad.index_put_((index, targets), valid.to(grad.dtype) * -ce_weight, accumulate=True)
+    if p is not None:
+        grad.sub_(p, alpha=kd_weight)
+    return grad
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,16 +178,22 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, group=None) -> torch.Tensor:
-    # (chunk, H) @ (H, V) in the activations' dtype; the normaliser spans the whole group.
-    logits = (hidden @ weight.T).to(_loss_dtype(hidden.dtype))
-    if group is None:
-        return torch.log_softmax(logits, dim=-1)
+def _logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # (chunk, H) @ (H, V) in the activations' dtype; softmax in at least float32.
+    return (hidden @ weight.T).to(_loss_dtype(hidden.dtype))
+
+
+def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-softmax of the chunk's logits, each row's log-normaliser); the normaliser spans the group."""
+    logits = _logits(hidden, weight)
     top = logits.max(dim=-1, keepdim=True).values
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    if group is not None:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     total = (logits - top).exp_().sum(dim=-1, keepdim=True)
-    dist.all_reduce(total, group=group)
-    return logits.sub_(top + total.log_())
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    normaliser = top + total.log_()
+    return logits.sub_(normaliser), normaliser.squeeze(1)
 
 
 def _vocab_shard(weight: torch.Tensor):
@@ -163,10 +231,13 @@ class ExitLoss:
 def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                   chunk_size: int = DEFAULT_CHUNK, teacher_hidden: torch.Tensor | None = None,
                   teacher_head: nn.Module | None = None, ce_weight: float = 1.0,
-                  kd_weight: float = 0.0, scale: float = 1.0) -> ExitLoss:
+                  kd_weight: float = 0.0, scale: float = 1.0, eager: bool = True) -> ExitLoss:
     """Token-loss sums of one exit from its normed hidden state (B, T, H) and its head.
 
-    labels (B, T) are already shifted; IGNORE_INDEX marks positions without a target. With a
+    labels (B, T) are already shifted; IGNORE_INDEX marks positions without a target. Labels
+    on the CPU (what the trainer passes) have their target rows picked on the host: the row
+    selection has a data-dependent size, so labels on the GPU would cost a synchronisation.
+    `eager` forms the gradients in forward (see `_ChunkedLinearLoss`). With a
     teacher (the deepest exit's hidden state and head), the KL term is computed too; the
     teacher is always detached. `objective` is scaled by `scale`: pass 1 / (the step's global
     target count), or divide it yourself before backward (scaling here is free: the
@@ -180,8 +251,11 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
     if isinstance(teacher_hidden, DTensor):
         teacher_hidden = teacher_hidden.full_tensor()
     flat = hidden.reshape(-1, hidden.shape[-1])
-    keep = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-    rows, targets = flat.index_select(0, keep), labels.reshape(-1).index_select(0, keep)
+    flat_labels = labels.reshape(-1)
+    keep = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    targets = flat_labels.index_select(0, keep)
+    keep, targets = _to_device(keep, flat.device), _to_device(targets, flat.device)
+    rows = flat.index_select(0, keep)
     teacher_rows = None
     if teacher_hidden is not None:
         if teacher_head is None:
@@ -192,7 +266,7 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         teacher_weight = None if teacher_head is None else _vocab_shard(teacher_head.weight.detach())[0]
         objective, ce, kd = _ChunkedLinearLoss.apply(rows, weight, targets, chunk_size, teacher_rows, teacher_weight,
                                                      float(ce_weight) * scale, float(kd_weight) * scale, group,
-                                                     vocab_start)
+                                                     vocab_start, eager)
         return ExitLoss(objective, ce, kd, int(keep.numel()))
     # Any other head (e.g. a low-rank one): the same chunking through activation checkpointing.
     ce = rows.new_zeros((), dtype=_loss_dtype(rows.dtype))
@@ -208,6 +282,14 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
                                         use_reentrant=False)
         ce, kd = ce + chunk_ce, kd + chunk_kd
     return ExitLoss((ce * ce_weight + kd * kd_weight) * scale, ce.detach(), kd.detach(), int(keep.numel()))
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()  # an asynchronous copy: the host does not wait for the GPU
+    return tensor.to(device, non_blocking=True)
 
 
 def _is_plain_linear(head: nn.Module) -> bool:
@@ -237,7 +319,7 @@ def family_loss_sums(model: nn.Module, input_ids: torch.Tensor, labels: torch.Te
         out[e] = exit_loss_sum(hidden[e], model.exit_head(e), labels, chunk_size,
                                hidden[deepest] if teacher else None,
                                model.exit_head(deepest) if teacher else None,
-                               lambdas.get(e, 0.0), distill.get(e, 0.0), scale)
+                               lambdas.get(e, 0.0), distill.get(e, 0.0), scale, eager=e == deepest)
     return out
 
 

@@ -2,8 +2,8 @@
 
 Micro-batches run one after another (activation memory is one micro-batch's, whatever
 `grad_accum` is), each loss divided by the step's global target count so the summed
-gradients are exactly one big batch's. `sync(last)` lets a data-parallel layout skip the
-gradient reduction until the last micro-batch (FSDP2's `set_requires_gradient_sync`).
+gradients are exactly one big batch's. `sync(last)` tells a data-parallel layout whether
+the micro-batch about to run is the step's last (`familial.parallel.fsdp.accumulation_sync`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], l
     for i, batch in enumerate(micro_batches):
         if sync is not None:
             sync(i == len(micro_batches) - 1)
-        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        # Labels stay on the host: the loss picks target rows there (`exit_loss_sum`).
+        input_ids, labels = batch["input_ids"].to(device), batch["labels"]
         with autocast_context(device, autocast):
             losses = family_loss_sums(model, input_ids, labels, lambdas, distill, chunk_size,
                                       scale=1.0 / max(total_targets, 1))
