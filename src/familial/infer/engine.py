@@ -108,7 +108,7 @@ def suggested_threads(config) -> int | None:
 class Engine:
     def __init__(self, model: FamilyModel, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
                  device: str = "cpu", max_seq_len: int | None = None, max_prefill_tokens: int = 512,
-                 early_exit: EarlyExit | None = None, exit_kv: str = "recompute") -> None:
+                 early_exit: EarlyExit | None = None, exit_kv: str = "recompute", kernels: str = "auto") -> None:
         if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}), max_queue ({max_queue}) and "
                              f"max_prefill_tokens ({max_prefill_tokens}) must be >= 1")
@@ -127,7 +127,9 @@ class Engine:
             early_exit.classifier = early_exit.classifier.to(self.device)
         dtype = next(model.parameters()).dtype
         self.cache = SlotCache(self.config, max_batch_size, self.max_seq_len, dtype, device)
-        self.runner = Runner(self.model, self.cache)
+        self.runner = Runner(self.model, self.cache, kernels)
+        # Packed weights are built here, not on the first request (familial.infer.kernels).
+        self.runner.kernels.refresh()
         # Tokens each slot's sequence has seen, for the repetition penalty (penalised rows only).
         self.seen = torch.zeros(max_batch_size, self.config.vocab_size, dtype=torch.bool, device=self.device)
         self.costs = CallCosts(self.config)
