@@ -47,6 +47,7 @@ from familial.infer.runner import Adaptive, Row, Runner
 from familial.infer.sampling import Draw, SamplingParams, choose, request_seed
 from familial.infer.speculative import Proposal, Speculator
 from familial.model import FamilyModel
+from familial.threads import serving_threads
 
 __all__ = ["DTYPES", "Engine", "GenerationResult", "QueueFull", "RequestHandle", "TokenEvent", "suggested_threads"]
 
@@ -97,12 +98,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 EXIT_KV = ("recompute", "copy")
 
 
-def suggested_threads(config) -> int | None:
-    """Intra-op threads for decoding on CPU: 1 for small models, whose decode steps are
-    dispatch-bound (extra threads there only spin and contend: ~10x slower on a busy 2-core
-    machine), else None (keep torch's default). torch's setting is process-wide, so the
-    caller (CLI, server) applies it."""
-    return 1 if config.hidden_size * config.num_hidden_layers <= 16384 else None
+def suggested_threads(config) -> int:
+    """Intra-op threads for decoding on CPU (familial.threads.serving_threads): one per core
+    from hidden 512 up, else 1. torch's setting is process-wide, so the caller (CLI, server)
+    applies it."""
+    return serving_threads(config.hidden_size)[0]
 
 
 class Engine:
