@@ -72,3 +72,16 @@ def test_a_mode_the_device_lacks_is_refused(family):
         Kernels(family, "fast")
     with pytest.raises(ValueError, match="needs a CPU with oneDNN"):
         Kernels(family.to(torch.float16), "packed")
+
+
+@pytest.mark.skipif(not packable(torch.device("cpu"), torch.bfloat16), reason="no bf16 instructions")
+def test_bfloat16_weights_run_packed_where_the_cpu_has_bf16_instructions(family_factory):
+    family = family_factory().to(torch.bfloat16)
+    runners = {mode: Runner(family, SlotCache(family.config, 3, 32, dtype=torch.bfloat16), mode)
+               for mode in ("eager", "packed")}
+    assert runners["packed"].kernels.mode == "packed"
+    outputs = {mode: mixed_call(runner) for mode, runner in runners.items()}
+    for eager, packed in zip(outputs["eager"], outputs["packed"]):
+        # bf16 rounds at different points (the fused products round once, at their end).
+        assert packed.logits.dtype == torch.bfloat16
+        torch.testing.assert_close(packed.logits.float(), eager.logits.float(), atol=0.5, rtol=0.05)
