@@ -47,6 +47,7 @@ from familial.infer.runner import Adaptive, Row, Runner
 from familial.infer.sampling import Draw, SamplingParams, choose, request_seed
 from familial.infer.speculative import Proposal, Speculator
 from familial.model import FamilyModel
+from familial.threads import serving_threads
 
 __all__ = ["DTYPES", "Engine", "GenerationResult", "QueueFull", "RequestHandle", "TokenEvent", "suggested_threads"]
 
@@ -97,18 +98,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 EXIT_KV = ("recompute", "copy")
 
 
-def suggested_threads(config) -> int | None:
-    """Intra-op threads for decoding on CPU: 1 for small models, whose decode steps are
-    dispatch-bound (extra threads there only spin and contend: ~10x slower on a busy 2-core
-    machine), else None (keep torch's default). torch's setting is process-wide, so the
-    caller (CLI, server) applies it."""
-    return 1 if config.hidden_size * config.num_hidden_layers <= 16384 else None
+def suggested_threads(config) -> int:
+    """Intra-op threads for decoding on CPU (familial.threads.serving_threads): one per core
+    from hidden 512 up, else 1. torch's setting is process-wide, so the caller (CLI, server)
+    applies it."""
+    return serving_threads(config.hidden_size)[0]
 
 
 class Engine:
     def __init__(self, model: FamilyModel, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
                  device: str = "cpu", max_seq_len: int | None = None, max_prefill_tokens: int = 512,
-                 early_exit: EarlyExit | None = None, exit_kv: str = "recompute") -> None:
+                 early_exit: EarlyExit | None = None, exit_kv: str = "recompute", kernels: str = "auto") -> None:
         if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}), max_queue ({max_queue}) and "
                              f"max_prefill_tokens ({max_prefill_tokens}) must be >= 1")
@@ -127,7 +127,9 @@ class Engine:
             early_exit.classifier = early_exit.classifier.to(self.device)
         dtype = next(model.parameters()).dtype
         self.cache = SlotCache(self.config, max_batch_size, self.max_seq_len, dtype, device)
-        self.runner = Runner(self.model, self.cache)
+        self.runner = Runner(self.model, self.cache, kernels)
+        # Packed weights are built here, not on the first request (familial.infer.kernels).
+        self.runner.kernels.refresh()
         # Tokens each slot's sequence has seen, for the repetition penalty (penalised rows only).
         self.seen = torch.zeros(max_batch_size, self.config.vocab_size, dtype=torch.bool, device=self.device)
         self.costs = CallCosts(self.config)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from familial.infer.adaptive import SOFTMAX, ExitClassifier, ExitRule, log_odds, saturation, softmax_score
 from familial.infer.cache import CacheBatch, SlotCache
+from familial.infer.kernels import Kernels, Packs
 from familial.model import FamilyModel, LowRankLinear, rotate_half
 
 
@@ -141,11 +142,14 @@ class _Active:
 
 
 class Runner:
-    def __init__(self, model: FamilyModel, cache: SlotCache) -> None:
+    def __init__(self, model: FamilyModel, cache: SlotCache, kernels: str = "auto") -> None:
         self.model, self.cache, self.config = model, cache, model.config
+        # Layers and heads on packed kernels where the device has them (familial.infer.kernels).
+        self.kernels = Kernels(model, kernels)
         self.last = self.config.exits[-1]
         self.early = set(self.config.exits[:-1])
-        self._stack = None
+        # Values derived from the weights (the copy-forward K/V stack), rebuilt when they change.
+        self._derived = Packs()
         self._table = None
         self._embedding_scores = None
 
@@ -180,7 +184,7 @@ class Runner:
                 active = self._exit_point(i, rows, active, outputs)
                 if not active.index:
                     return outputs
-            active.x = model.model.layers[str(i)](active.x, active.rotary, None, active.batch)
+            active.x = self.kernels.layer(model.model.layers[str(i)], active.x, active.rotary, active.batch)
         finishing = [j for j, b in enumerate(active.index) if b not in active.decided]
         if finishing:
             done = active.select(finishing)
@@ -355,7 +359,7 @@ class Runner:
     def _run_branch(self, exit_layer: int, active: _Active) -> torch.Tensor:
         x = active.x
         for layer in self.model.branch_layers(exit_layer):
-            x = layer(x, active.rotary, None, active.batch)
+            x = self.kernels.layer(layer, x, active.rotary, active.batch)
         return x[0]
 
     def _branch(self, exit_layer: int, rows: list[Row], active: _Active, js: list[int],
@@ -396,7 +400,7 @@ class Runner:
             return
         if len(picks) < h.shape[0]:
             h = h[picks[0]:picks[0] + 1] if len(picks) == 1 else h[picks]
-        logits = self.model.exit_head(exit_layer)(self.model.exit_norm(exit_layer)(h))
+        logits = self.kernels.head(exit_layer, h)
         begin = 0
         for b, count in zip(index, counts):
             if count:
@@ -455,21 +459,24 @@ class Runner:
 
     def _projection(self, exit_layer: int, stop: int):
         """Stacked, norm-folded k/v projections of trunk layers exit_layer..stop-1 (built on
-        first use, from the weights at that time)."""
-        if self._stack is None:
-            layers = [self.model.model.layers[str(i)] for i in range(self.config.num_hidden_layers)]
-            weights, biases = [], []
-            for layer in layers:
-                gain = layer.input_layernorm.weight
-                for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    dense = proj.dense_weight() if isinstance(proj, LowRankLinear) else proj.weight
-                    weights.append(dense * gain[None, :])
-                    biases.append(proj.bias if getattr(proj, "bias", None) is not None
-                                  else torch.zeros(dense.shape[0], dtype=dense.dtype, device=dense.device))
-            rows_per_layer = 2 * self.config.num_key_value_heads * self.config.head_dim
-            self._stack = (torch.cat(weights), torch.cat(biases),
-                           torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, :],
-                           layers, rows_per_layer)
-        weight, bias, k_norm, layers, per = self._stack
+        first use, and again once the weights they come from changed)."""
+        layers = [self.model.model.layers[str(i)] for i in range(self.config.num_hidden_layers)]
+        sources = [t for layer in layers for module in (layer.input_layernorm, layer.self_attn.k_proj,
+                                                        layer.self_attn.v_proj, layer.self_attn.k_norm)
+                   for t in module.parameters()]
+        weight, bias, k_norm, per = self._derived.get("kv-stack", sources, lambda: self._stack_kv(layers))
         return (weight[exit_layer * per:stop * per], bias[exit_layer * per:stop * per],
                 k_norm[exit_layer:stop], layers[exit_layer:stop])
+
+    def _stack_kv(self, layers: list) -> tuple:
+        weights, biases = [], []
+        for layer in layers:
+            gain = layer.input_layernorm.weight
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                dense = proj.dense_weight() if isinstance(proj, LowRankLinear) else proj.weight
+                weights.append(dense * gain[None, :])
+                biases.append(proj.bias if getattr(proj, "bias", None) is not None
+                              else torch.zeros(dense.shape[0], dtype=dense.dtype, device=dense.device))
+        rows_per_layer = 2 * self.config.num_key_value_heads * self.config.head_dim
+        return (torch.cat(weights), torch.cat(biases),
+                torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, :], rows_per_layer)
