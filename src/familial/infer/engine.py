@@ -229,6 +229,27 @@ class Engine:
         return [result_of(handle) for handle in handles]
 
     def _make_sequence(self, prompt_ids, member, params, speculative, budget, target) -> _Sequence:
+        params = params or SamplingParams()
+        exit_layer = self._check_request(prompt_ids, member, params)
+        handle = RequestHandle(f"req-{next(self._ids)}", len(prompt_ids), self._wake)
+        text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        sequence = _Sequence(handle, list(prompt_ids), exit_layer, params, request_seed(params), text=text)
+        if member == "auto" or budget is not None or target is not None:
+            if speculative:
+                raise ValueError("speculative decoding and adaptive exit ('auto', budget or target) exclude "
+                                 "each other")
+            rule = self._exit_rule(target)
+            if not rule.off or budget is not None:
+                sequence.adaptive = AdaptiveState(self.config, rule, exit_layer, budget, self.exit_kv == "recompute")
+        elif speculative not in (None, False):
+            candidates = self.draft_candidates(exit_layer, speculative)
+            drafters = {e for chain in candidates for e in chain[:-1]}
+            sequence.speculation = _Speculation(DraftPolicy(candidates, self.acceptance), dict.fromkeys(drafters, 0))
+            handle.speculative = True
+        return sequence
+
+    def _check_request(self, prompt_ids, member, params: SamplingParams) -> int:
+        """ValueError naming what is wrong with a request; its member's exit otherwise."""
         config = self.config
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt_ids: expected a non-empty list of token ids")
@@ -238,31 +259,13 @@ class Engine:
         if len(prompt_ids) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_seq_len "
                              f"{self.max_seq_len}")
-        params = params or SamplingParams()
         params.validate()
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (tokenizer.json in the family directory)")
-        auto = member == "auto" or budget is not None or target is not None
         try:
-            exit_layer = config.exits[-1] if member == "auto" else config.resolve_member(member)
+            return config.exits[-1] if member == "auto" else config.resolve_member(member)
         except ConfigError as error:
             raise ValueError(str(error)) from None
-        handle = RequestHandle(f"req-{next(self._ids)}", len(prompt_ids), self._wake)
-        text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        sequence = _Sequence(handle, list(prompt_ids), exit_layer, params, request_seed(params), text=text)
-        if auto:
-            if speculative:
-                raise ValueError("speculative decoding and adaptive exit ('auto', budget or target) exclude "
-                                 "each other")
-            rule = self._exit_rule(target)
-            if not rule.off or budget is not None:
-                sequence.adaptive = AdaptiveState(config, rule, exit_layer, budget, self.exit_kv == "recompute")
-        elif speculative not in (None, False):
-            candidates = self.draft_candidates(exit_layer, speculative)
-            drafters = {e for chain in candidates for e in chain[:-1]}
-            sequence.speculation = _Speculation(DraftPolicy(candidates, self.acceptance), dict.fromkeys(drafters, 0))
-            handle.speculative = True
-        return sequence
 
     def _exit_rule(self, target: float | None):
         if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))

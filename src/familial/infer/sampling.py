@@ -51,31 +51,36 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"sampling parameter '{name}' = {getattr(self, name)!r}: expected {expected}")
-
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", "an integer >= 1")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
-            raise bad("temperature", "a number in [0, 100]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "an integer >= 0")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "a number in (0, 1]")
-        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < float("inf"):
-            raise bad("repetition_penalty", "a positive number")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "a list of non-empty strings")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "an integer or None")
-        if not isinstance(self.stop_token_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "a list of token ids")
+        for name, valid, expected in _CHECKS:
+            if not valid(getattr(self, name)):
+                raise ValueError(f"sampling parameter '{name}' = {getattr(self, name)!r}: expected {expected}")
 
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float))
+
+
+# (field, test, what it expects), checked in this order.
+_CHECKS = (
+    ("max_new_tokens", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("temperature", lambda v: _number(v) and 0 <= v <= 100, "a number in [0, 100]"),
+    ("top_k", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("top_p", lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("repetition_penalty", lambda v: _number(v) and 0 < v < float("inf"), "a positive number"),
+    ("stop", lambda v: isinstance(v, list) and all(isinstance(s, str) and s for s in v),
+     "a list of non-empty strings"),
+    ("seed", lambda v: v is None or _integer(v), "an integer or None"),
+    ("stop_token_ids", lambda v: isinstance(v, list) and all(_integer(t) and t >= 0 for t in v),
+     "a list of token ids"),
+)
 
 
 def request_seed(params: SamplingParams) -> int:

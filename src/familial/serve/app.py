@@ -95,22 +95,36 @@ def _validation_message(error: RequestValidationError | ValidationError) -> tupl
     param = None
     errors = error.errors(include_url=False) if isinstance(error, ValidationError) else error.errors()
     for item in errors:
-        loc = [x if isinstance(x, int) else clip(x) for x in item.get("loc", ()) if x != "body"]
-        # Union branches appear in the location as type tags such as 'list[int]'.
-        tags = [x for x in loc if isinstance(x, str) and (not x.isidentifier() or x in TYPE_NAMES)]
-        path = [str(x) for x in loc if x not in tags]
-        where = ".".join(path) or "body"
+        path, tags = _location(item)
         param = param or (path[0] if path else None)
-        field = next((x for x in reversed(path) if not x.isdigit()), "")
-        if tags and field in SHAPES:
-            where = ".".join(path[:len(path) - path[::-1].index(field)])
-            messages[where] = f"expected {SHAPES[field]}"
-        elif item.get("type") == "extra_forbidden":
-            messages[where] = "unsupported parameter"
-        else:
+        where, message = _item_message(item, path, tags)
+        if message is None:
             messages.setdefault(where, clip(item.get("msg", "invalid value")))
+        else:
+            messages[where] = message
     text = "; ".join(f"{where}: {message}" for where, message in list(messages.items())[:4])
     return text or "malformed request", param
+
+
+def _location(item: dict) -> tuple[list[str], list[str]]:
+    """A validation error's field path, and the union-branch type tags pydantic put in it."""
+    loc = [x if isinstance(x, int) else clip(x) for x in item.get("loc", ()) if x != "body"]
+    # Union branches appear in the location as type tags such as 'list[int]'.
+    tags = [x for x in loc if isinstance(x, str) and (not x.isidentifier() or x in TYPE_NAMES)]
+    return [str(x) for x in loc if x not in tags], tags
+
+
+def _item_message(item: dict, path: list[str], tags: list[str]) -> tuple[str, str | None]:
+    """Where one validation error is, and what to say there (None: pydantic's own message,
+    unless an earlier error at that place said more)."""
+    where = ".".join(path) or "body"
+    field = next((x for x in reversed(path) if not x.isdigit()), "")
+    if tags and field in SHAPES:
+        # One message for the field, not one per union branch it failed.
+        return ".".join(path[:len(path) - path[::-1].index(field)]), f"expected {SHAPES[field]}"
+    if item.get("type") == "extra_forbidden":
+        return where, "unsupported parameter"
+    return where, None
 
 
 def _nested_models(annotation) -> list[type[BaseModel]]:
