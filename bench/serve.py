@@ -159,8 +159,9 @@ def run_level(port: int, bodies: list[dict], concurrency: int) -> tuple[dict, li
             "requests": len(bodies), "seconds": round(seconds, 2)}, results
 
 
-def workload(vocab: int, requests: dict[int, int], max_tokens: int, lengths: list[int]) -> dict[int, list[dict]]:
-    generator = torch.Generator().manual_seed(0)
+def workload(vocab: int, requests: dict[int, int], max_tokens: int, lengths: list[int],
+             seed: int) -> dict[int, list[dict]]:
+    generator = torch.Generator().manual_seed(seed)
     bodies = {}
     for level, count in requests.items():
         bodies[level] = [{"prompt": torch.randint(0, vocab, (lengths[i % len(lengths)],), generator=generator).tolist(),
@@ -169,14 +170,17 @@ def workload(vocab: int, requests: dict[int, int], max_tokens: int, lengths: lis
     return bodies
 
 
-def measure(servers: list[tuple[Server, dict]], model: str, bodies: dict[int, list[dict]], rounds: int) -> list[dict]:
+def measure(servers: list[tuple[Server, dict]], model: str, rounds: list[dict[int, list[dict]]],
+            warm_up: dict) -> list[dict]:
     """Per server (with its extra request fields): its best and worst round's figures per level,
-    the first round's outputs, its start-up time."""
+    the first round's outputs, its start-up time. Each round sends prompts of its own: a prompt
+    sent again would be served from vLLM's prefix cache (on by default), which random prompts
+    never hit in use."""
     results = [{"figures": {}, "worst": {}, "outputs": {}, "start_s": round(server.start_seconds, 1)}
                for server, _ in servers]
     for server, extra in servers:
-        stream(server.port, {**bodies[LEVELS[0]][0], "model": model, **extra})  # warm-up
-    for _ in range(rounds):
+        stream(server.port, {**warm_up, "model": model, **extra})
+    for bodies in rounds:
         for level in LEVELS:
             for (server, extra), result in zip(servers, results):
                 figures, outputs = run_level(server.port, [{**b, "model": model, **extra} for b in bodies[level]],
@@ -244,7 +248,8 @@ def run(args: argparse.Namespace, family: Path, label: str, threads: int, work: 
     requests = {1: 4, 16: 16, 32: 32} if args.quick else {1: 8, 16: 32, 32: 64}
     lengths = [16, 48, 96, 200]
     context = max(lengths) + max_tokens + 8
-    bodies = workload(config.vocab_size, requests, max_tokens, lengths)
+    rounds = args.rounds or (2 if args.quick else 3)
+    bodies = [workload(config.vocab_size, requests, max_tokens, lengths, seed) for seed in range(rounds + 1)]
     served = without_eos(family, work / "served-family")
     print(f"family: {label}; member {member}; threads per server: {threads}; prompts of {lengths} tokens, "
           f"{max_tokens} new tokens each, greedy; requests per level {requests}", flush=True)
@@ -257,7 +262,7 @@ def run(args: argparse.Namespace, family: Path, label: str, threads: int, work: 
     servers = [(Server("familial", command, port, env, work / "familial.log"), {})]
     try:
         start_vllm(args, family, member, context, threads, work, servers)
-        results = measure(servers, member, bodies, rounds=args.rounds or (2 if args.quick else 3))
+        results = measure(servers, member, bodies[1:], warm_up=bodies[0][LEVELS[0]][0])
     finally:
         for server, _ in servers:
             server.stop()

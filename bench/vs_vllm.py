@@ -9,7 +9,7 @@ member from the family checkpoint, as `familial serve` does. vLLM runs in its ow
 (--vllm-python, else $FAMILIAL_VLLM_PYTHON, .venv-vllm or /work/vllm-venv) as a subprocess with
 the same number of threads, with its defaults (torch.compile; --eager or --quick: eager). Each
 shape runs once per count in --threads (default 1 and every core). Runs alternate between the
-engines; the best and the worst of --repeats count. Output tokens per second by wall time on both
+engines, each run with prompts of its own; the best and the worst of --repeats count. Output tokens per second by wall time on both
 sides, the ratio, and how many prompts got identical tokens (time to first token: bench/serve.py).
 Last line: one JSON object of the figures.
 """
@@ -45,15 +45,16 @@ from vllm.inputs import TokensPrompt
 
 if __name__ == "__main__":
     model, prompts_file, new_tokens, eager, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
-    inputs = [TokensPrompt(prompt_token_ids=p) for p in json.load(open(prompts_file))]
+    rounds = [[TokensPrompt(prompt_token_ids=p) for p in prompts] for prompts in json.load(open(prompts_file))]
     llm = LLM(model=model, dtype=dtype, max_model_len=512, gpu_memory_utilization=0.1, enforce_eager=eager,
               seed=0)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    llm.generate(inputs[:2], params, use_tqdm=False)
+    llm.generate(rounds[0][:2], params, use_tqdm=False)
     print("READY", flush=True)
-    # One run per line on stdin (a concurrency), so the caller can alternate with its own.
+    # One run per line on stdin (a concurrency and a round), so the caller can alternate with its own.
     for line in sys.stdin:
-        level = int(line)
+        level, index = map(int, line.split())
+        inputs = rounds[index]
         started = time.perf_counter()
         if level == 1:
             tokens = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in inputs]
@@ -75,20 +76,21 @@ def vllm_python(option: str | None) -> str | None:
 class Ours:
     """The family runtime serving the member from the family checkpoint, as `familial serve` does."""
 
-    def __init__(self, family: Path, member: int, prompts: list[list[int]], new_tokens: int,
+    def __init__(self, family: Path, member: int, rounds: list[list[list[int]]], new_tokens: int,
                  dtype: torch.dtype) -> None:
         self.engine = Engine.from_checkpoint(family, dtype=dtype, max_batch_size=max(LEVELS), max_seq_len=512)
         self.engine.eos = set()
-        self.member, self.prompts = member, prompts
+        self.member, self.rounds = member, rounds
         self.params = SamplingParams(max_new_tokens=new_tokens, greedy=True)
-        self.engine.generate(prompts[:2], member, self.params)
+        self.engine.generate(rounds[0][:2], member, self.params)
 
-    def run(self, level: int) -> tuple[float, list[list[int]]]:
+    def run(self, level: int, index: int) -> tuple[float, list[list[int]]]:
+        prompts = self.rounds[index]
         started = time.perf_counter()
         if level == 1:
-            tokens = [self.engine.generate([p], self.member, self.params)[0].token_ids for p in self.prompts]
+            tokens = [self.engine.generate([p], self.member, self.params)[0].token_ids for p in prompts]
         else:
-            tokens = [r.token_ids for r in self.engine.generate(self.prompts[:level], self.member, self.params)]
+            tokens = [r.token_ids for r in self.engine.generate(prompts[:level], self.member, self.params)]
         return time.perf_counter() - started, tokens
 
     def close(self) -> None:
@@ -121,8 +123,8 @@ class Theirs:
         tail = Path(self.log.name).read_text()[-3000:]
         raise SystemExit(f"vLLM stopped before answering:\n{tail}")
 
-    def run(self, level: int) -> tuple[float, list[list[int]]]:
-        self.process.stdin.write(f"{level}\n")
+    def run(self, level: int, index: int) -> tuple[float, list[list[int]]]:
+        self.process.stdin.write(f"{level} {index}\n")
         self.process.stdin.flush()
         result = json.loads(self._wait("RESULT "))
         return result["seconds"], result["tokens"]
@@ -179,14 +181,18 @@ def compare(args: argparse.Namespace, family: Path, label: str, threads: int, py
     dtype = getattr(torch, args.dtype)
     config = FamilyConfig.load(family)
     member = config.exits[-1]
+    # Round 0 warms up; every run gets prompts of its own (vLLM's prefix cache, on by default,
+    # would serve a prompt sent again without prefilling it).
     generator = torch.Generator().manual_seed(1)
     lengths = torch.randint(8, 65, (max(LEVELS),), generator=generator).tolist()
-    prompts = [torch.randint(0, config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
-    (work / "prompts.json").write_text(json.dumps(prompts))
+    rounds = [[torch.randint(0, config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+              for _ in range(repeats + 1)]
+    prompts = rounds[1]
+    (work / "prompts.json").write_text(json.dumps(rounds))
     print(f"{label}: member exit-{member} ({config.member_layers(member)} layers), {len(prompts)} prompts of "
           f"8-64 tokens, {new_tokens} new tokens each, greedy, {args.dtype}, {threads} thread(s); output tokens/s "
           f"by wall time, best and worst of {repeats} runs alternating between the engines", flush=True)
-    engines = {"familial": Ours(family, member, prompts, new_tokens, dtype)}
+    engines = {"familial": Ours(family, member, rounds, new_tokens, dtype)}
     result = {"family": label, "threads": threads, "levels": {}}
     try:
         if python is not None:
@@ -195,9 +201,9 @@ def compare(args: argparse.Namespace, family: Path, label: str, threads: int, py
             result["vllm_start_s"] = round(engines["vllm"].start_seconds, 1)
         for level in LEVELS:
             times, outputs = {}, {}
-            for _ in range(repeats):
+            for index in range(1, repeats + 1):
                 for name, engine in engines.items():
-                    seconds, outputs[name] = engine.run(level)
+                    seconds, outputs[name] = engine.run(level, index)
                     times.setdefault(name, []).append(seconds)
             tokens = len(prompts if level == 1 else prompts[:level]) * new_tokens
             row = {f"{name}_tokens_per_s": round(tokens / min(s), 1) for name, s in times.items()}
