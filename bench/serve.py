@@ -4,20 +4,22 @@ Both servers run in this one run, on loopback: `familial serve FAMILY` with ever
 loaded from one copy of the weights, and stock vLLM's OpenAI server on that member exported by
 `familial export`. Both are started first and each waits idle while the other is measured; the
 levels alternate between them, for a few rounds, and each server's best round per level counts
-(on a shared machine a busy spell then hits both alike instead of one server's whole turn).
+(on a shared machine a busy spell then hits both alike instead of one server's whole turn); the
+worst round is reported too.
 The same requests go to both: streamed completions of prompts given as token ids of mixed lengths, greedy, a fixed
 max_tokens that every request generates in full (the served family has no eos; vLLM gets
-`ignore_eos`), at concurrency 1, 8 and 32. Per level: output tokens/s over the level's wall
+`ignore_eos`), at concurrency 1, 16 and 32. Per level: output tokens/s over the level's wall
 time and p50/p95 time to first token; the ratios are familial / vLLM (tokens/s: > 1 means
 familial is faster; TTFT: < 1 means familial answers sooner). Greedy outputs are compared too.
 
-Threads: both servers get the same count (--threads, default: half the cores, since the
-HTTP side and this benchmark's clients need the rest): `familial serve
+Shapes: --family DIR (a trained family), else random families of the widths --hidden (default
+256, 512 and 1024; 8 layers, head dim 64) and with --smollm2 SmolLM2-135M's shape (bench/shapes.py).
+Threads: each shape runs once per count in --threads (default 1 and every core): `familial serve
 --threads T`, and vLLM's worker OMP_NUM_THREADS=T with VLLM_CPU_OMP_THREADS_BIND=nobind (no
-core pinning, as familial). vLLM runs with --enforce-eager unless --vllm-compile (on CPU its
-compiled mode takes minutes to warm up). The family is --family DIR (a trained one), else a
-random one (hidden 256, 8 layers, head dim 64; output heads scaled up so greedy choices are
-not near-ties), which the output says. Last line: one JSON object of the figures.
+core pinning, as familial). vLLM runs with its defaults (torch.compile, minutes to warm up on
+CPU; its start time is reported), or --enforce-eager with --vllm-eager or --quick. --quick: one
+width (256), one thread, fewer requests and tokens (under a minute without vLLM's compile).
+Last line: one JSON object of the figures.
 """
 
 from __future__ import annotations
@@ -34,35 +36,18 @@ import sys
 import tempfile
 import threading
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-from familial.checkpoint_io import save_family
 from familial.cli import main as familial_cli
 from familial.config import FamilyConfig
-from familial.model import FamilyModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import add_arguments, random_family, shapes  # noqa: E402  (bench/shapes.py)
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = Path(str(resources.files("familial.data").joinpath("assets")))
-LEVELS = (1, 8, 32)
-
-
-def random_family(directory: Path) -> Path:
-    from tokenizers import Tokenizer
-
-    vocab = Tokenizer.from_file(str(ASSETS / "tokenizer.json")).get_vocab_size()
-    torch.manual_seed(0)
-    config = FamilyConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-                          num_attention_heads=4, num_key_value_heads=2, exits=[1, 3, 5, 7],
-                          max_position_embeddings=1024)
-    model = FamilyModel(config)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("lm_head.weight"):
-                parameter.mul_(30)
-    return save_family(model, directory, tokenizer_source=ASSETS)
+LEVELS = (1, 16, 32)
 
 
 def without_eos(family: Path, directory: Path) -> Path:
@@ -174,8 +159,9 @@ def run_level(port: int, bodies: list[dict], concurrency: int) -> tuple[dict, li
             "requests": len(bodies), "seconds": round(seconds, 2)}, results
 
 
-def workload(vocab: int, requests: dict[int, int], max_tokens: int, lengths: list[int]) -> dict[int, list[dict]]:
-    generator = torch.Generator().manual_seed(0)
+def workload(vocab: int, requests: dict[int, int], max_tokens: int, lengths: list[int],
+             seed: int) -> dict[int, list[dict]]:
+    generator = torch.Generator().manual_seed(seed)
     bodies = {}
     for level, count in requests.items():
         bodies[level] = [{"prompt": torch.randint(0, vocab, (lengths[i % len(lengths)],), generator=generator).tolist(),
@@ -184,13 +170,17 @@ def workload(vocab: int, requests: dict[int, int], max_tokens: int, lengths: lis
     return bodies
 
 
-def measure(servers: list[tuple[Server, dict]], model: str, bodies: dict[int, list[dict]], rounds: int) -> list[dict]:
-    """Per server (with its extra request fields): its best round's figures per level, the first
-    round's outputs, its start-up time."""
-    results = [{"figures": {}, "outputs": {}, "start_s": round(server.start_seconds, 1)} for server, _ in servers]
+def measure(servers: list[tuple[Server, dict]], model: str, rounds: list[dict[int, list[dict]]],
+            warm_up: dict) -> list[dict]:
+    """Per server (with its extra request fields): its best and worst round's figures per level,
+    the first round's outputs, its start-up time. Each round sends prompts of its own: a prompt
+    sent again would be served from vLLM's prefix cache (on by default), which random prompts
+    never hit in use."""
+    results = [{"figures": {}, "worst": {}, "outputs": {}, "start_s": round(server.start_seconds, 1)}
+               for server, _ in servers]
     for server, extra in servers:
-        stream(server.port, {**bodies[LEVELS[0]][0], "model": model, **extra})  # warm-up
-    for _ in range(rounds):
+        stream(server.port, {**warm_up, "model": model, **extra})
+    for bodies in rounds:
         for level in LEVELS:
             for (server, extra), result in zip(servers, results):
                 figures, outputs = run_level(server.port, [{**b, "model": model, **extra} for b in bodies[level]],
@@ -199,9 +189,11 @@ def measure(servers: list[tuple[Server, dict]], model: str, bodies: dict[int, li
                       f"TTFT p50 {figures['ttft_p50_s']:.3f} s p95 {figures['ttft_p95_s']:.3f} s "
                       f"({figures['requests']} requests, {figures['seconds']} s)", flush=True)
                 result["outputs"].setdefault(level, outputs)
-                best = result["figures"].get(level)
+                best, worst = result["figures"].get(level), result["worst"].get(level)
                 if best is None or figures["tokens_per_s"] > best["tokens_per_s"]:
                     result["figures"][level] = figures
+                if worst is None or figures["tokens_per_s"] < worst["tokens_per_s"]:
+                    result["worst"][level] = figures
     return results
 
 
@@ -216,39 +208,51 @@ def vllm_python(option: str | None) -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests and tokens (CI)")
-    parser.add_argument("--family", help="family checkpoint directory (default: a random one, said so)")
+    parser.add_argument("--quick", action="store_true", help="width 256, one thread, fewer requests and tokens, "
+                                                            "vLLM eager (CI)")
+    add_arguments(parser, hidden=[256, 512, 1024])
     parser.add_argument("--member", help="member to compare (default: the largest)")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                        help="intra-op threads of each server (default: half the cores; the other half "
-                             "runs the HTTP servers, tokenizers and this benchmark's clients)")
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="intra-op threads of each server, one run per count (default: 1 and every core)")
     parser.add_argument("--max-tokens", type=int, help="tokens each request generates")
+    parser.add_argument("--rounds", type=int, help="rounds per level (default 3, 2 with --quick)")
     parser.add_argument("--vllm-python", help="interpreter with vLLM (default: $FAMILIAL_VLLM_PYTHON, "
                                               "else .venv-vllm/bin/python)")
-    parser.add_argument("--vllm-compile", action="store_true", help="let vLLM torch.compile (slow warm-up)")
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM with --enforce-eager (quick to start)")
     args = parser.parse_args()
+    if args.quick and "--hidden" not in sys.argv:
+        args.hidden = [256]
+    threads = args.threads or ([1] if args.quick else sorted({1, os.cpu_count() or 1}))
 
-    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    try:
-        return run(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    runs = []
+    for shape in [None] if args.family else shapes(args):
+        work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+        try:
+            family = Path(args.family) if args.family else random_family(work / "random-family", shape)
+            label = str(family) if args.family else f"random ({shape.label}; untrained)"
+            for count in threads:
+                runs.append(run(args, family, label, count, work / f"threads-{count}"))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    summary(runs)
+    print(json.dumps({"quick": args.quick, "vllm": "eager" if args.quick or args.vllm_eager else "compiled",
+                      "runs": runs}))
+    return 0
 
 
-def run(args: argparse.Namespace, work: Path) -> int:
-    family = Path(args.family) if args.family else random_family(work / "random-family")
+def run(args: argparse.Namespace, family: Path, label: str, threads: int, work: Path) -> dict:
+    work.mkdir()
     config = FamilyConfig.load(family)
     member = args.member or f"exit-{config.exits[-1]}"
     max_tokens = args.max_tokens or (32 if args.quick else 64)
-    requests = {1: 4, 8: 16, 32: 32} if args.quick else {1: 8, 8: 32, 32: 64}
+    requests = {1: 4, 16: 16, 32: 32} if args.quick else {1: 8, 16: 32, 32: 64}
     lengths = [16, 48, 96, 200]
     context = max(lengths) + max_tokens + 8
-    bodies = workload(config.vocab_size, requests, max_tokens, lengths)
+    rounds = args.rounds or (2 if args.quick else 3)
+    bodies = [workload(config.vocab_size, requests, max_tokens, lengths, seed) for seed in range(rounds + 1)]
     served = without_eos(family, work / "served-family")
-    threads = args.threads
-    print(f"family: {family if args.family else 'random (hidden 256, 8 layers, head dim 64; untrained)'}; "
-          f"member {member}; threads per server: {threads}; prompts of {lengths} tokens, {max_tokens} new tokens "
-          f"each, greedy; requests per level {requests}", flush=True)
+    print(f"family: {label}; member {member}; threads per server: {threads}; prompts of {lengths} tokens, "
+          f"{max_tokens} new tokens each, greedy; requests per level {requests}", flush=True)
 
     port = free_port()
     command = [sys.executable, "-m", "familial.cli", "serve", str(served), "--port", str(port), "--threads",
@@ -258,12 +262,12 @@ def run(args: argparse.Namespace, work: Path) -> int:
     servers = [(Server("familial", command, port, env, work / "familial.log"), {})]
     try:
         start_vllm(args, family, member, context, threads, work, servers)
-        results = measure(servers, member, bodies, rounds=2 if args.quick else 3)
+        results = measure(servers, member, bodies[1:], warm_up=bodies[0][LEVELS[0]][0])
     finally:
         for server, _ in servers:
             server.stop()
     theirs = results[1] if len(results) > 1 else None
-    return report(args, family, member, threads, max_tokens, results[0], theirs)
+    return report(family, label, member, threads, max_tokens, results[0], theirs)
 
 
 def start_vllm(args: argparse.Namespace, family: Path, member: str, context: int, threads: int, work: Path,
@@ -280,42 +284,54 @@ def start_vllm(args: argparse.Namespace, family: Path, member: str, context: int
         command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(exported),
                    "--served-model-name", member, "--dtype", "float32", "--max-model-len", str(context),
                    "--max-num-seqs", str(max(LEVELS)), "--gpu-memory-utilization", "0.1", "--host", "127.0.0.1",
-                   "--port", str(port), *([] if args.vllm_compile else ["--enforce-eager"])]
+                   "--port", str(port), *(["--enforce-eager"] if args.quick or args.vllm_eager else [])]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         servers.append((Server("vLLM", command, port, env, work / "vllm.log"),
                         {"ignore_eos": True, "return_token_ids": True}))
 
 
-def report(args, family: Path, member: str, threads: int, max_tokens: int, ours: dict, theirs: dict | None) -> int:
+def report(family: Path, label: str, member: str, threads: int, max_tokens: int, ours: dict,
+           theirs: dict | None) -> dict:
     from tokenizers import Tokenizer
 
-    result = {"family": str(family) if args.family else "random", "member": member, "threads": threads,
-              "max_tokens": max_tokens, "quick": args.quick, "familial_start_s": ours["start_s"], "levels": {}}
+    result = {"family": label, "member": member, "threads": threads, "max_tokens": max_tokens,
+              "familial_start_s": ours["start_s"], "levels": {}}
     identical = total = 0
     tokenizer = Tokenizer.from_file(str(family / "tokenizer.json"))
     for level in LEVELS:
-        entry = {"familial": ours["figures"][level]}
+        entry = {"familial": ours["figures"][level], "familial_worst": ours["worst"][level]}
         for r in ours["outputs"][level]:
             assert r["tokens"] == max_tokens, f"familial generated {r['tokens']} tokens, not {max_tokens}"
         if theirs is not None:
-            entry["vllm"] = theirs["figures"][level]
+            entry["vllm"], entry["vllm_worst"] = theirs["figures"][level], theirs["worst"][level]
             entry["ratio_tokens_per_s"] = round(entry["familial"]["tokens_per_s"] / entry["vllm"]["tokens_per_s"], 3)
+            # Each side's worst round against the other's: the spread a busy machine leaves.
+            entry["ratio_tokens_per_s_worst"] = round(entry["familial_worst"]["tokens_per_s"]
+                                                      / entry["vllm_worst"]["tokens_per_s"], 3)
             entry["ratio_ttft_p50"] = round(entry["familial"]["ttft_p50_s"] / entry["vllm"]["ttft_p50_s"], 3)
             entry["ratio_ttft_p95"] = round(entry["familial"]["ttft_p95_s"] / entry["vllm"]["ttft_p95_s"], 3)
             for a, b in zip(ours["outputs"][level], theirs["outputs"][level]):
                 assert b["tokens"] == max_tokens, f"vLLM generated {b['tokens']} tokens, not {max_tokens}"
                 identical += a["text"] == tokenizer.decode(b["ids"], skip_special_tokens=True)
                 total += 1
-            print(f"concurrency {level:2}: familial/vLLM tokens/s {entry['ratio_tokens_per_s']:.2f}x, "
-                  f"TTFT p50 {entry['ratio_ttft_p50']:.2f}x, p95 {entry['ratio_ttft_p95']:.2f}x", flush=True)
         result["levels"][str(level)] = entry
     if theirs is not None:
         result["vllm_start_s"] = theirs["start_s"]
         result["identical_outputs"] = f"{identical}/{total}"
-        print(f"greedy outputs identical: {identical}/{total}", flush=True)
-    print(json.dumps(result))
-    return 0
+    return result
+
+
+def summary(runs: list[dict]) -> None:
+    for run in runs:
+        print(f"{run['family']}, {run['threads']} thread(s), familial start {run['familial_start_s']} s"
+              + (f", vLLM start {run['vllm_start_s']} s, greedy outputs identical {run['identical_outputs']}"
+                 if "vllm_start_s" in run else ""), flush=True)
+        for level, entry in run["levels"].items():
+            if "ratio_tokens_per_s" in entry:
+                print(f"  concurrency {level:>2}: familial/vLLM tokens/s {entry['ratio_tokens_per_s']:.2f}x "
+                      f"(worst rounds {entry['ratio_tokens_per_s_worst']:.2f}x), TTFT p50 "
+                      f"{entry['ratio_ttft_p50']:.2f}x, p95 {entry['ratio_ttft_p95']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

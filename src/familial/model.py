@@ -362,7 +362,7 @@ class FamilyModel(nn.Module):
         outputs: dict[int, torch.Tensor] = {}
 
         def keep(exit_layer: int, branch: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
-            outputs[exit_layer] = self._finish(exit_layer, branch, return_hidden)
+            outputs[exit_layer] = self._norm_and_head(exit_layer, branch, return_hidden)
             return trunk
 
         last = self.config.exits[-1]
@@ -370,7 +370,7 @@ class FamilyModel(nn.Module):
         stop = self.config.num_hidden_layers if last in wanted else wanted[-1]
         hidden = self.walk(hidden, rotary, 0, stop, wanted, keep, mask, cache)
         if last in wanted:
-            outputs[last] = self._finish(last, hidden, return_hidden)
+            outputs[last] = self._norm_and_head(last, hidden, return_hidden)
         else:
             keep(stop, self.run_branch(stop, hidden, rotary, mask, cache), hidden)
         return outputs
@@ -398,7 +398,7 @@ class FamilyModel(nn.Module):
             hidden = layer(hidden, rotary, mask, cache)
         return hidden
 
-    def _finish(self, exit_layer: int, hidden: torch.Tensor, return_hidden: bool) -> torch.Tensor:
+    def _norm_and_head(self, exit_layer: int, hidden: torch.Tensor, return_hidden: bool) -> torch.Tensor:
         hidden = self.exit_norm(exit_layer)(hidden)
         return hidden if return_hidden else self.exit_head(exit_layer)(hidden)
 

@@ -6,10 +6,13 @@ core: a step can take several times longer than with one thread (measured on a s
 2-core machine at a load average of 8: a demo step took 73 s with two threads, 6 s with
 one). So:
 
-- a small model gets 1 thread: its ops are too small to split profitably (the same rule as
-  serving, see `familial.infer.engine.suggested_threads`);
+- a small model gets 1 thread: its ops are too small to split profitably;
 - otherwise, one thread per core that other processes leave idle, measured over half a
   second from /proc/stat (the load average lags by a minute), at least 1.
+
+Serving (`serving_threads`) decides by width alone and takes every core: a server runs for
+hours, so a load sample at its start says little, and a decode step's products at hidden 512
+and above split well over threads, while below that they are too small to split.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from pathlib import Path
 
 from familial.text import counted
 
-# hidden_size x layers at or below which ops are dispatch-bound (as in serving).
+# hidden_size x layers at or below which ops are dispatch-bound.
 SMALL_MODEL = 16384
+# hidden_size from which a serving engine's products split profitably over threads.
+SPLIT_WIDTH = 512
 
 
 def available_cores() -> int:
@@ -60,3 +65,11 @@ def pick_threads(hidden_size: int | None = None, layers: int | None = None) -> t
             busy = 0.0
         why = f"{cores} core(s), load average {busy:.1f}"
     return max(1, min(cores, round(cores - busy))), why
+
+
+def serving_threads(hidden_size: int) -> tuple[int, str]:
+    """(threads, why) for a serving engine's process (see the module docstring)."""
+    if hidden_size < SPLIT_WIDTH:
+        return 1, f"hidden {hidden_size} < {SPLIT_WIDTH}: its products are too small to split"
+    cores = available_cores()
+    return cores, f"hidden {hidden_size}: one per core ({cores})"

@@ -47,8 +47,8 @@ def test_short_and_long_sequences_decoding_together_equal_one_by_one(family, gre
     prompts = [list(range(1, 90)), [5, 6], list(range(3, 80)), [7], [9, 10, 11]]
     engine = Engine(family, max_batch_size=5, max_seq_len=128)
     handles = [engine.submit(p, member=5, params=SamplingParams(max_new_tokens=6, greedy=True)) for p in prompts]
-    engine._admit()
-    assert [s.slot for s in sorted(engine._active.values(), key=lambda s: len(s.prompt))] == [0, 1, 2, 3, 4]
+    engine.scheduler.schedule()
+    assert [s.slot for s in sorted(engine.scheduler.running.values(), key=lambda s: len(s.prompt))] == [0, 1, 2, 3, 4]
     with engine._drive:
         while not all(h.done for h in handles):
             engine._step()

@@ -183,7 +183,7 @@ def test_a_failing_sequence_ends_alone_with_an_error(family, greedy_reference, w
         forward = engine.runner.forward
 
         def failing(rows, **inputs):
-            slot = next((s.slot for s in engine._active.values() if s.handle is victim), None)
+            slot = next((s.slot for s in engine.scheduler.running.values() if s.handle is victim), None)
             if any(row.slot == slot and row.start >= 6 for row in rows):
                 raise RuntimeError("boom")
             return forward(rows, **inputs)

@@ -195,6 +195,31 @@ def uncalibrated_note(config: FamilyConfig) -> str | None:
     return None if config.runtime.get("early_exit") else UNCALIBRATED
 
 
+def _points(points, config: FamilyConfig) -> list[dict]:
+    """The calibrated operating points of `runtime.early_exit.points`, checked."""
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise ConfigError(f"{WHERE}.points: expected a list of calibrated rules")
+    for point in points:
+        _numbers(point.get("thresholds"), config, f"{WHERE}.points[].thresholds")
+        for key in ("screen", "leave"):
+            if point.get(key) is not None:
+                _numbers(point[key], config, f"{WHERE}.points[].{key}")
+        if isinstance(point.get("lower_bound"), bool) or not isinstance(point.get("lower_bound"), (int, float)):
+            raise ConfigError(f"{WHERE}.points[]: no numeric 'lower_bound'")
+    return points
+
+
+def _check_no_classifier(settings: dict, metric: str, screen) -> None:
+    """Settings that need the exit classifier, when none was loaded with them."""
+    if (metric == "classifier" or screen) and settings.get("classifier"):
+        file = settings["classifier"].get("file") if isinstance(settings["classifier"], dict) else None
+        raise ConfigError(f"{WHERE} uses the exit classifier in {file!r}: load it with the family "
+                          f"directory (Engine.from_checkpoint, or EarlyExit.load)")
+    if metric == "classifier":
+        raise ConfigError(f"{WHERE}.metric = 'classifier' but no classifier is stored "
+                          f"(run familial calibrate)")
+
+
 @dataclass
 class EarlyExit:
     """A family's early-exit settings: the default rule, the calibrated operating points per
@@ -217,23 +242,9 @@ class EarlyExit:
         thresholds.update(_numbers(settings.get("thresholds", {}), config, f"{WHERE}.thresholds"))
         screen = settings.get("screen")
         screen = None if screen is None else _numbers(screen, config, f"{WHERE}.screen")
-        points = settings.get("points", [])
-        if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
-            raise ConfigError(f"{WHERE}.points: expected a list of calibrated rules")
-        for point in points:
-            _numbers(point.get("thresholds"), config, f"{WHERE}.points[].thresholds")
-            for key in ("screen", "leave"):
-                if point.get(key) is not None:
-                    _numbers(point[key], config, f"{WHERE}.points[].{key}")
-            if isinstance(point.get("lower_bound"), bool) or not isinstance(point.get("lower_bound"), (int, float)):
-                raise ConfigError(f"{WHERE}.points[]: no numeric 'lower_bound'")
-        if classifier is None and (metric == "classifier" or screen) and settings.get("classifier"):
-            file = settings["classifier"].get("file") if isinstance(settings["classifier"], dict) else None
-            raise ConfigError(f"{WHERE} uses the exit classifier in {file!r}: load it with the family "
-                              f"directory (Engine.from_checkpoint, or EarlyExit.load)")
-        if metric == "classifier" and classifier is None:
-            raise ConfigError(f"{WHERE}.metric = 'classifier' but no classifier is stored "
-                              f"(run familial calibrate)")
+        points = _points(settings.get("points", []), config)
+        if classifier is None:
+            _check_no_classifier(settings, metric, screen)
         leave = settings.get("leave")
         leave = None if leave is None else _numbers(leave, config, f"{WHERE}.leave")
         target = settings.get("target")

@@ -46,7 +46,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                                  "does not pay)")
         parser.add_argument("--show-exits", action="store_true", help="print the exit after each token")
         parser.add_argument("--threads", type=int,
-                            help="torch intra-op threads (default: 1 for small families, else torch's)")
+                            help="torch intra-op threads (default: one per core from hidden 512 up, else 1)")
         parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                             help="weights and KV cache precision (default: the checkpoint's)")
     else:

@@ -1,14 +1,16 @@
 """The family runtime: one copy of the weights serving every member, per request.
 
-Requests wait in a bounded queue and take a free cache slot as one frees up. Each step then
-makes one packed call (familial.infer.runner) holding every decoding sequence's next token,
-whatever its member or length, plus prompt chunks of newly admitted requests up to
-`max_prefill_tokens` in all: several prompts prefill together, and a long prompt is cut into
-chunks, so no running sequence waits for more than one chunk. Tokens are chosen for the whole
-call at once on the device (familial.infer.sampling). Speculative sequences then take one
-draft-and-verify round together (familial.infer.speculative), each drafting only while its
-own measured acceptance makes it pay (familial.infer.draft_policy). A background thread drives
-the loop for a server; `generate` drives it inline when no thread runs.
+The engine core runs, each step, plan -> runner -> outputs, as vLLM v1's does: the scheduler
+(familial.infer.scheduler) admits waiting requests into free cache slots and plans the step
+(every decoding sequence's next token plus prompt chunks within `max_prefill_tokens`, and the
+speculative rounds); the packed call (familial.infer.runner) runs every planned row at once,
+whatever its member or length; tokens are chosen for the whole call at once on the device
+(familial.infer.sampling), and output processing (familial.infer.outputs) turns each into its
+request's event. Speculative sequences take one draft-and-verify round together
+(familial.infer.speculative), each drafting only while its own measured acceptance makes it
+pay (familial.infer.draft_policy). Input processing (`_make_sequence`) checks a `Request` once,
+where it enters. A background thread drives the loop for a server; `generate` drives it inline
+when no thread runs.
 
 Isolation: a failure ends only the requests it belongs to. Choosing a token, detokenising and
 stop handling run per sequence; if a batched call fails, its sequences are run again one by
@@ -25,7 +27,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,19 +37,25 @@ from familial.infer.adaptive import AdaptiveState, EarlyExit
 from familial.infer.cache import SlotCache
 from familial.infer.detokenize import TextStream
 from familial.infer.draft_policy import CallCosts, DraftPolicy, Plan, PooledAcceptance
+from familial.infer.outputs import OutputProcessor
 from familial.infer.requests import (
     GenerationResult,
+    InvalidRequest,
     QueueFull,
+    Request,
     RequestHandle,
     TokenEvent,
     result_of,
 )
 from familial.infer.runner import Adaptive, Row, Runner
 from familial.infer.sampling import Draw, SamplingParams, choose, request_seed
+from familial.infer.scheduler import Scheduler, SchedulerOutput
 from familial.infer.speculative import Proposal, Speculator
 from familial.model import FamilyModel
+from familial.threads import serving_threads
 
-__all__ = ["DTYPES", "Engine", "GenerationResult", "QueueFull", "RequestHandle", "TokenEvent", "suggested_threads"]
+__all__ = ["DTYPES", "Engine", "GenerationResult", "QueueFull", "Request", "RequestHandle", "TokenEvent",
+           "suggested_threads"]
 
 
 @dataclass
@@ -97,18 +104,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 EXIT_KV = ("recompute", "copy")
 
 
-def suggested_threads(config) -> int | None:
-    """Intra-op threads for decoding on CPU: 1 for small models, whose decode steps are
-    dispatch-bound (extra threads there only spin and contend: ~10x slower on a busy 2-core
-    machine), else None (keep torch's default). torch's setting is process-wide, so the
-    caller (CLI, server) applies it."""
-    return 1 if config.hidden_size * config.num_hidden_layers <= 16384 else None
+def suggested_threads(config) -> int:
+    """Intra-op threads for decoding on CPU (familial.threads.serving_threads): one per core
+    from hidden 512 up, else 1. torch's setting is process-wide, so the caller (CLI, server)
+    applies it."""
+    return serving_threads(config.hidden_size)[0]
 
 
 class Engine:
     def __init__(self, model: FamilyModel, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
                  device: str = "cpu", max_seq_len: int | None = None, max_prefill_tokens: int = 512,
-                 early_exit: EarlyExit | None = None, exit_kv: str = "recompute") -> None:
+                 early_exit: EarlyExit | None = None, exit_kv: str = "recompute", kernels: str = "auto") -> None:
         if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}), max_queue ({max_queue}) and "
                              f"max_prefill_tokens ({max_prefill_tokens}) must be >= 1")
@@ -127,7 +133,9 @@ class Engine:
             early_exit.classifier = early_exit.classifier.to(self.device)
         dtype = next(model.parameters()).dtype
         self.cache = SlotCache(self.config, max_batch_size, self.max_seq_len, dtype, device)
-        self.runner = Runner(self.model, self.cache)
+        self.runner = Runner(self.model, self.cache, kernels)
+        # Packed weights are built here, not on the first request (familial.infer.kernels).
+        self.runner.kernels.refresh()
         # Tokens each slot's sequence has seen, for the repetition penalty (penalised rows only).
         self.seen = torch.zeros(max_batch_size, self.config.vocab_size, dtype=torch.bool, device=self.device)
         self.costs = CallCosts(self.config)
@@ -135,9 +143,8 @@ class Engine:
         self.speculator = Speculator(self.runner, self._choose, self.costs)
         eos = self.config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self._waiting: deque[_Sequence] = deque()
-        self._active: dict[int, _Sequence] = {}
-        self._free = list(range(max_batch_size))
+        self.scheduler = Scheduler(max_batch_size, max_queue, max_prefill_tokens, self.costs)
+        self.outputs = OutputProcessor(self.eos, self.max_seq_len)
         self._wake = threading.Condition()
         self._drive = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -184,8 +191,8 @@ class Engine:
     def stats(self) -> dict:
         """Queue and batch occupancy, for health checks."""
         with self._wake:
-            return {"queued": len(self._waiting), "running": len(self._active),
-                    "free_slots": len(self._free), "max_batch_size": self.max_batch_size,
+            return {"queued": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                    "free_slots": len(self.scheduler.free), "max_batch_size": self.max_batch_size,
                     "max_queue": self.max_queue,
                     "alive": self._thread is not None and self._thread.is_alive()}
 
@@ -200,12 +207,13 @@ class Engine:
         exit). `target`: the agreement with the full member to hold, picking the request's
         calibrated operating point; `budget`: a cap on average depth (fraction of the layers).
         """
-        sequence = self._make_sequence(prompt_ids, member, params, speculative, budget, target)
+        return self.add_request(Request(prompt_ids, member, params, speculative, budget, target, _force))
+
+    def add_request(self, request: Request) -> RequestHandle:
+        """Queue a request (as `submit`)."""
+        sequence = self._make_sequence(request)
         with self._wake:
-            if len(self._waiting) >= self.max_queue and not _force:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue "
-                                f"{self.max_queue})")
-            self._waiting.append(sequence)
+            self.scheduler.add(sequence, request.force)
             self._wake.notify_all()
         return sequence.handle
 
@@ -226,41 +234,50 @@ class Engine:
                     self._step()
         return [result_of(handle) for handle in handles]
 
-    def _make_sequence(self, prompt_ids, member, params, speculative, budget, target) -> _Sequence:
-        config = self.config
-        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
-            raise ValueError("prompt_ids: expected a non-empty list of token ids")
-        for t in prompt_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size:
-                raise ValueError(f"prompt_ids: token {t!r} is not an id in [0, {config.vocab_size})")
-        if len(prompt_ids) >= self.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_seq_len "
-                             f"{self.max_seq_len}")
-        params = params or SamplingParams()
-        params.validate()
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (tokenizer.json in the family directory)")
-        auto = member == "auto" or budget is not None or target is not None
-        try:
-            exit_layer = config.exits[-1] if member == "auto" else config.resolve_member(member)
-        except ConfigError as error:
-            raise ValueError(str(error)) from None
+    def _make_sequence(self, request: Request) -> _Sequence:
+        """Input processing: the request checked, and the state its sequence starts with."""
+        prompt_ids, speculative = request.prompt_ids, request.speculative
+        budget, target = request.budget, request.target
+        params = request.params or SamplingParams()
+        exit_layer = self._check_request(prompt_ids, request.member, params)
         handle = RequestHandle(f"req-{next(self._ids)}", len(prompt_ids), self._wake)
         text = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
         sequence = _Sequence(handle, list(prompt_ids), exit_layer, params, request_seed(params), text=text)
-        if auto:
+        if request.member == "auto" or budget is not None or target is not None:
             if speculative:
                 raise ValueError("speculative decoding and adaptive exit ('auto', budget or target) exclude "
                                  "each other")
             rule = self._exit_rule(target)
             if not rule.off or budget is not None:
-                sequence.adaptive = AdaptiveState(config, rule, exit_layer, budget, self.exit_kv == "recompute")
+                sequence.adaptive = AdaptiveState(self.config, rule, exit_layer, budget, self.exit_kv == "recompute")
         elif speculative not in (None, False):
             candidates = self.draft_candidates(exit_layer, speculative)
             drafters = {e for chain in candidates for e in chain[:-1]}
             sequence.speculation = _Speculation(DraftPolicy(candidates, self.acceptance), dict.fromkeys(drafters, 0))
             handle.speculative = True
         return sequence
+
+    def _check_request(self, prompt_ids, member, params: SamplingParams) -> int:
+        """ValueError (InvalidRequest for the prompt) naming what is wrong with a request; its
+        member's exit otherwise. The only check of a prompt's token ids (a server leaves it here)."""
+        config = self.config
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+            raise InvalidRequest("prompt_ids: expected a non-empty list of token ids (the prompt is empty after "
+                                 "tokenization)", "prompt")
+        for t in prompt_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size:
+                raise InvalidRequest(f"prompt_ids: token {t!r} is not an id in [0, {config.vocab_size}) (outside "
+                                     f"the vocabulary)", "prompt")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens does not fit max_seq_len "
+                                 f"{self.max_seq_len}", "prompt")
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (tokenizer.json in the family directory)")
+        try:
+            return config.exits[-1] if member == "auto" else config.resolve_member(member)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
 
     def _exit_rule(self, target: float | None):
         if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
@@ -319,14 +336,14 @@ class Engine:
             self._thread.join()
             self._thread = None
         with self._wake:
-            for sequence in list(self._waiting) + list(self._active.values()):
+            for sequence in list(self.scheduler.waiting) + list(self.scheduler.running.values()):
                 self._finish(sequence, "cancelled")
-            self._waiting.clear()
+            self.scheduler.waiting.clear()
 
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self._waiting and not self._active:
+                while not self._stopping and not self.scheduler.has_work():
                     self._wake.wait()
                 if self._stopping:
                     return
@@ -336,68 +353,23 @@ class Engine:
                 self.after_step()
 
     def _step(self) -> None:
-        """Admit waiting requests, drop cancelled ones, then advance every sequence once."""
-        self._admit()
-        main, speculating = self._schedule()
-        if main:
-            self._isolated(main, self._advance)
-        if speculating:
-            self._isolated(speculating, self._speculate)
+        """The scheduler's plan for this step, run: the packed call, then the speculative round."""
+        plan = self._schedule()
+        if plan.packed:
+            self._isolated(plan.packed, self._advance)
+        if plan.speculating:
+            self._isolated(plan.speculating, self._speculate)
 
-    def _admit(self) -> None:
+    def _schedule(self) -> SchedulerOutput:
         with self._wake:
-            for sequence in [s for s in self._waiting if s.handle.cancelled]:
-                self._waiting.remove(sequence)
+            plan = self.scheduler.schedule()
+            for sequence in plan.cancelled:
                 self._finish(sequence, "cancelled")
-            for sequence in [s for s in self._active.values() if s.handle.cancelled]:
-                self._finish(sequence, "cancelled")
-            admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
-            # The lowest free slots, so running sequences stay packed at the front of the cache,
-            # shortest prompt first, so neighbouring slots hold sequences of similar lengths
-            # (decode attention reads each run of slots up to its longest: familial.infer.cache).
-            self._free.sort()
-            for sequence in sorted(admitted, key=lambda s: len(s.prompt)):
-                sequence.slot = self._free.pop(0)
-                self._active[sequence.slot] = sequence
-                if sequence.params.repetition_penalty != 1.0:
-                    self.seen[sequence.slot] = False
-                    self.seen[sequence.slot, sequence.prompt] = True
-
-    def _schedule(self) -> tuple[list[_Sequence], list[_Sequence]]:
-        """This step's work: sequences in the packed call (decoding ones first, in slot order,
-        then prompt chunks within the budget) and those taking a speculative round."""
-        budget = self.max_prefill_tokens
-        main, speculating = [], []
-        for sequence in sorted(self._active.values(), key=lambda s: s.slot):
-            if sequence.handle.done:
-                continue
-            sequence.chunk, sequence.behind = 1, None
-            speculation = sequence.speculation
-            if sequence.prefilling:
-                if budget == 0:
-                    continue
-                sequence.chunk = min(len(sequence.prompt) - sequence.length, budget)
-                budget -= sequence.chunk
-                main.append(sequence)
-                continue
-            plan = None
-            if speculation is not None:
-                plan = speculation.waiting or speculation.policy.plan(self.costs)
-                speculation.waiting = speculation.plan = None
-            if plan is None:
-                main.append(sequence)
-                continue
-            behind = min(speculation.filled[e] for e in plan.chain[:-1])
-            if behind < sequence.length:
-                # Plain steps left the drafters' KV behind: fill it in alongside this step's
-                # token, and speculate from the next step on.
-                speculation.waiting, sequence.behind = plan, behind
-                main.append(sequence)
-            else:
-                speculation.plan = plan
-                speculating.append(sequence)
-        main.sort(key=lambda s: (s.chunk > 1, s.slot))
-        return main, speculating
+        for sequence in plan.admitted:
+            if sequence.params.repetition_penalty != 1.0:
+                self.seen[sequence.slot] = False
+                self.seen[sequence.slot, sequence.prompt] = True
+        return plan
 
     def _isolated(self, sequences: list[_Sequence], work) -> None:
         """Run `work` on the sequences; if it fails, again one by one, ending only those that
@@ -538,21 +510,11 @@ class Engine:
         sequence.pending = token
         if sequence.params.repetition_penalty != 1.0:
             self.seen[sequence.slot, token] = True
-        reason = None
-        end = token in self.eos or token in sequence.params.stop_token_ids
-        if end:
-            reason = "stop"
-        elif len(sequence.generated) >= sequence.params.max_new_tokens \
-                or sequence.length + 1 >= self.max_seq_len:
-            reason = "length"
-        text = ""
-        if sequence.text is not None:
-            text, stopped = sequence.text.add(None if end else token, final=reason is not None)
-            reason = "stop" if stopped else reason
+        event = self.outputs.event(sequence, token, exit_layer)
         with self._wake:
-            sequence.handle._put(TokenEvent(token, text, exit_layer, reason is not None, reason))
-            if reason is not None:
-                self._release(sequence)
+            sequence.handle._put(event)
+            if event.finished:
+                self.scheduler.release(sequence)
 
     def _fail(self, sequence: _Sequence, error: Exception) -> None:
         with self._wake:
@@ -562,9 +524,4 @@ class Engine:
     def _finish(self, sequence: _Sequence, reason: str, error: str | None = None) -> None:
         """End a request with an event carrying no token (called holding self._wake)."""
         sequence.handle._put(TokenEvent(None, "", None, True, reason, error))
-        self._release(sequence)
-
-    def _release(self, sequence: _Sequence) -> None:
-        if self._active.get(sequence.slot) is sequence:
-            del self._active[sequence.slot]
-            self._free.append(sequence.slot)
+        self.scheduler.release(sequence)

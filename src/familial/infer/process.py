@@ -32,7 +32,7 @@ import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from familial.infer.requests import GenerationResult, QueueFull, RequestHandle, TokenEvent, result_of
+from familial.infer.requests import GenerationResult, QueueFull, Request, RequestHandle, TokenEvent, result_of
 
 START_TIMEOUT = 600.0
 CALL_TIMEOUT = 60.0
@@ -141,8 +141,8 @@ class EngineProcess:
         with self._lock:
             self._handles[request_id] = handle
         try:
-            speculating = self._call("submit", request_id, prompt_ids, member, params, speculative, budget,
-                                     target, _force, timeout=CALL_TIMEOUT)
+            request = Request(prompt_ids, member, params, speculative, budget, target, _force)
+            speculating = self._call("submit", request_id, request, timeout=CALL_TIMEOUT)
         except BaseException:
             with self._lock:
                 self._handles.pop(request_id, None)
@@ -303,9 +303,9 @@ def _serve_calls(connection, engine, outbox: _Outbox) -> None:
         if name == "stats":
             value = engine.stats()
         elif name == "submit":
-            request_id, prompt_ids, member, params, speculative, budget, target, force = args
+            request_id, request = args
             try:
-                handle = engine.submit(prompt_ids, member, params, speculative, budget, target, _force=force)
+                handle = engine.add_request(request)
             except (QueueFull, ValueError) as failure:
                 error = failure
             else:

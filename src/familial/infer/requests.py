@@ -7,6 +7,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from familial.infer.sampling import SamplingParams
+
 
 @dataclass
 class TokenEvent:
@@ -22,6 +24,23 @@ class TokenEvent:
 
 
 @dataclass
+class Request:
+    """What a caller asks the engine for: Engine.add_request takes it, and an engine process
+    receives it whole over its socket (familial.infer.process)."""
+
+    prompt_ids: list[int]
+    # a member name, exit, or "auto" (adaptive exit).
+    member: int | str = -1
+    params: SamplingParams | None = None
+    speculative: bool | int | str | None = None
+    # adaptive exit: a cap on average depth (a fraction of the layers), or the agreement to hold.
+    budget: float | None = None
+    target: float | None = None
+    # queued past `max_queue` (generate's prompts are all taken at once).
+    force: bool = False
+
+
+@dataclass
 class GenerationResult:
     token_ids: list[int]
     exits: list[int]
@@ -32,6 +51,19 @@ class GenerationResult:
     # speculative requests: tokens drafted for the verifier and how many it accepted.
     drafted: int = 0
     accepted: int = 0
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; `param` names the field at fault, for an API's error body
+    (the engine checks a request once, where it enters: a server does not check it again)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):
+        # Raised in an engine process and re-raised in the server's (familial.infer.process).
+        return type(self), (str(self), self.param)
 
 
 class QueueFull(Exception):

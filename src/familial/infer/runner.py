@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from familial.infer.adaptive import SOFTMAX, ExitClassifier, ExitRule, log_odds, saturation, softmax_score
 from familial.infer.cache import CacheBatch, SlotCache
+from familial.infer.kernels import Kernels, Packs
 from familial.model import FamilyModel, LowRankLinear, rotate_half
 
 
@@ -140,12 +141,29 @@ class _Active:
                        self.decided, previous)
 
 
+@dataclass
+class _Groups:
+    """What the running rows (positions into _Active.index) do at one exit."""
+
+    # leave here: branch, norm and head (a fixed member's exit, a budget's cap, a confident batch).
+    leaving: list[int] = field(default_factory=list)
+    # run this exit's branch for its KV only.
+    branch_only: list[int] = field(default_factory=list)
+    # adaptive rows that may leave here if the whole batch can.
+    deciding: list[int] = field(default_factory=list)
+    # adaptive rows whose token's exit is decided and whose prompt KV ends here.
+    dropping: list[int] = field(default_factory=list)
+
+
 class Runner:
-    def __init__(self, model: FamilyModel, cache: SlotCache) -> None:
+    def __init__(self, model: FamilyModel, cache: SlotCache, kernels: str = "auto") -> None:
         self.model, self.cache, self.config = model, cache, model.config
+        # Layers and heads on packed kernels where the device has them (familial.infer.kernels).
+        self.kernels = Kernels(model, kernels)
         self.last = self.config.exits[-1]
         self.early = set(self.config.exits[:-1])
-        self._stack = None
+        # Values derived from the weights (the copy-forward K/V stack), rebuilt when they change.
+        self._derived = Packs()
         self._table = None
         self._embedding_scores = None
 
@@ -154,12 +172,31 @@ class Runner:
                 hidden: torch.Tensor | None = None, start_layer: int = 0) -> list[RowOutput]:
         """tokens (N,) from the embeddings, or hidden (N, H) entering `start_layer`, where N is
         the rows' lengths summed: row i's inputs follow row i-1's."""
-        model = self.model
+        active = self._start(rows, tokens, hidden, start_layer)
+        outputs = [RowOutput() for _ in rows]
+        keep = {r.keep_hidden for r in rows}
+        for i in range(start_layer, self.config.num_hidden_layers):
+            if i in keep:
+                self._keep_hidden(i, rows, active, outputs)
+            if i in self.early:
+                active = self._exit_point(i, rows, active, outputs)
+                if not active.index:
+                    return outputs
+            active.x = self.kernels.layer(self.model.model.layers[str(i)], active.x, active.rotary, active.batch)
+        finishing = [j for j, b in enumerate(active.index) if b not in active.decided]
+        if finishing:
+            done = active.select(finishing)
+            self._norm_and_head(self.last, done.x[0], done.batch.offsets, done.index, rows, outputs)
+        return outputs
+
+    def _start(self, rows: list[Row], tokens: torch.Tensor | list[int] | None, hidden: torch.Tensor | None,
+               start_layer: int) -> _Active:
+        """Every row running, from the token embeddings or the given hidden states."""
         inputs = None
         if hidden is None:
             inputs = tokens
             tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.cache.device)
-            x = model.model.embed_tokens(tokens)[None]
+            x = self.model.model.embed_tokens(tokens)[None]
         else:
             x = hidden[None]
         if x.shape[1] != sum(r.length for r in rows):
@@ -169,23 +206,14 @@ class Runner:
                          inputs=inputs if start_layer == 0 else None)
         if any(r.adaptive is not None and r.adaptive.rule.measure == "saturation" for r in rows):
             active.previous = active.last(list(range(len(rows))))
-        outputs = [RowOutput() for _ in rows]
-        keep = {r.keep_hidden for r in rows}
-        for i in range(start_layer, self.config.num_hidden_layers):
-            if i in keep:
-                for j, b in enumerate(active.index):
-                    if rows[b].keep_hidden == i:
-                        outputs[b].hidden = active.x[0, active.tokens(j)]
-            if i in self.early:
-                active = self._exit_point(i, rows, active, outputs)
-                if not active.index:
-                    return outputs
-            active.x = model.model.layers[str(i)](active.x, active.rotary, None, active.batch)
-        finishing = [j for j, b in enumerate(active.index) if b not in active.decided]
-        if finishing:
-            done = active.select(finishing)
-            self._finish(self.last, done.x[0], done.batch.offsets, done.index, rows, outputs)
-        return outputs
+        return active
+
+    @staticmethod
+    def _keep_hidden(layer: int, rows: list[Row], active: _Active, outputs: list[RowOutput]) -> None:
+        """The hidden states entering trunk layer `layer`, for the rows that asked for them."""
+        for j, b in enumerate(active.index):
+            if rows[b].keep_hidden == layer:
+                outputs[b].hidden = active.x[0, active.tokens(j)]
 
     def _rotary(self, batch: CacheBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The call's (cos, sin), read from a table of every cache position (built on first use):
@@ -203,54 +231,88 @@ class Runner:
                    if rows[b].adaptive is not None and exit_layer in rows[b].adaptive.branch_from]
         if passing:
             self._store_states(exit_layer, active, passing)
-        leaving, branch_only, deciding, dropping = [], [], [], []
+        groups = self._classify(exit_layer, rows, active)
+        ran = self._check(exit_layer, rows, active, groups, outputs)
+        if active.previous is not None:
+            active.previous = active.last(list(range(len(active.index))))
+        self._leave(exit_layer, rows, active, groups, ran, outputs)
+        active = self._remaining(exit_layer, rows, active, groups)
+        return self._rejoin(exit_layer, rows, active)
+
+    @staticmethod
+    def _classify(exit_layer: int, rows: list[Row], active: _Active) -> _Groups:
+        """What each running row does at this exit."""
+        groups = _Groups()
         for j, b in enumerate(active.index):
             row, info = rows[b], rows[b].adaptive
             if info is None:
                 if row.exit == exit_layer:
-                    leaving.append(j)
+                    groups.leaving.append(j)
                 elif exit_layer in row.extra_branches:
-                    branch_only.append(j)
+                    groups.branch_only.append(j)
             elif b in active.decided or not info.decide:
                 if row.exit == exit_layer:
-                    dropping.append(j)   # prompt KV done; its branch KV is filled lazily
+                    groups.dropping.append(j)   # prompt KV done; its branch KV is filled lazily
             elif info.cap == exit_layer:
-                leaving.append(j)
+                groups.leaving.append(j)
             elif exit_layer < info.cap and info.rule.enabled(exit_layer):
-                deciding.append(j)
-        ran: set[int] = set()
-        # Adaptive rows leave together or not at all: only when no row goes deeper does
-        # leaving save a layer (see the module docstring).
-        if deciding and len(leaving) + len(dropping) + len(deciding) == len(active.index) \
-                and self._worth_checking(exit_layer, rows, active, deciding) \
-                and self._confident(exit_layer, rows, active, deciding, outputs):
-            ran = {j for j in deciding if rows[active.index[j]].adaptive.rule.measure in SOFTMAX}
-            leaving = sorted(leaving + deciding)
-        if active.previous is not None:
-            active.previous = active.last(list(range(len(active.index))))
-        heads = [j for j in leaving if j not in ran]
-        if heads or branch_only:
-            if heads == list(range(len(active.index))) and all(rows[b].adaptive is None for b in active.index):
-                h, offsets = self._run_branch(exit_layer, active), active.batch.offsets
-                self._finish(exit_layer, h, offsets, active.index, rows, outputs)
-            else:
-                h, offsets = self._branch(exit_layer, rows, active, heads + branch_only, outputs)
-                self._finish(exit_layer, h, offsets[:len(heads) + 1], [active.index[j] for j in heads], rows,
-                             outputs)
-        copying = [j for j in leaving if rows[active.index[j]].adaptive is not None
-                   and rows[active.index[j]].adaptive.pending is None
-                   and not rows[active.index[j]].full_kv and exit_layer != rows[active.index[j]].exit]
+                groups.deciding.append(j)
+        return groups
+
+    def _check(self, exit_layer: int, rows: list[Row], active: _Active, groups: _Groups,
+               outputs: list[RowOutput]) -> set[int]:
+        """Whether the deciding rows leave here (then they join `groups.leaving`): they leave
+        together or not at all, and only when no row goes deeper does leaving save a layer (see
+        the module docstring). Returns the rows whose softmax check already ran their head."""
+        deciding = groups.deciding
+        if not deciding or len(groups.leaving) + len(groups.dropping) + len(deciding) != len(active.index):
+            return set()
+        if not (self._worth_checking(exit_layer, rows, active, deciding)
+                and self._confident(exit_layer, rows, active, deciding, outputs)):
+            return set()
+        groups.leaving = sorted(groups.leaving + deciding)
+        return {j for j in deciding if rows[active.index[j]].adaptive.rule.measure in SOFTMAX}
+
+    def _leave(self, exit_layer: int, rows: list[Row], active: _Active, groups: _Groups, ran: set[int],
+               outputs: list[RowOutput]) -> None:
+        """Branch and head for the leaving rows (and branch KV for branch-only rows); copy-forward
+        adaptive rows project the KV of the layers they skip."""
+        heads = [j for j in groups.leaving if j not in ran]
+        if heads and heads == list(range(len(active.index))) and all(rows[b].adaptive is None for b in active.index):
+            # Every row leaves at its own tokens: the running batch is the branch's.
+            h = self._branch_pass(exit_layer, active)
+            self._norm_and_head(exit_layer, h, active.batch.offsets, active.index, rows, outputs)
+        elif heads or groups.branch_only:
+            h, offsets = self._branch_rows(exit_layer, rows, active, heads + groups.branch_only, outputs)
+            self._norm_and_head(exit_layer, h, offsets[:len(heads) + 1], [active.index[j] for j in heads], rows,
+                                outputs)
+        copying = [j for j in groups.leaving if self._copies(exit_layer, rows[active.index[j]])]
         if copying:
             self._copy_forward(exit_layer, rows, active.select(copying))
-        gone = set(dropping)
-        for j in leaving:
+
+    @staticmethod
+    def _copies(exit_layer: int, row: Row) -> bool:
+        """Whether a row leaving here fills its skipped layers' KV by copying forward."""
+        info = row.adaptive
+        return info is not None and info.pending is None and not row.full_kv and exit_layer != row.exit
+
+    @staticmethod
+    def _remaining(exit_layer: int, rows: list[Row], active: _Active, groups: _Groups) -> _Active:
+        """The rows that go on: leaving rows drop out, except prompt rows still owed their KV
+        (their token's exit is decided)."""
+        gone = set(groups.dropping)
+        for j in groups.leaving:
             b = active.index[j]
             if rows[b].full_kv and rows[b].exit != exit_layer:
                 active.decided.add(b)
             else:
                 gone.add(j)
-        if gone:
-            active = active.select([j for j in range(len(active.index)) if j not in gone])
+        if not gone:
+            return active
+        return active.select([j for j in range(len(active.index)) if j not in gone])
+
+    def _rejoin(self, exit_layer: int, rows: list[Row], active: _Active) -> _Active:
+        """Pending positions whose frontier is this exit join their rows here (recompute)."""
         joining = {}
         for j, b in enumerate(active.index):
             info = rows[b].adaptive
@@ -287,33 +349,44 @@ class Runner:
             js = [deciding[i] for i in group]
             infos = [rows[active.index[j]].adaptive for j in js]
             mine = states if len(group) == len(deciding) else states[group]
-            classifier = infos[0].classifier
-            if measure in SOFTMAX and any(info.rule.screen is not None for info in infos):
-                hope = classifier.log_odds(exit_layer, mine)
-                if any(info.rule.screen is not None and h < log_odds(info.rule.screen[exit_layer])
-                       for info, h in zip(infos, hope)):
-                    return self._stay(active, deciding, outputs)
-            if measure == "classifier":
-                # Log-odds against the thresholds' log-odds: the same test without a sigmoid.
-                if exit_layer == 0 and active.inputs is not None:
-                    # The state entering exit 0 is the token's embedding: its score is the token's.
-                    table = self._embedding_log_odds(classifier)
-                    scores = [table[int(active.inputs[active.batch.offsets[j + 1] - 1])] for j in js]
-                else:
-                    scores = classifier.log_odds(exit_layer, mine)
-                limits = [log_odds(info.rule.thresholds[exit_layer]) for info in infos]
-            else:
-                if measure == "saturation":
-                    scores = saturation(mine, active.previous[js]).tolist()
-                else:
-                    h, offsets = self._branch(exit_layer, rows, active, js, outputs)
-                    indices = [active.index[j] for j in js]
-                    self._finish(exit_layer, h, offsets, indices, rows, outputs)
-                    scores = softmax_score(torch.cat([outputs[b].logits[-1:] for b in indices]), measure).tolist()
-                limits = [info.rule.thresholds[exit_layer] for info in infos]
+            if measure in SOFTMAX and self._screened_out(exit_layer, infos, mine):
+                return self._stay(active, deciding, outputs)
+            scores, limits = self._scores(exit_layer, measure, rows, active, js, mine, outputs)
             if any(score < limit for score, limit in zip(scores, limits)):
                 return self._stay(active, deciding, outputs)
         return True
+
+    @staticmethod
+    def _screened_out(exit_layer: int, infos: list[Adaptive], states: torch.Tensor) -> bool:
+        """Whether the classifier's screen already rules out a softmax check's row here."""
+        if all(info.rule.screen is None for info in infos):
+            return False
+        hope = infos[0].classifier.log_odds(exit_layer, states)
+        return any(info.rule.screen is not None and h < log_odds(info.rule.screen[exit_layer])
+                   for info, h in zip(infos, hope))
+
+    def _scores(self, exit_layer: int, measure: str, rows: list[Row], active: _Active, js: list[int],
+                states: torch.Tensor, outputs: list[RowOutput]) -> tuple[list[float], list[float]]:
+        """Rows js' scores under one measure at this exit, and the limits they must reach."""
+        infos = [rows[active.index[j]].adaptive for j in js]
+        if measure == "classifier":
+            # Log-odds against the thresholds' log-odds: the same test without a sigmoid.
+            classifier = infos[0].classifier
+            if exit_layer == 0 and active.inputs is not None:
+                # The state entering exit 0 is the token's embedding: its score is the token's.
+                table = self._embedding_log_odds(classifier)
+                scores = [table[int(active.inputs[active.batch.offsets[j + 1] - 1])] for j in js]
+            else:
+                scores = classifier.log_odds(exit_layer, states)
+            return scores, [log_odds(info.rule.thresholds[exit_layer]) for info in infos]
+        if measure == "saturation":
+            scores = saturation(states, active.previous[js]).tolist()
+        else:
+            h, offsets = self._branch_rows(exit_layer, rows, active, js, outputs)
+            indices = [active.index[j] for j in js]
+            self._norm_and_head(exit_layer, h, offsets, indices, rows, outputs)
+            scores = softmax_score(torch.cat([outputs[b].logits[-1:] for b in indices]), measure).tolist()
+        return scores, [info.rule.thresholds[exit_layer] for info in infos]
 
     def _embedding_log_odds(self, classifier: ExitClassifier) -> list[float]:
         """Exit 0's classifier log-odds of every token id (its state is the token's embedding),
@@ -352,14 +425,15 @@ class Runner:
                                device=device)]
         buffer[torch.tensor(slots, device=device), torch.tensor(positions, device=device)] = x
 
-    def _run_branch(self, exit_layer: int, active: _Active) -> torch.Tensor:
+    def _branch_pass(self, exit_layer: int, active: _Active) -> torch.Tensor:
+        """Exit `exit_layer`'s branch layers over the batch `active` holds: (N, hidden)."""
         x = active.x
         for layer in self.model.branch_layers(exit_layer):
-            x = layer(x, active.rotary, None, active.batch)
+            x = self.kernels.layer(layer, x, active.rotary, active.batch)
         return x[0]
 
-    def _branch(self, exit_layer: int, rows: list[Row], active: _Active, js: list[int],
-                outputs: list[RowOutput]) -> tuple[torch.Tensor, list[int]]:
+    def _branch_rows(self, exit_layer: int, rows: list[Row], active: _Active, js: list[int],
+                     outputs: list[RowOutput]) -> tuple[torch.Tensor, list[int]]:
         """Exit `exit_layer`'s branch for rows js, in one packed call: (N, hidden) and each row's
         offsets. An adaptive row runs over every position since the branch last ran, from the
         stored states (those positions' branch KV is written on the way)."""
@@ -379,10 +453,10 @@ class Runner:
         batch = self.cache.batch(slots, starts, [len(p) for p in pieces])
         x = (torch.cat(pieces) if len(pieces) > 1 else pieces[0])[None]
         branch = _Active(js, x, batch, self._rotary(batch, x.dtype))
-        return self._run_branch(exit_layer, branch), batch.offsets
+        return self._branch_pass(exit_layer, branch), batch.offsets
 
-    def _finish(self, exit_layer: int, h: torch.Tensor, offsets: list[int], index: list[int], rows: list[Row],
-                outputs: list[RowOutput]) -> None:
+    def _norm_and_head(self, exit_layer: int, h: torch.Tensor, offsets: list[int], index: list[int],
+                       rows: list[Row], outputs: list[RowOutput]) -> None:
         """Norm and head at the positions each row wants logits for; h (N, hidden) holds row
         index[i]'s tokens at offsets[i]:offsets[i + 1]."""
         picks, counts = [], []
@@ -396,7 +470,7 @@ class Runner:
             return
         if len(picks) < h.shape[0]:
             h = h[picks[0]:picks[0] + 1] if len(picks) == 1 else h[picks]
-        logits = self.model.exit_head(exit_layer)(self.model.exit_norm(exit_layer)(h))
+        logits = self.kernels.head(exit_layer, h)
         begin = 0
         for b, count in zip(index, counts):
             if count:
@@ -455,21 +529,24 @@ class Runner:
 
     def _projection(self, exit_layer: int, stop: int):
         """Stacked, norm-folded k/v projections of trunk layers exit_layer..stop-1 (built on
-        first use, from the weights at that time)."""
-        if self._stack is None:
-            layers = [self.model.model.layers[str(i)] for i in range(self.config.num_hidden_layers)]
-            weights, biases = [], []
-            for layer in layers:
-                gain = layer.input_layernorm.weight
-                for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    dense = proj.dense_weight() if isinstance(proj, LowRankLinear) else proj.weight
-                    weights.append(dense * gain[None, :])
-                    biases.append(proj.bias if getattr(proj, "bias", None) is not None
-                                  else torch.zeros(dense.shape[0], dtype=dense.dtype, device=dense.device))
-            rows_per_layer = 2 * self.config.num_key_value_heads * self.config.head_dim
-            self._stack = (torch.cat(weights), torch.cat(biases),
-                           torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, :],
-                           layers, rows_per_layer)
-        weight, bias, k_norm, layers, per = self._stack
+        first use, and again once the weights they come from changed)."""
+        layers = [self.model.model.layers[str(i)] for i in range(self.config.num_hidden_layers)]
+        sources = [t for layer in layers for module in (layer.input_layernorm, layer.self_attn.k_proj,
+                                                        layer.self_attn.v_proj, layer.self_attn.k_norm)
+                   for t in module.parameters()]
+        weight, bias, k_norm, per = self._derived.get("kv-stack", sources, lambda: self._stack_kv(layers))
         return (weight[exit_layer * per:stop * per], bias[exit_layer * per:stop * per],
                 k_norm[exit_layer:stop], layers[exit_layer:stop])
+
+    def _stack_kv(self, layers: list) -> tuple:
+        weights, biases = [], []
+        for layer in layers:
+            gain = layer.input_layernorm.weight
+            for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                dense = proj.dense_weight() if isinstance(proj, LowRankLinear) else proj.weight
+                weights.append(dense * gain[None, :])
+                biases.append(proj.bias if getattr(proj, "bias", None) is not None
+                              else torch.zeros(dense.shape[0], dtype=dense.dtype, device=dense.device))
+        rows_per_layer = 2 * self.config.num_key_value_heads * self.config.head_dim
+        return (torch.cat(weights), torch.cat(biases),
+                torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, :], rows_per_layer)

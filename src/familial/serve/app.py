@@ -25,6 +25,7 @@ bounded in size (protocol.error_body).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import typing
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi import HTTPException as FastAPIHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -95,22 +96,36 @@ def _validation_message(error: RequestValidationError | ValidationError) -> tupl
     param = None
     errors = error.errors(include_url=False) if isinstance(error, ValidationError) else error.errors()
     for item in errors:
-        loc = [x if isinstance(x, int) else clip(x) for x in item.get("loc", ()) if x != "body"]
-        # Union branches appear in the location as type tags such as 'list[int]'.
-        tags = [x for x in loc if isinstance(x, str) and (not x.isidentifier() or x in TYPE_NAMES)]
-        path = [str(x) for x in loc if x not in tags]
-        where = ".".join(path) or "body"
+        path, tags = _location(item)
         param = param or (path[0] if path else None)
-        field = next((x for x in reversed(path) if not x.isdigit()), "")
-        if tags and field in SHAPES:
-            where = ".".join(path[:len(path) - path[::-1].index(field)])
-            messages[where] = f"expected {SHAPES[field]}"
-        elif item.get("type") == "extra_forbidden":
-            messages[where] = "unsupported parameter"
-        else:
+        where, message = _item_message(item, path, tags)
+        if message is None:
             messages.setdefault(where, clip(item.get("msg", "invalid value")))
+        else:
+            messages[where] = message
     text = "; ".join(f"{where}: {message}" for where, message in list(messages.items())[:4])
     return text or "malformed request", param
+
+
+def _location(item: dict) -> tuple[list[str], list[str]]:
+    """A validation error's field path, and the union-branch type tags pydantic put in it."""
+    loc = [x if isinstance(x, int) else clip(x) for x in item.get("loc", ()) if x != "body"]
+    # Union branches appear in the location as type tags such as 'list[int]'.
+    tags = [x for x in loc if isinstance(x, str) and (not x.isidentifier() or x in TYPE_NAMES)]
+    return [str(x) for x in loc if x not in tags], tags
+
+
+def _item_message(item: dict, path: list[str], tags: list[str]) -> tuple[str, str | None]:
+    """Where one validation error is, and what to say there (None: pydantic's own message,
+    unless an earlier error at that place said more)."""
+    where = ".".join(path) or "body"
+    field = next((x for x in reversed(path) if not x.isdigit()), "")
+    if tags and field in SHAPES:
+        # One message for the field, not one per union branch it failed.
+        return ".".join(path[:len(path) - path[::-1].index(field)]), f"expected {SHAPES[field]}"
+    if item.get("type") == "extra_forbidden":
+        return where, "unsupported parameter"
+    return where, None
 
 
 def _nested_models(annotation) -> list[type[BaseModel]]:
@@ -185,7 +200,6 @@ class Server:
     def __init__(self, engine, tokenizer, chat_template: ChatTemplate | None,
                  template_timeout: float = 5.0) -> None:
         self.engine, self.tokenizer = engine, tokenizer
-        self.vocab_size = engine.config.vocab_size
         self.context = engine.max_seq_len
         # A text longer than this cannot fit the context whatever it says: refused untokenised.
         self.max_prompt_chars = self.context * characters_per_token(tokenizer)
@@ -305,12 +319,7 @@ class Server:
     async def submit(self, body: p.CompletionRequest | p.ChatCompletionRequest, prompt_ids: list[int],
                      max_tokens: int | None, prefix: str, stop_token_ids: list[int] | None = None) -> Job:
         member = self.member(body.model)
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty after tokenization", "prompt")
-        bad = next((t for t in prompt_ids if t >= self.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"prompt token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
-                           "prompt")
+        # The prompt's ids are checked where the engine takes the request (InvalidRequest below).
         room = self.context - len(prompt_ids)
         if max_tokens is None:
             max_tokens = room
@@ -338,7 +347,7 @@ class Server:
         except EngineProcessError as error:
             raise APIError(503, str(error), None, "engine_unavailable") from None
         except ValueError as error:
-            raise APIError(400, str(error)) from None
+            raise APIError(400, str(error), getattr(error, "param", None)) from None
         adaptive = member.id == "auto" and body.budget is None and body.target is None
         return Job(handle, member.id, f"{prefix}-{uuid.uuid4().hex}",
                    note=uncalibrated_note(self.engine.config) if adaptive else None)
@@ -522,10 +531,117 @@ GENERATION_RESPONSES = {**ERROR_RESPONSES, 200: {"content": {"text/event-stream"
                                                 "object per `data:` line, ending with `data: [DONE]`"}}}}}
 
 
+# Request models read by Server.read rather than FastAPI (which parses and validates on the
+# event loop), published in /openapi.json as FastAPI would publish them.
+REQUEST_MODELS = (p.CompletionRequest, p.ChatCompletionRequest)
+
+
+def _request_body(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+router = APIRouter()
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+    return JSONResponse(error_body(error.status_code, str(error.detail), getattr(error, "param", None),
+                                   getattr(error, "code", None)),
+                        status_code=error.status_code, headers=getattr(error, "headers", None))
+
+
+async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+    message, param = _validation_message(error)
+    return JSONResponse(error_body(400, message, param), status_code=400)
+
+
+async def internal_error(_: Request, error: Exception) -> JSONResponse:
+    # A bug in the server, never a client's input (the tests hold every input to a 4xx).
+    return JSONResponse(error_body(500, f"internal error: {type(error).__name__}: {error}"), status_code=500)
+
+
+EXCEPTION_HANDLERS = {HTTPException: http_error, RequestValidationError: invalid_request, Exception: internal_error}
+
+
+@router.get("/v1/models", response_model=p.ModelList)
+async def list_models(request: Request) -> p.ModelList:
+    return _server(request).models()
+
+
+@router.get("/health", response_model=p.Health,
+            responses={503: {"model": p.Health, "description": "the engine loop is not running"}})
+async def health(request: Request):
+    state = await _server(request).health()
+    return state if state.ok else JSONResponse(state.model_dump(), status_code=503)
+
+
+@router.post("/v1/completions", response_model=p.CompletionResponse, responses=GENERATION_RESPONSES,
+             openapi_extra=_request_body(p.CompletionRequest))
+async def completions(request: Request):
+    server = _server(request)
+    body = await server.read(request, p.CompletionRequest)
+    server.member(body.model)
+    if isinstance(body.prompt, str):
+        ids = await server.encode(body.prompt, special_tokens=True, param="prompt")
+    else:
+        ids = body.prompt
+    job = await server.submit(body, ids, body.max_tokens, "cmpl")
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return JobStream(job, _stream(server, job, request, chat=False, usage=usage))
+    text, reason = await _collect(server, job, request)
+    return p.CompletionResponse(id=job.id, created=job.created, model=job.model, usage=job.usage(),
+                                choices=[p.CompletionChoice(index=0, text=text, finish_reason=reason)],
+                                familial=p.FamilialInfo(member=job.model, exits=job.exits, note=job.note))
+
+
+@router.post("/v1/chat/completions", response_model=p.ChatCompletionResponse,
+             responses=GENERATION_RESPONSES, openapi_extra=_request_body(p.ChatCompletionRequest))
+async def chat_completions(request: Request):
+    server = _server(request)
+    body = await server.read(request, p.ChatCompletionRequest)
+    server.member(body.model)
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them",
+                       "max_completion_tokens")
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                for m in body.messages]
+    prompt, marks = await server.render(messages)
+    ids = await server.encode(prompt, special_tokens=False, param="messages", marks=marks)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    # A chat answer is one assistant turn: it ends at the template's end-of-turn token.
+    job = await server.submit(body, ids, max_tokens, "chatcmpl", server.end_of_turn_ids)
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return JobStream(job, _stream(server, job, request, chat=True, usage=usage))
+    text, reason = await _collect(server, job, request)
+    return p.ChatCompletionResponse(
+        id=job.id, created=job.created, model=job.model, usage=job.usage(),
+        choices=[p.ChatChoice(index=0, message=p.AssistantMessage(content=text), finish_reason=reason)],
+        familial=p.FamilialInfo(member=job.model, exits=job.exits, note=job.note))
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+@router.get("/playground", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse(_playground())
+
+
+@functools.cache
+def _playground() -> str:
+    return resources.files("familial.serve").joinpath("static/playground.html").read_text()
+
+
 def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, policy: ClientPolicy | None = None,
                template_timeout: float = 5.0) -> FastAPI:
     """FastAPI app serving `engine` (started and stopped by the caller) over HTTP; without a
-    chat template, chat completions are refused (400), as vLLM does."""
+    chat template, chat completions are refused (400), as vLLM does. Assembles the module's
+    router and exception handlers around one `Server` (as vLLM's api_server.build_app)."""
     server = Server(engine, tokenizer, chat_template, template_timeout)
     policy = policy or ClientPolicy()
 
@@ -549,96 +665,11 @@ def create_app(engine, tokenizer, chat_template: ChatTemplate | None = None, pol
     # Items of a body whose prompt fits the context: one per character or token id, a few per
     # message (every message adds tokens), a few dozen for the other fields.
     app.add_middleware(Guard, policy=policy, max_items=server.max_prompt_chars + 8 * server.context + 256)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
-        return JSONResponse(error_body(error.status_code, str(error.detail), getattr(error, "param", None),
-                                       getattr(error, "code", None)),
-                            status_code=error.status_code, headers=getattr(error, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(error)
-        return JSONResponse(error_body(400, message, param), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, error: Exception) -> JSONResponse:
-        # A bug in the server, never a client's input (the tests hold every input to a 4xx).
-        return JSONResponse(error_body(500, f"internal error: {type(error).__name__}: {error}"),
-                            status_code=500)
-
-    @app.get("/v1/models", response_model=p.ModelList)
-    async def list_models() -> p.ModelList:
-        return server.models()
-
-    @app.get("/health", response_model=p.Health,
-             responses={503: {"model": p.Health, "description": "the engine loop is not running"}})
-    async def health():
-        state = await server.health()
-        return state if state.ok else JSONResponse(state.model_dump(), status_code=503)
-
-    @app.post("/v1/completions", response_model=p.CompletionResponse, responses=GENERATION_RESPONSES,
-              openapi_extra=_request_body(p.CompletionRequest))
-    async def completions(request: Request):
-        body = await server.read(request, p.CompletionRequest)
-        server.member(body.model)
-        if isinstance(body.prompt, str):
-            ids = await server.encode(body.prompt, special_tokens=True, param="prompt")
-        else:
-            ids = body.prompt
-        job = await server.submit(body, ids, body.max_tokens, "cmpl")
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return JobStream(job, _stream(server, job, request, chat=False, usage=usage))
-        text, reason = await _collect(server, job, request)
-        return p.CompletionResponse(id=job.id, created=job.created, model=job.model, usage=job.usage(),
-                                    choices=[p.CompletionChoice(index=0, text=text, finish_reason=reason)],
-                                    familial=p.FamilialInfo(member=job.model, exits=job.exits, note=job.note))
-
-    @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse,
-              responses=GENERATION_RESPONSES, openapi_extra=_request_body(p.ChatCompletionRequest))
-    async def chat_completions(request: Request):
-        body = await server.read(request, p.ChatCompletionRequest)
-        server.member(body.model)
-        if body.max_tokens is not None and body.max_completion_tokens is not None \
-                and body.max_tokens != body.max_completion_tokens:
-            raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them",
-                           "max_completion_tokens")
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
-        prompt, marks = await server.render(messages)
-        ids = await server.encode(prompt, special_tokens=False, param="messages", marks=marks)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        # A chat answer is one assistant turn: it ends at the template's end-of-turn token.
-        job = await server.submit(body, ids, max_tokens, "chatcmpl", server.end_of_turn_ids)
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return JobStream(job, _stream(server, job, request, chat=True, usage=usage))
-        text, reason = await _collect(server, job, request)
-        return p.ChatCompletionResponse(
-            id=job.id, created=job.created, model=job.model, usage=job.usage(),
-            choices=[p.ChatChoice(index=0, message=p.AssistantMessage(content=text), finish_reason=reason)],
-            familial=p.FamilialInfo(member=job.model, exits=job.exits, note=job.note))
-
-    playground = resources.files("familial.serve").joinpath("static/playground.html").read_text()
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    @app.get("/playground", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(playground)
-
+    for kind, handler in EXCEPTION_HANDLERS.items():
+        app.add_exception_handler(kind, handler)
+    app.include_router(router)
     _publish_errors_as_400(app)
     return app
-
-
-# Request models read by Server.read rather than FastAPI (which parses and validates on the
-# event loop), published in /openapi.json as FastAPI would publish them.
-REQUEST_MODELS = (p.CompletionRequest, p.ChatCompletionRequest)
-
-
-def _request_body(model: type[BaseModel]) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 def _publish_errors_as_400(app: FastAPI) -> None:
