@@ -34,6 +34,7 @@ def make_family(tmp_path, tokenizer, arch: str, tied: bool):
     return tmp_path / "family"
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen3", False)])
 def test_every_member_exports_as_a_gguf_file_that_reads_back_as_itself(tmp_path, tokenizer, arch, tied):
     family_dir = make_family(tmp_path, tokenizer, arch, tied)
@@ -59,6 +60,7 @@ def test_every_member_exports_as_a_gguf_file_that_reads_back_as_itself(tmp_path,
     assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE
 
 
+@pytest.mark.reference
 def test_q8_0_and_half_types_stay_close_to_the_member(tmp_path, tokenizer):
     """Quantised exports lose precision, not structure: logits within a small error, and
     the next-token choice of the f32 member on nearly every position."""

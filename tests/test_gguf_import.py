@@ -26,6 +26,7 @@ def tokenizer():
     return train_tokenizer(320)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen3", False)])
 def test_quantised_gguf_imports_as_transformers_loads_it(tmp_path, tokenizer, arch, tied):
     path = write_gguf(tmp_path / "model.gguf", hf_model(arch, tie_word_embeddings=tied), arch, MIXED,
@@ -49,6 +50,7 @@ def test_quantised_gguf_imports_as_transformers_loads_it(tmp_path, tokenizer, ar
     assert (config["bos_token"], config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
 
 
+@pytest.mark.reference
 def test_f32_llama_gguf_imports_as_the_model_it_was_converted_from(tmp_path):
     """Undoing llama.cpp's Q/K permutation checked against the stock model itself."""
     model = hf_model("llama", attention_bias=True)
