@@ -98,6 +98,9 @@ def _architecture_metadata(config: FamilyConfig, exit_layer: int) -> dict[str, A
     }
     if kind == "linear":
         fields.update({"rope.scaling.type": "linear", "rope.scaling.factor": float(scaling["factor"])})
+    if kind == "llama3" and scaling.get("original_max_position_embeddings"):
+        # llama.cpp reads only the rope_freqs factors; this lets an import give back the same scaling.
+        fields["rope.scaling.original_context_length"] = scaling["original_max_position_embeddings"]
     return {f"{arch}.{key}": value for key, value in fields.items()}
 
 
