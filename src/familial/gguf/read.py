@@ -36,15 +36,6 @@ MODEL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.w
                  "lm_head.weight": "output.weight"}
 
 
-def is_gguf(path: str | Path) -> bool:
-    """A file starting with GGUF's magic bytes."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"GGUF"
-
-
 def gguf_name(hf_name: str) -> str:
     """The GGUF name of a dense HF Qwen3/Llama tensor name."""
     if hf_name in MODEL_TENSORS:
@@ -246,7 +237,7 @@ def import_gguf(path: str | Path, output: str | Path, exits: list[int] | None, b
                 shared_head: bool = False, member_names: dict[str, int] | None = None,
                 overwrite: bool = False, max_shard_bytes: int | None = None) -> FamilyConfig:
     """Write a family checkpoint (float32) from a GGUF file, with `exits` added."""
-    from familial.checkpoint_io import DEFAULT_SHARD_BYTES, write_tensors
+    from familial.checkpoint_io import DEFAULT_SHARD_BYTES, check_branches_fit, write_tensors
 
     source = GGUFFile(path)
     fields = gguf_config_fields(source)
@@ -255,11 +246,7 @@ def import_gguf(path: str | Path, output: str | Path, exits: list[int] | None, b
     fields.update(exits=list(exits), branch_layers=branch_layers, shared_head=shared_head,
                   member_names=dict(member_names or {}))
     config = FamilyConfig.from_dict(fields, where=f"{path} with the requested exits")
-    for e in config.exits[:-1]:
-        if e + config.branch_depth(e) > config.num_hidden_layers:
-            raise ConfigError(f"exit {e} with a {config.branch_depth(e)}-layer branch needs trunk "
-                              f"layers up to {e + config.branch_depth(e) - 1}, but the model has "
-                              f"{config.num_hidden_layers}")
+    check_branches_fit(config)
     plan, sizes = gguf_sources(source, config)
     tokenizer = None
     if "tokenizer.ggml.tokens" in source.meta:

@@ -120,8 +120,8 @@ def _tensor_type(shape: list[int], wanted: str):
     return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[wanted]
 
 
-def _write_member(family_dir: Path, config: FamilyConfig, exit_layer: int, reader, path: Path,
-                  wanted: str, tokenizer: dict[str, Any]) -> None:
+def _write_member(config: FamilyConfig, exit_layer: int, reader, path: Path, wanted: str,
+                  tokenizer: dict[str, Any]) -> None:
     import gguf
 
     from familial.checkpoint_io import _plan_member
@@ -159,12 +159,14 @@ def _write_member(family_dir: Path, config: FamilyConfig, exit_layer: int, reade
         else:
             byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
             writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for name, produce in tensors.items():
-        writer.write_tensor_data(_encode(produce(), types[name]))
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, produce in tensors.items():
+            writer.write_tensor_data(_encode(produce(), types[name]))
+    finally:
+        writer.close()
 
 
 def _add(writer, key: str, value: Any) -> None:
@@ -198,7 +200,7 @@ def export_member_gguf(family_dir: str | Path, output: str | Path, member: int |
     with SafetensorsReader(family_dir) as reader:
         check_family_tensors(family_dir, config, reader)
         with atomic_file(output, overwrite) as staging:
-            _write_member(family_dir, config, exit_layer, reader, staging, type, tokenizer)
+            _write_member(config, exit_layer, reader, staging, type, tokenizer)
     return Path(output)
 
 
@@ -217,7 +219,7 @@ def export_all_gguf(family_dir: str | Path, output: str | Path, type: str = "f32
         check_family_tensors(family_dir, config, reader)
         with atomic_directory(output, overwrite) as staging:
             for exit_layer, name in zip(config.exits, names):
-                _write_member(family_dir, config, exit_layer, reader, staging / name, type, tokenizer)
+                _write_member(config, exit_layer, reader, staging / name, type, tokenizer)
     return [Path(output) / name for name in names]
 
 
