@@ -13,8 +13,8 @@ import sys
 from familial.config import ConfigError
 
 COMMANDS = {
-    "import": ("familial.commands.family", "import a dense HF Qwen3 or Ruyi2 checkpoint as a family"),
-    "export": ("familial.commands.family", "export members as dense HF Qwen3 checkpoints"),
+    "import": ("familial.commands.family", "import a dense HF Qwen3 or Llama checkpoint, a Ruyi2 release or a GGUF file as a family"),
+    "export": ("familial.commands.family", "export members as dense HF Qwen3 or Llama checkpoints, or as GGUF files"),
     "info": ("familial.commands.family", "show a family: exits, members, parameters, memory"),
     "verify": ("familial.commands.family", "check a family's tensors and their sha256 checksums"),
     "data": ("familial.data.cli", "prepare packed token shards from text, JSONL or chat data"),
@@ -37,7 +37,7 @@ COMMANDS = {
 # first); a command that needs one names the extra when it is missing.
 EXTRAS = {"transformers": ("hf",), "tensorboard": ("train",), "matplotlib": ("train", "eval"),
           "jinja2": ("train", "serve"), "fastapi": ("serve",), "uvicorn": ("serve",),
-          "lm_eval": ("eval",)}
+          "lm_eval": ("eval",), "gguf": ("gguf",)}
 COMMAND_EXTRAS = {"serve": "serve", "eval": "eval", "report": "eval"}
 
 

@@ -113,7 +113,8 @@ def _layer_sources(layer: DecoderLayer) -> list[torch.Tensor] | None:
     """The tensors a layer's pack is built from; None when a projection is not a plain Linear."""
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if any(type(m) is not nn.Linear for m in linears):
+    # The fused MLP products take no bias (Llama's rare mlp_bias runs on the module path).
+    if any(type(m) is not nn.Linear for m in linears) or mlp.gate_proj.bias is not None:
         return None
     return [t for m in linears for t in (m.weight, m.bias) if t is not None]
 
@@ -185,8 +186,10 @@ class Kernels:
         dim = attn.head_dim
         # (B, T, heads*D) -> (B, heads, T, D), as Attention.forward.
         q, k, v = _linear(layer.input_layernorm(x), pack.qkv, pack.qkv_bias).split(pack.split, -1)
-        q = attn.q_norm(q.view(batch, length, -1, dim)).transpose(1, 2)
-        k = attn.k_norm(k.view(batch, length, -1, dim)).transpose(1, 2)
+        q, k = q.view(batch, length, -1, dim), k.view(batch, length, -1, dim)
+        if attn.q_norm is not None:  # Qwen3's per-head q/k norms (Llama has none)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, length, -1, dim).transpose(1, 2)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

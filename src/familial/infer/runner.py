@@ -517,8 +517,9 @@ class Runner:
             # (1, N, layers, k|v, kv_heads, head_dim)
             kv = F.linear(x, weight, bias).view(1, length, len(layers), 2, -1, self.config.head_dim)
             k, v = kv[:, :, :, 0], kv[:, :, :, 1]
-            kf = k.float()
-            k = k_norm * (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+            if k_norm is not None:  # Qwen3's per-head key norm (Llama has none)
+                kf = k.float()
+                k = k_norm * (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
             cos, sin = (t[:, :, None, None, :] for t in rows_.rotary)
             k = k * cos + rotate_half(k) * sin
             for i, layer in enumerate(layers):
@@ -531,12 +532,13 @@ class Runner:
         """Stacked, norm-folded k/v projections of trunk layers exit_layer..stop-1 (built on
         first use, and again once the weights they come from changed)."""
         layers = [self.model.model.layers[str(i)] for i in range(self.config.num_hidden_layers)]
-        sources = [t for layer in layers for module in (layer.input_layernorm, layer.self_attn.k_proj,
-                                                        layer.self_attn.v_proj, layer.self_attn.k_norm)
+        sources = [t for layer in layers
+                   for module in (layer.input_layernorm, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                  layer.self_attn.k_norm) if module is not None
                    for t in module.parameters()]
         weight, bias, k_norm, per = self._derived.get("kv-stack", sources, lambda: self._stack_kv(layers))
         return (weight[exit_layer * per:stop * per], bias[exit_layer * per:stop * per],
-                k_norm[exit_layer:stop], layers[exit_layer:stop])
+                None if k_norm is None else k_norm[exit_layer:stop], layers[exit_layer:stop])
 
     def _stack_kv(self, layers: list) -> tuple:
         weights, biases = [], []
@@ -548,5 +550,6 @@ class Runner:
                 biases.append(proj.bias if getattr(proj, "bias", None) is not None
                               else torch.zeros(dense.shape[0], dtype=dense.dtype, device=dense.device))
         rows_per_layer = 2 * self.config.num_key_value_heads * self.config.head_dim
-        return (torch.cat(weights), torch.cat(biases),
-                torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, :], rows_per_layer)
+        k_norms = (torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, :]
+                   if self.config.qk_norm else None)
+        return torch.cat(weights), torch.cat(biases), k_norms, rows_per_layer
