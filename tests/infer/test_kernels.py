@@ -20,9 +20,12 @@ def mixed_call(runner: Runner):
     return runner.forward(rows, tokens=list(range(20, 29)))
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_packed_layers_and_heads_give_the_modules_outputs(family_factory, bias):
-    family = family_factory(attention_bias=bias)
+@pytest.mark.parametrize("architecture", [dict(attention_bias=False), dict(attention_bias=True),
+                                          dict(qk_norm=False, tie_word_embeddings=True),
+                                          dict(qk_norm=False, mlp_bias=True)],
+                         ids=["qwen3", "qwen3-bias", "llama-tied", "llama-mlp-bias"])
+def test_packed_layers_and_heads_give_the_modules_outputs(family_factory, architecture):
+    family = family_factory(**architecture)
     outputs = {mode: mixed_call(Runner(family, SlotCache(family.config, 3, 32), mode)) for mode in ("eager", "packed")}
     for eager, packed in zip(outputs["eager"], outputs["packed"]):
         torch.testing.assert_close(packed.logits, eager.logits, atol=1e-4, rtol=1e-4)
