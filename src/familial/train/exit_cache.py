@@ -19,7 +19,7 @@ A cache is a directory of `.npy` arrays, opened memory-mapped:
     teacher_nll.npy       (rows, seq_len) float32 the full member's loss on each target
 
 Rows are windows of `seq_len + 1` tokens at stride `seq_len` (as `StreamRows` cuts them), in
-stream order. The directory is written atomically; a cache made from another trunk (other
+stream order; a cap on the tokens keeps windows spread evenly over the stream. The directory is written atomically; a cache made from another trunk (other
 weights or dimensions) is refused by `check_family`.
 """
 
@@ -118,8 +118,13 @@ def write_exit_cache(model: FamilyModel, shards: TokenShards, output: str | Path
     if shards.vocab_size > config.vocab_size:
         raise CacheError(f"{shards.path}: its vocabulary ({shards.vocab_size}) is larger than the family's "
                          f"({config.vocab_size}): tokenized with another tokenizer?")
-    stream = StreamRows(shards, seq_len, shuffle=False, loop=False)
-    rows = stream.count if max_tokens is None else min(stream.count, max(1, max_tokens // seq_len))
+    if shards.loss_mask is not None:
+        raise CacheError(f"{shards.path}: carries a loss mask (chat data): exits of a pretrained trunk "
+                         f"train on plain text shards")
+    windows = StreamRows(shards, seq_len, shuffle=False, loop=False).count
+    rows = windows if max_tokens is None else min(windows, max(1, max_tokens // seq_len))
+    # A cap takes windows spread evenly over the whole stream, not only its beginning.
+    starts = int(shards.documents[0]) + (np.arange(rows) * windows // rows) * seq_len
     spec = CacheSpec(exits=exits, seq_len=seq_len, top_k=top_k, rows=rows, hidden_size=config.hidden_size,
                      vocab_size=config.vocab_size, hidden_dtype=hidden_dtype,
                      fingerprint=trunk_fingerprint(model), data=str(shards.path))
@@ -136,8 +141,8 @@ def write_exit_cache(model: FamilyModel, shards: TokenShards, output: str | Path
         teacher_nll = array("teacher_nll.npy", (rows, seq_len), np.float32)
         for start in range(0, rows, batch_size):
             stop = min(start + batch_size, rows)
-            window = np.stack([np.concatenate([inputs, labels[-1:]]) for inputs, labels in
-                               (next(stream) for _ in range(start, stop))])
+            window = np.stack([np.asarray(shards.tokens[b:b + seq_len + 1], dtype=np.int32)
+                               for b in starts[start:stop]])
             ids = torch.from_numpy(window).long()
             states, logits = trunk_outputs(model, ids[:, :-1], exits)
             log_probs = torch.log_softmax(logits.float(), dim=-1)
