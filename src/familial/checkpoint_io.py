@@ -1,4 +1,5 @@
-"""Reading and writing checkpoints: family save/load, HF and Ruyi2 import, member export.
+"""Reading and writing checkpoints: family save/load, HF (Qwen3, Llama) and Ruyi2 import,
+member export.
 
 Everything is safetensors. Large checkpoints are planned from file headers and written shard
 by shard, each tensor read lazily from its source file, so nothing is held twice. Every
@@ -364,10 +365,14 @@ def verify_family(directory: str | Path) -> tuple[FamilyConfig, list[str] | None
     return config, hashed
 
 
-# Import from Hugging Face Qwen3 and from the published Ruyi2 layout.
+# Import from Hugging Face Qwen3 or Llama, and from the published Ruyi2 layout.
+
+# model_type of the dense HF checkpoints a family imports and exports as, by architecture.
+DENSE_MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
 
 def hf_config_to_fields(hf: dict, where: str) -> dict:
-    """The Qwen3 dimension fields of a FamilyConfig, read from an HF config.json."""
+    """The decoder dimension fields of a FamilyConfig, read from an HF config.json."""
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads")
     for name in required:
@@ -389,6 +394,8 @@ def hf_config_to_fields(hf: dict, where: str) -> dict:
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        qk_norm=hf.get("model_type") != "llama",
         initializer_range=float(hf.get("initializer_range", 0.02)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
@@ -404,7 +411,7 @@ def import_checkpoint(source: str | Path, output: str | Path, exits: list[int] |
                       branch_layers: int = 1, shared_head: bool = False,
                       member_names: dict[str, int] | None = None, overwrite: bool = False,
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> FamilyConfig:
-    """Turn a dense HF Qwen3 checkpoint, or a Ruyi2 release, into a family checkpoint.
+    """Turn a dense HF Qwen3 or Llama checkpoint, or a Ruyi2 release, into a family checkpoint.
 
     Dense: each branch of exit e copies trunk layers e.., its norm and head copy the final
     norm and head, so member e starts as the dense model truncated to e + branch_layers layers.
@@ -427,7 +434,8 @@ def import_checkpoint(source: str | Path, output: str | Path, exits: list[int] |
 def read_import_config(source: str | Path, exits: list[int] | None = None, branch_layers: int = 1,
                        shared_head: bool = False, member_names: dict[str, int] | None = None
                        ) -> tuple[FamilyConfig, str]:
-    """The family config an import of `source` (dense Qwen3 or Ruyi2) gives, and the model type."""
+    """The family config an import of `source` (dense Qwen3 or Llama, or Ruyi2) gives, and the
+    model type."""
     source = Path(source)
     config_path = source / "config.json"
     if not config_path.exists():
@@ -443,17 +451,18 @@ def read_import_config(source: str | Path, exits: list[int] | None = None, branc
         if exits is not None and exits != fields["exits"]:
             raise ConfigError(f"{config_path}: early_exit_points = {fields['exits']} but exits "
                               f"{exits} were requested; a Ruyi2 checkpoint keeps its own exits")
-    elif model_type == "qwen3":
+    elif model_type in DENSE_MODEL_TYPES:
         if not exits:
-            raise ConfigError("import of a dense Qwen3 checkpoint needs exits (for example --exits 1,3,5)")
+            raise ConfigError(f"import of a dense {DENSE_MODEL_TYPES[model_type][:-len('ForCausalLM')]} "
+                              f"checkpoint needs exits (for example --exits 1,3,5)")
         fields.update(exits=list(exits), branch_layers=branch_layers, shared_head=shared_head)
     else:
-        raise ConfigError(f"{config_path}: field 'model_type' = {model_type!r}: expected 'qwen3' "
-                          f"(dense) or 'ruyi_qwen3' (Ruyi2 release)")
+        raise ConfigError(f"{config_path}: field 'model_type' = {model_type!r}: expected 'qwen3' or "
+                          f"'llama' (dense) or 'ruyi_qwen3' (Ruyi2 release)")
     fields["member_names"] = dict(member_names or {})
     config = FamilyConfig.from_dict(fields, where=f"{config_path} with the requested exits")
     for e in config.exits[:-1]:
-        if model_type == "qwen3" and e + config.branch_depth(e) > config.num_hidden_layers:
+        if model_type in DENSE_MODEL_TYPES and e + config.branch_depth(e) > config.num_hidden_layers:
             raise ConfigError(f"exit {e} with a {config.branch_depth(e)}-layer branch needs trunk "
                               f"layers up to {e + config.branch_depth(e) - 1}, but the model has "
                               f"{config.num_hidden_layers}")
@@ -523,10 +532,10 @@ def _dtype_bytes(dtype: str) -> int:
             "BOOL": 1, "I16": 2}.get(dtype, 4)
 
 
-# Export of members as dense Qwen3 checkpoints.
+# Export of members as dense Qwen3 or Llama checkpoints.
 
 def member_key_map(config: FamilyConfig, exit_layer: int) -> dict[str, str]:
-    """Dense Qwen3 tensor name -> family tensor name for one member.
+    """Dense tensor name -> family tensor name for one member.
 
     Derived from the model itself (on the meta device): a member view holds the family's own
     modules, so the same parameter object has a name in each.
@@ -543,11 +552,11 @@ def member_key_map(config: FamilyConfig, exit_layer: int) -> dict[str, str]:
 
 def hf_member_config(config: FamilyConfig, exit_layer: int, tied: bool,
                      pad_token_id: int | None = None) -> dict:
-    """config.json of member `exit_layer` as a stock Qwen3 model."""
+    """config.json of member `exit_layer` as a stock Qwen3 or Llama model."""
     layers = config.member_layers(exit_layer)
     hf = {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
+        "architectures": [DENSE_MODEL_TYPES[config.architecture]],
+        "model_type": config.architecture,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -565,9 +574,6 @@ def hf_member_config(config: FamilyConfig, exit_layer: int, tied: bool,
         "attention_dropout": 0.0,
         "initializer_range": config.initializer_range,
         "use_cache": True,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": layers,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id if pad_token_id is None else pad_token_id,
@@ -575,6 +581,10 @@ def hf_member_config(config: FamilyConfig, exit_layer: int, tied: bool,
         "familial": {"exit": exit_layer, "member": config.member_name(exit_layer),
                      "family_exits": config.exits},
     }
+    if config.architecture == "qwen3":
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=layers)
+    else:
+        hf.update(mlp_bias=config.mlp_bias, pretraining_tp=1)
     return hf
 
 
@@ -606,7 +616,7 @@ def _tokenizer_pad_id(directory: Path) -> int | None:
 
 def _plan_member(config: FamilyConfig, exit_layer: int,
                  reader: SafetensorsReader) -> tuple[TensorPlan, dict[str, int], bool]:
-    """The dense Qwen3 tensors of one member, read lazily from the family: (plan, sizes, tied).
+    """The dense tensors of one member, read lazily from the family: (plan, sizes, tied).
 
     Low-rank (compressed) matrices are merged back to dense; a tied family's branch members
     are written untied since their heads are their own.
@@ -646,7 +656,7 @@ def _write_member(family_dir: Path, config: FamilyConfig, exit_layer: int,
 
 def export_member(family_dir: str | Path, output: str | Path, member: int | str,
                   overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write one member as a dense HF Qwen3 checkpoint that stock transformers loads.
+    """Write one member as a dense HF Qwen3 or Llama checkpoint that stock transformers loads.
 
     The family is checked as `load_family` checks it first: what load refuses, export refuses.
     """

@@ -13,8 +13,8 @@ import sys
 from familial.config import ConfigError
 
 COMMANDS = {
-    "import": ("familial.commands.family", "import a dense HF Qwen3 or Ruyi2 checkpoint as a family"),
-    "export": ("familial.commands.family", "export members as dense HF Qwen3 checkpoints"),
+    "import": ("familial.commands.family", "import a dense HF Qwen3 or Llama, or Ruyi2, checkpoint as a family"),
+    "export": ("familial.commands.family", "export members as dense HF Qwen3 or Llama checkpoints"),
     "info": ("familial.commands.family", "show a family: exits, members, parameters, memory"),
     "verify": ("familial.commands.family", "check a family's tensors and their sha256 checksums"),
     "data": ("familial.data.cli", "prepare packed token shards from text, JSONL or chat data"),

@@ -1,6 +1,7 @@
 """Typed configuration: the family's architecture, and a validating loader for any dataclass.
 
-`FamilyConfig` holds the Qwen3 dimensions plus the family fields (exits, branches, heads).
+`FamilyConfig` holds the decoder's dimensions (Qwen3 or Llama: they differ only in Qwen3's
+per-head q/k norms, `qk_norm`) plus the family fields (exits, branches, heads).
 It is saved as `family.json` beside the weights. `from_dict` turns nested dicts (from JSON,
 TOML or YAML) into typed dataclasses, naming the exact field and value that is wrong.
 """
@@ -30,7 +31,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class FamilyConfig:
-    # Qwen3 decoder dimensions (names as in transformers' Qwen3Config, so import/export copy them).
+    # Decoder dimensions (names as in transformers' Qwen3Config and LlamaConfig, so import/export
+    # copy them).
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -42,12 +44,17 @@ class FamilyConfig:
     # per-head dimension; Qwen3 sets it explicitly (128), so it need not be hidden/heads.
     head_dim: int | None = None
     rope_theta: float = 1_000_000.0
-    # None for plain RoPE, or {"rope_type": "linear" | "yarn", "factor": ..., ...} as in HF.
+    # None for plain RoPE, or {"rope_type": "linear" | "yarn" | "llama3", "factor": ..., ...} as in HF.
     rope_scaling: dict[str, Any] | None = None
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    # Llama's optional biases on the MLP's three projections.
+    mlp_bias: bool = False
+    # Qwen3 RMS-normalises each query and key head before RoPE; Llama does not. Families
+    # written before Llama support lack the field, and are Qwen3.
+    qk_norm: bool = True
     initializer_range: float = 0.02
     # decoder layers in each exit's branch: one int for all, or one per non-final exit
     # (block expansion deepens a single member's branch).
@@ -125,18 +132,30 @@ class FamilyConfig:
         for name, rank in self.low_rank.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise bad("low_rank", f"rank of '{name}' must be a positive integer")
+        if self.mlp_bias and self.qk_norm:
+            raise bad("mlp_bias", "MLP biases are a Llama option: set qk_norm to false (Qwen3 has none)")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("default", "linear", "yarn"):
-                raise bad("rope_scaling", "supported rope_type values are default, linear and yarn")
+            if kind not in ("default", "linear", "yarn", "llama3"):
+                raise bad("rope_scaling", "supported rope_type values are default, linear, yarn and llama3")
             # The model divides and takes logarithms of these: they must be positive numbers.
+            llama3 = kind == "llama3"
             numbers = {"factor": kind != "default", "original_max_position_embeddings": False,
-                       "beta_fast": False, "beta_slow": False, "attention_factor": False}
+                       "beta_fast": False, "beta_slow": False, "attention_factor": False,
+                       "low_freq_factor": llama3, "high_freq_factor": llama3}
             for key, required in numbers.items():
                 value = self.rope_scaling.get(key)
                 if (value is not None or required) and not (_finite_number(value) and 0 < value < 2**63):
                     raise bad("rope_scaling", f"'{key}' must be a positive number"
                                               f"{' (required by ' + kind + ' scaling)' if required else ''}")
+            if llama3 and not self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"]:
+                raise bad("rope_scaling", "'high_freq_factor' must exceed 'low_freq_factor' (llama3 "
+                                          "scaling interpolates between them)")
+
+    @property
+    def architecture(self) -> str:
+        """The dense model a member is: 'qwen3' (per-head q/k norms) or 'llama'."""
+        return "qwen3" if self.qk_norm else "llama"
 
     @property
     def num_exits(self) -> int:

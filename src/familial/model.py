@@ -1,9 +1,9 @@
-"""The familial Qwen3 model: one trunk, several exits, each exit a deployable member.
+"""The familial model (Qwen3 or Llama): one trunk, several exits, each exit a deployable member.
 
 Reads top to bottom: RMSNorm -> rotary -> attention -> MLP -> decoder layer -> exit branch
--> family -> member view. Parameter names follow transformers' Qwen3 (`model.layers.3.
+-> family -> member view. Parameter names follow transformers' Qwen3 and Llama (`model.layers.3.
 self_attn.q_proj.weight`, `lm_head.weight`), so the full member's names are exactly a dense
-Qwen3 checkpoint's and a member view's `state_dict()` is a stock checkpoint. Branches live
+checkpoint's and a member view's `state_dict()` is a stock checkpoint. Branches live
 under `branches.<exit>`. No distributed code here: parallelism is applied from outside.
 """
 
@@ -81,7 +81,23 @@ def rotary_inverse_frequencies(config: FamilyConfig) -> tuple[torch.Tensor, floa
         if attention_factor is None:
             attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
         return inv_freq, attention_factor
+    if kind == "llama3":
+        return llama3_inverse_frequencies(inv_freq, scaling, config.max_position_embeddings), 1.0
     return inv_freq, 1.0
+
+
+def llama3_inverse_frequencies(inv_freq: torch.Tensor, scaling: dict, max_positions: int) -> torch.Tensor:
+    """Llama 3.1's scaling, step for step as transformers computes it (float32 wavelengths):
+    long wavelengths divided by `factor`, short ones kept, those between interpolated."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling.get("original_max_position_embeddings") or max_positions
+    low_freq_wavelen, high_freq_wavelen = original / low, original / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 class RotaryEmbedding(nn.Module):
@@ -176,17 +192,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
-        # Qwen3 normalises each query/key head before RoPE.
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        # Qwen3 normalises each query/key head before RoPE; Llama has no such weights.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, cache: KVStore | None, cache_name: str) -> torch.Tensor:
         batch, length, _ = x.shape
         # (B, T, heads*D) -> (B, heads, T, D); the local head count follows the weights so a
         # tensor-parallel shard of this module runs unchanged.
-        q = self.q_norm(self.q_proj(x).view(batch, length, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(batch, length, -1, self.head_dim)).transpose(1, 2)
+        q = self.q_proj(x).view(batch, length, -1, self.head_dim)
+        k = self.k_proj(x).view(batch, length, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -197,9 +216,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: FamilyConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -404,9 +424,9 @@ class FamilyModel(nn.Module):
 
 
 class FamilyMember(nn.Module):
-    """One member as a dense Qwen3 model made of the family's own modules (no copies).
+    """One member as a dense Qwen3 or Llama model made of the family's own modules (no copies).
 
-    Its `state_dict()` has exactly the keys of a stock Qwen3 checkpoint with
+    Its `state_dict()` has exactly the keys of a stock checkpoint with
     `config.member_layers(exit)` layers, which is what export writes.
     """
 

@@ -185,9 +185,12 @@ def test_batch_checks_an_exit_only_where_all_its_rows_may_well_leave(family, gre
     assert all(set(r.exits) == {1} for r in result)
 
 
-def test_copied_kv_is_exact_at_the_exit_layer_and_fills_deeper_layers(family):
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qwen3", "llama"])
+def test_copied_kv_is_exact_at_the_exit_layer_and_fills_deeper_layers(family_factory, qk_norm):
     """CALM's copy: tokens leaving at exit 1 write K/V for the trunk layers they skip from
-    their state there; layer 1's is exact, deeper ones approximate."""
+    their state there; layer 1's is exact, deeper ones approximate (with and without Qwen3's
+    key norm, which the copy folds in)."""
+    family = family_factory(qk_norm=qk_norm)
     _thresholds(family, 0.0)
     engine = Engine(family, max_batch_size=1, max_seq_len=64, exit_kv="copy")
     prompt = [1, 2, 3]

@@ -443,8 +443,9 @@ class Runner:
             # (1, N, layers, k|v, kv_heads, head_dim)
             kv = F.linear(x, weight, bias).view(1, length, len(layers), 2, -1, self.config.head_dim)
             k, v = kv[:, :, :, 0], kv[:, :, :, 1]
-            kf = k.float()
-            k = k_norm * (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+            if k_norm is not None:  # Qwen3's per-head key norm (Llama has none)
+                kf = k.float()
+                k = k_norm * (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
             cos, sin = (t[:, :, None, None, :] for t in rows_.rotary)
             k = k * cos + rotate_half(k) * sin
             for i, layer in enumerate(layers):
@@ -467,9 +468,9 @@ class Runner:
                     biases.append(proj.bias if getattr(proj, "bias", None) is not None
                                   else torch.zeros(dense.shape[0], dtype=dense.dtype, device=dense.device))
             rows_per_layer = 2 * self.config.num_key_value_heads * self.config.head_dim
-            self._stack = (torch.cat(weights), torch.cat(biases),
-                           torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, :],
-                           layers, rows_per_layer)
+            k_norms = (torch.stack([layer.self_attn.k_norm.weight for layer in layers])[:, None, :]
+                       if self.config.qk_norm else None)
+            self._stack = (torch.cat(weights), torch.cat(biases), k_norms, layers, rows_per_layer)
         weight, bias, k_norm, layers, per = self._stack
         return (weight[exit_layer * per:stop * per], bias[exit_layer * per:stop * per],
-                k_norm[exit_layer:stop], layers[exit_layer:stop])
+                None if k_norm is None else k_norm[exit_layer:stop], layers[exit_layer:stop])

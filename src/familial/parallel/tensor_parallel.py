@@ -47,18 +47,18 @@ def check_tensor_parallel(config, tp: int) -> None:
                           " parallelism needs dense linears (train compressed members with tp = 1)")
 
 
-def layer_plan(sequence_parallel: bool) -> dict[str, object]:
-    """Plan for one DecoderLayer (trunk or branch)."""
-    head_norm = SequenceParallel(sequence_dim=2, use_local_output=True)  # (B, T, heads, D)
+def layer_plan(sequence_parallel: bool, qk_norm: bool = True) -> dict[str, object]:
+    """Plan for one DecoderLayer (trunk or branch); `qk_norm`: it has Qwen3's head norms."""
     plan: dict[str, object] = {
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.q_norm": head_norm,
-        "self_attn.k_norm": head_norm,
         "mlp.gate_proj": ColwiseParallel(),
         "mlp.up_proj": ColwiseParallel(),
     }
+    if qk_norm:
+        head_norm = SequenceParallel(sequence_dim=2, use_local_output=True)  # (B, T, heads, D)
+        plan.update({"self_attn.q_norm": head_norm, "self_attn.k_norm": head_norm})
     if not sequence_parallel:
         plan["self_attn.o_proj"] = RowwiseParallel()
         plan["mlp.down_proj"] = RowwiseParallel()
@@ -107,7 +107,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             heads.append(branch.lm_head)
     if model.lm_head is not None:
         heads.append(model.lm_head)
-    plan = layer_plan(sequence_parallel)
+    plan = layer_plan(sequence_parallel, model.config.qk_norm)
     for layer in layers:
         parallelize_module(layer, tp_mesh, plan)
     if sequence_parallel:
