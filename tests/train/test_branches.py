@@ -22,22 +22,25 @@ SEQ, TOP_K = 12, 8
 VOCAB = 53  # the `shards` fixture's vocabulary
 
 
-def tiny_family(seed: int = 0, tied: bool = False) -> FamilyModel:
+def tiny_family(seed: int = 0, llama: bool = False) -> FamilyModel:
+    """Qwen3 with a head per exit, or Llama (SmolLM2's layout): no q/k norms, every member's
+    head the tied embedding."""
     torch.manual_seed(seed)
     config = FamilyConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, exits=[1, 2, 3],
-                          tie_word_embeddings=tied, max_position_embeddings=64)
+                          num_attention_heads=4, num_key_value_heads=2, exits=[1, 2, 3], qk_norm=not llama,
+                          tie_word_embeddings=llama, shared_head=llama, max_position_embeddings=64)
     model = FamilyModel(config)
     with torch.no_grad():  # branches as import starts them: a copy of the next trunk layer
         for e in config.exits[:-1]:
             model.branches[str(e)].layers[0].load_state_dict(model.model.layers[str(e)].state_dict())
-            model.branches[str(e)].lm_head.weight.copy_(model.lm_head.weight)
+            if not llama:
+                model.branches[str(e)].lm_head.weight.copy_(model.lm_head.weight)
     return model.eval()
 
 
-@pytest.fixture
-def cached(tmp_path, shards):
-    model = tiny_family()
+@pytest.fixture(params=["qwen3", "llama"])
+def cached(request, tmp_path, shards):
+    model = tiny_family(llama=request.param == "llama")
     shards = open_shards(shards)
     write_exit_cache(model, shards, tmp_path / "cache", seq_len=SEQ, top_k=TOP_K, hidden_dtype="float32",
                      batch_size=3)
@@ -131,7 +134,8 @@ def test_training_from_the_cache_has_the_gradients_of_training_through_the_froze
     for e in (1, 2):
         exit_pass(model, e, cache.batch(rows, e), config.kl_weight, config.ce_weight, backward=True)
     assert set(trainer.parameters) == set(expected)
-    assert any(name.endswith("lm_head.weight") for name in expected)
+    # A head of its own trains when asked; the tied embedding (Llama here) never does.
+    assert any(name.endswith("lm_head.weight") for name in expected) == (not model.config.shared_head)
     for name, p in trainer.parameters.items():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6)
 
@@ -151,7 +155,7 @@ def test_bf16_head_gives_nearly_the_float32_gradients(cached):
 def test_training_moves_only_the_branches_and_lowers_their_loss(cached, tmp_path):
     model, shards, cache = cached
     trunk = {name: p.detach().clone() for name, p in trunk_parameters(model).items()}
-    heads = {e: model.branches[str(e)].lm_head.weight.detach().clone() for e in (1, 2)}
+    heads = {e: model.exit_head(e).weight.detach().clone() for e in (1, 2)}
     with torch.no_grad():  # branches far from the teacher, so distillation has work to do
         for e in (1, 2):
             for p in model.branches[str(e)].layers.parameters():
@@ -165,16 +169,13 @@ def test_training_moves_only_the_branches_and_lowers_their_loss(cached, tmp_path
         assert torch.equal(p, trunk[name]), name
         assert p.grad is None
     for e in (1, 2):
-        assert torch.equal(model.branches[str(e)].lm_head.weight, heads[e])  # train_head defaults to off
+        assert torch.equal(model.exit_head(e).weight, heads[e])  # train_head defaults to off
         assert after["exits"][str(e)]["kl_topk"] < before["exits"][str(e)]["kl_topk"]
     assert after["full_loss"] == before["full_loss"]
 
 
-def test_a_tied_head_stays_frozen_even_when_heads_train(tmp_path):
-    model = tiny_family(tied=True)
-    model.config.shared_head = True
-    for branch in model.branches.values():
-        branch.lm_head = None
+def test_a_tied_head_stays_frozen_even_when_heads_train():
+    model = tiny_family(llama=True)
     trainer = BranchTrainer(model, BranchTrainConfig(train_head=True), [1])
     assert all("lm_head" not in name and "embed" not in name for name in trainer.parameters)
 
