@@ -411,13 +411,19 @@ def import_checkpoint(source: str | Path, output: str | Path, exits: list[int] |
                       branch_layers: int = 1, shared_head: bool = False,
                       member_names: dict[str, int] | None = None, overwrite: bool = False,
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> FamilyConfig:
-    """Turn a dense HF Qwen3 or Llama checkpoint, or a Ruyi2 release, into a family checkpoint.
+    """Turn a dense HF Qwen3 or Llama checkpoint, a Ruyi2 release, or a llama.cpp GGUF file
+    (familial.gguf.read) into a family checkpoint.
 
     Dense: each branch of exit e copies trunk layers e.., its norm and head copy the final
     norm and head, so member e starts as the dense model truncated to e + branch_layers layers.
     Ruyi2 (model_type `ruyi_qwen3`): exits and branches come from the checkpoint itself.
     """
     source = Path(source)
+    if source.is_file() and source.suffix == ".gguf":
+        from familial.gguf.read import import_gguf
+
+        return import_gguf(source, output, exits, branch_layers, shared_head, member_names, overwrite,
+                           max_shard_bytes)
     config, model_type = read_import_config(source, exits, branch_layers, shared_head, member_names)
     with SafetensorsReader(source) as reader:
         mapping = plan_import(source, reader, config, model_type)

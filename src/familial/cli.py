@@ -13,7 +13,7 @@ import sys
 from familial.config import ConfigError
 
 COMMANDS = {
-    "import": ("familial.commands.family", "import a dense HF Qwen3 or Llama, or Ruyi2, checkpoint as a family"),
+    "import": ("familial.commands.family", "import a dense HF Qwen3 or Llama checkpoint, a Ruyi2 release or a GGUF file as a family"),
     "export": ("familial.commands.family", "export members as dense HF Qwen3 or Llama checkpoints"),
     "info": ("familial.commands.family", "show a family: exits, members, parameters, memory"),
     "verify": ("familial.commands.family", "check a family's tensors and their sha256 checksums"),
@@ -38,7 +38,7 @@ COMMANDS = {
 # first); a command that needs one names the extra when it is missing.
 EXTRAS = {"transformers": ("hf",), "tensorboard": ("train",), "matplotlib": ("train", "eval"),
           "jinja2": ("train", "serve"), "fastapi": ("serve",), "uvicorn": ("serve",),
-          "lm_eval": ("eval",)}
+          "lm_eval": ("eval",), "gguf": ("gguf",)}
 COMMAND_EXTRAS = {"serve": "serve", "eval": "eval", "report": "eval"}
 
 

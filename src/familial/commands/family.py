@@ -33,7 +33,7 @@ def _aliases(text: str) -> dict[str, int]:
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     if command == "import":
-        parser.add_argument("source", help="dense HF Qwen3 or Llama directory, or a Ruyi2 release directory")
+        parser.add_argument("source", help="dense HF Qwen3 or Llama directory, a Ruyi2 release directory, or a llama.cpp .gguf file (llama or qwen3)")
         parser.add_argument("output", help="family checkpoint directory to write")
         parser.add_argument("--exits", type=_int_list,
                             help="0-based exit layers, the last being the last layer (e.g. 1,3,5)")
