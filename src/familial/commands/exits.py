@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         summary["before"] = evaluate_exits(model, held_out, exits)
     summary["train"] = train_branches(model, cache, config.train)
     if held_out is not None:
-        summary["after"] = evaluate_exits(model, held_out, exits)
+        summary["after"] = evaluate_exits(model, held_out, exits, truncated=False)
     save_family(model, config.output, tokenizer_source=config.family, overwrite=config.overwrite)
     print(f"wrote {config.output}")
     print(json.dumps(summary))

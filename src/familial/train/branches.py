@@ -186,10 +186,11 @@ def lr_at(config: BranchTrainConfig, step: int, total: int) -> float:
 
 @torch.no_grad()
 def evaluate_exits(model: FamilyModel, cache: ExitCache, exits: list[int], batch_size: int = 4,
-                   max_rows: int | None = None) -> dict:
+                   max_rows: int | None = None, truncated: bool = True) -> dict:
     """Held-out figures per exit from a cache: the member's loss (nats/target), its KL to the full
-    member's top-k, its greedy agreement with the full member, and the truncated loss (the state
-    entering the exit through the final norm and head, no branch); plus the full member's loss."""
+    member's top-k, its greedy agreement with the full member, and with `truncated` the truncated
+    loss (the state entering the exit through the final norm and head, no branch: it does not
+    depend on the branch, so once is enough); plus the full member's loss."""
     rows = cache.rows if max_rows is None else min(cache.rows, max_rows)
     sums = {e: {"ce": 0.0, "kl": 0.0, "agree": 0.0, "truncated": 0.0} for e in exits}
     full, count = 0.0, 0
@@ -200,15 +201,18 @@ def evaluate_exits(model: FamilyModel, cache: ExitCache, exits: list[int], batch
             stats = exit_pass(model, e, batch, 1.0, 0.0, backward=False)
             for name in ("ce", "kl", "agree"):
                 sums[e][name] += stats[name]
-            truncated = model.lm_head(model.model.norm(batch["hidden"])).float()
-            sums[e]["truncated"] += float(F.cross_entropy(truncated.flatten(0, 1), batch["targets"].flatten(),
-                                                          reduction="sum"))
+            if truncated:
+                logits = model.lm_head(model.model.norm(batch["hidden"])).float()
+                sums[e]["truncated"] += float(F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
+                                                              reduction="sum"))
         full += float(batch["teacher_nll"].sum())
         count += batch["teacher_nll"].numel()
-    out = {"tokens": count, "full_loss": full / count,
-           "exits": {str(e): {"loss": s["ce"] / count, "kl_topk": s["kl"] / count, "agreement": s["agree"] / count,
-                              "truncated_loss": s["truncated"] / count} for e, s in sums.items()}}
-    return out
+    figures = {str(e): {"loss": s["ce"] / count, "kl_topk": s["kl"] / count, "agreement": s["agree"] / count}
+               for e, s in sums.items()}
+    if truncated:
+        for e, s in sums.items():
+            figures[str(e)]["truncated_loss"] = s["truncated"] / count
+    return {"tokens": count, "full_loss": full / count, "exits": figures}
 
 
 def train_branches(model: FamilyModel, cache: ExitCache, config: BranchTrainConfig, log=print) -> dict:
