@@ -51,6 +51,9 @@ class ExitsConfig:
     output: str
     cache: CacheConfig
     train: BranchTrainConfig = field(default_factory=BranchTrainConfig)
+    # `train` measures the held-out figures before training too (`familial exits eval` gives
+    # them on their own, e.g. in a process beside the training).
+    evaluate_before: bool = True
     # torch intra-op threads (default: picked for this machine).
     threads: int | None = None
     overwrite: bool = False
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_directory(Path(config.output), config.overwrite)
     summary = {}
-    if held_out is not None:
+    if held_out is not None and config.evaluate_before:
         summary["before"] = evaluate_exits(model, held_out, exits)
     summary["train"] = train_branches(model, cache, config.train)
     if held_out is not None:
