@@ -6,6 +6,13 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 # torch is pinned here, not in pyproject: a looser range would pull a multi-GB CUDA build.
 .venv/bin/pip install --quiet "torch==2.13.0" -e ".[test]"
+# The llama.cpp parity tests run exported GGUF members in stock llama.cpp: llama-cpp-python,
+# compiled from source (about 9 CPU-minutes) into its own environment. Without it those tests
+# skip saying why.
+if ! .venv-llama/bin/python -c "import llama_cpp" 2>/dev/null; then
+    (python3 -m venv .venv-llama && .venv-llama/bin/pip install --quiet "llama-cpp-python==0.3.36") \
+        || echo "llama.cpp not built: tests/test_llamacpp_parity.py will skip"
+fi
 # megatron-core only for the tests that read its indexed datasets: its indexed-dataset module
 # needs nothing beyond torch, numpy and packaging, so skip its many other dependencies.
 .venv/bin/pip install --quiet --no-deps "megatron-core==0.16.1" packaging

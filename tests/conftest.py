@@ -17,3 +17,10 @@ torch.set_num_threads(1)
 @pytest.fixture
 def tiny_hf(tmp_path) -> Path:
     return write_tiny_hf(tmp_path / "dense")
+
+
+def pytest_configure(config):
+    # Registered here as well as (on other branches) in pyproject: a second registration of
+    # the same marker is harmless.
+    config.addinivalue_line("markers", "reference: compares against a stock implementation or needs "
+                                       "an external tool (transformers, vLLM, llama.cpp)")

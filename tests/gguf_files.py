@@ -8,6 +8,7 @@ but not write, get random blocks with small scales), and a byte-level BPE tokeni
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,26 @@ def random_k_blocks(qtype, rows: int, columns: int, seed: int) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
+def llama3_factors(config) -> np.ndarray:
+    # convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors (rope_freqs for llama3 scaling).
+    rope = config.rope_parameters
+    dim = config.head_dim
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_gguf(path: Path, model, arch: str, types: dict[str, str], tokenizer=None, pre: str = "qwen2",
                chat_template: str | None = None) -> Path:
     """Write `model` as a GGUF file; `types` maps a GGUF tensor-kind suffix (e.g. 'attn_q') to a
@@ -144,6 +165,8 @@ def write_gguf(path: Path, model, arch: str, types: dict[str, str], tokenizer=No
             writer.add_tensor(key, quantize(values, qtype))
         else:
             writer.add_tensor(key, quantize(values, qtype), raw_dtype=qtype)
+    if config.rope_parameters.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_factors(config))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -26,6 +26,7 @@ def tokenizer():
     return train_tokenizer(320)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen3", False)])
 def test_quantised_gguf_imports_as_transformers_loads_it(tmp_path, tokenizer, arch, tied):
     path = write_gguf(tmp_path / "model.gguf", hf_model(arch, tie_word_embeddings=tied), arch, MIXED,
@@ -49,6 +50,7 @@ def test_quantised_gguf_imports_as_transformers_loads_it(tmp_path, tokenizer, ar
     assert (config["bos_token"], config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
 
 
+@pytest.mark.reference
 def test_f32_llama_gguf_imports_as_the_model_it_was_converted_from(tmp_path):
     """Undoing llama.cpp's Q/K permutation checked against the stock model itself."""
     model = hf_model("llama", attention_bias=True)
@@ -57,6 +59,23 @@ def test_f32_llama_gguf_imports_as_the_model_it_was_converted_from(tmp_path):
     family = load_family(tmp_path / "family").eval()
     assert not (tmp_path / "family" / "tokenizer.json").exists()  # the file had no tokenizer
     ids = torch.randint(0, 320, (1, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(family(ids)[2], model(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("original", [8192, 32])
+def test_llama3_rope_factors_import_as_llama3_scaling(tmp_path, original):
+    """llama.cpp stores Llama 3.1's scaling as per-frequency factors (`rope_freqs.weight`):
+    Llama 3.1's own constants (original context 8192), or others fitted to the factors; the
+    family equals the stock model, and exports the same factors again."""
+    rope = {"rope_type": "llama3", "rope_theta": 100000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": original}
+    model = hf_model("llama", rope_parameters=rope)
+    path = write_gguf(tmp_path / "model.gguf", model, "llama", {})
+    import_checkpoint(path, tmp_path / "family", exits=[2])
+    family = load_family(tmp_path / "family").eval()
+    assert family.config.rope_scaling["rope_type"] == "llama3"
+    ids = torch.randint(0, 320, (1, 48))
     with torch.no_grad():
         torch.testing.assert_close(family(ids)[2], model(ids).logits, rtol=0, atol=1e-5)
 

@@ -25,6 +25,7 @@ LLAMAS = {
 }
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("kind", sorted(LLAMAS))
 def test_llama_imports_and_every_member_exports_as_stock_llama(tmp_path, kind):
     spec = LLAMAS[kind]
@@ -47,6 +48,7 @@ def test_llama_imports_and_every_member_exports_as_stock_llama(tmp_path, kind):
             torch.testing.assert_close(member(ids).logits, outputs[exit_layer], rtol=0, atol=1e-5)
 
 
+@pytest.mark.reference
 def test_llama3_rope_scaling_matters_and_needs_its_factors(tmp_path):
     """Dropping the scaling moves the logits past the 1e-5 the parity test allows, so that
     test checks the scaling; a llama3 entry without its frequency factors is refused."""

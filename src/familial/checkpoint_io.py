@@ -419,7 +419,7 @@ def import_checkpoint(source: str | Path, output: str | Path, exits: list[int] |
     Ruyi2 (model_type `ruyi_qwen3`): exits and branches come from the checkpoint itself.
     """
     source = Path(source)
-    if source.is_file() and source.suffix == ".gguf":
+    if source.is_file() and (source.suffix == ".gguf" or _starts_with(source, b"GGUF")):
         from familial.gguf.read import import_gguf
 
         return import_gguf(source, output, exits, branch_layers, shared_head, member_names, overwrite,
@@ -467,12 +467,23 @@ def read_import_config(source: str | Path, exits: list[int] | None = None, branc
                           f"'llama' (dense) or 'ruyi_qwen3' (Ruyi2 release)")
     fields["member_names"] = dict(member_names or {})
     config = FamilyConfig.from_dict(fields, where=f"{config_path} with the requested exits")
+    if model_type in DENSE_MODEL_TYPES:
+        check_branches_fit(config)
+    return config, model_type
+
+
+def check_branches_fit(config: FamilyConfig) -> None:
+    """Each branch of a dense import copies the trunk layers after its exit: they must exist."""
     for e in config.exits[:-1]:
-        if model_type in DENSE_MODEL_TYPES and e + config.branch_depth(e) > config.num_hidden_layers:
+        if e + config.branch_depth(e) > config.num_hidden_layers:
             raise ConfigError(f"exit {e} with a {config.branch_depth(e)}-layer branch needs trunk "
                               f"layers up to {e + config.branch_depth(e) - 1}, but the model has "
                               f"{config.num_hidden_layers}")
-    return config, model_type
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(magic)) == magic
 
 
 def plan_import(source: Path, reader: SafetensorsReader, config: FamilyConfig, model_type: str) -> dict[str, str]:

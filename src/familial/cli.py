@@ -14,7 +14,7 @@ from familial.config import ConfigError
 
 COMMANDS = {
     "import": ("familial.commands.family", "import a dense HF Qwen3 or Llama checkpoint, a Ruyi2 release or a GGUF file as a family"),
-    "export": ("familial.commands.family", "export members as dense HF Qwen3 or Llama checkpoints"),
+    "export": ("familial.commands.family", "export members as dense HF Qwen3 or Llama checkpoints, or as GGUF files"),
     "info": ("familial.commands.family", "show a family: exits, members, parameters, memory"),
     "verify": ("familial.commands.family", "check a family's tensors and their sha256 checksums"),
     "data": ("familial.data.cli", "prepare packed token shards from text, JSONL or chat data"),

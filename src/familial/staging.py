@@ -160,3 +160,23 @@ def write_bytes_atomically(target: str | Path, data: bytes) -> Path:
     finally:
         staging.unlink(missing_ok=True)
     return target
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging path beside `target` (a file written in pieces) that becomes `target`
+    in one rename only if the block succeeds."""
+    target = Path(target)
+    check_output_file(target)
+    if target.exists() and not overwrite:
+        raise OutputPathError(f"{target}: already exists (choose another output file, or pass overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target)
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield staging
+        _fsync(staging)
+        os.replace(staging, target)
+        _fsync(target.parent)
+    finally:
+        staging.unlink(missing_ok=True)

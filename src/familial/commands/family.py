@@ -44,10 +44,16 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--overwrite", action="store_true")
     elif command == "export":
         parser.add_argument("family", help="family checkpoint directory")
-        parser.add_argument("output", help="output directory (with --all: one subdirectory per member)")
+        parser.add_argument("output", help="output directory (with --all: one subdirectory per member); "
+                                           "with --format gguf, the .gguf file (with --all: a directory "
+                                           "of MEMBER.gguf files)")
         which = parser.add_mutually_exclusive_group(required=True)
         which.add_argument("--member", help="exit layer index or alias")
         which.add_argument("--all", action="store_true", help="export every member")
+        parser.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                            help="hf: dense Hugging Face checkpoint (default); gguf: a llama.cpp file")
+        parser.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0"],
+                            help="GGUF weight type (default f32; norms stay f32)")
         parser.add_argument("--overwrite", action="store_true")
     elif command == "verify":
         parser.add_argument("family", help="family checkpoint directory")
@@ -63,7 +69,19 @@ def run(args: argparse.Namespace) -> int:
             shared_head=args.shared_head, member_names=args.names, overwrite=args.overwrite)
         print(f"wrote family with exits {config.exits} to {args.output}")
         print(format_summary(summarize(config)))
+    elif args.command == "export" and args.format == "gguf":
+        from familial.gguf.write import export_all_gguf, export_member_gguf
+
+        kind = args.type or "f32"
+        if args.all:
+            paths = export_all_gguf(args.family, args.output, kind, args.overwrite)
+        else:
+            paths = [export_member_gguf(args.family, args.output, args.member, kind, args.overwrite)]
+        for path in paths:
+            print(f"wrote {path}")
     elif args.command == "export":
+        if args.type is not None:
+            raise ConfigError("--type chooses a GGUF weight type: use it with --format gguf")
         if args.all:
             for path in checkpoint_io.export_all(args.family, args.output, args.overwrite):
                 print(f"wrote {path}")

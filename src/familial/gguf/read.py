@@ -10,6 +10,7 @@ tokenizer and chat template in the metadata become `tokenizer.json` and
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,6 @@ LAYER_TENSORS = {
 }
 MODEL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                  "lm_head.weight": "output.weight"}
-
-
-def is_gguf(path: str | Path) -> bool:
-    """A file starting with GGUF's magic bytes."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"GGUF"
 
 
 def gguf_name(hf_name: str) -> str:
@@ -139,12 +131,11 @@ def gguf_config_fields(source: GGUFFile) -> dict[str, Any]:
     if rotary != head_dim:
         raise ConfigError(f"{where}: field '{arch}.rope.dimension_count' = {rotary}: partial rotary "
                           f"embeddings (head dimension {head_dim}) are not supported")
-    if "rope_freqs.weight" in source.tensors:
-        raise ConfigError(f"{where}: tensor 'rope_freqs.weight' (per-frequency RoPE factors, as "
-                          f"llama.cpp stores Llama 3.1's scaling) is not supported")
     scaling_type = source.arch("rope.scaling.type", "none")
     scaling = None
-    if scaling_type == "linear":
+    if "rope_freqs.weight" in source.tensors:
+        scaling = llama3_scaling(source, head_dim)
+    elif scaling_type == "linear":
         scaling = {"rope_type": "linear", "factor": float(source.arch("rope.scaling.factor"))}
     elif scaling_type not in ("none", None):
         raise ConfigError(f"{where}: field '{arch}.rope.scaling.type' = {scaling_type!r}: only "
@@ -173,6 +164,47 @@ def gguf_config_fields(source: GGUFFile) -> dict[str, Any]:
         raise ConfigError(f"{where}: {len(tokens)} tokens in 'tokenizer.ggml.tokens' but a vocabulary "
                           f"of {vocab}")
     return fields
+
+
+def llama3_scaling(source: GGUFFile, head_dim: int) -> dict[str, Any]:
+    """Llama 3.1's rope scaling from the per-frequency factors llama.cpp stores instead
+    (`rope_freqs.weight`: each rotary frequency is divided by its factor).
+
+    The factors are 1 for short wavelengths, `factor` for long ones, and between them follow
+    the smooth ramp of (original context / wavelength); only the ratios of the original
+    context to the two band edges show in them, so the original context is taken from the
+    metadata (else Llama 3.1's 8192) and the band edges fitted to the ramp. The scaling is
+    accepted only if it gives back every stored factor.
+    """
+    from familial.model import llama3_inverse_frequencies
+
+    where = f"{source.path}: tensor 'rope_freqs.weight'"
+    factors = source.get("rope_freqs.weight").double()
+    base = float(source.arch("rope.freq_base", 10000.0))
+    plain = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if factors.shape != plain.shape:
+        raise ConfigError(f"{where} has {factors.numel()} factors, expected {plain.numel()} (head_dim / 2)")
+    factor = float(factors.max())
+    original = int(source.arch("rope.scaling.original_context_length") or 8192)
+    candidates = [{"low_freq_factor": 1.0, "high_freq_factor": 4.0}]  # Llama 3.1, 3.2, 3.3
+    ramp = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if int(ramp.sum()) >= 2 and factor > 1:
+        # smooth = (1/f - 1/factor) / (1 - 1/factor) = original/wavelength/(high-low) - low/(high-low)
+        smooth = (1 / factors[ramp] - 1 / factor) / (1 - 1 / factor)
+        x = original / (2 * math.pi / plain.double()[ramp])
+        slope = float(((x - x.mean()) * (smooth - smooth.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        low = float(-(smooth.mean() - slope * x.mean()) / slope)
+        candidates.append({"low_freq_factor": low, "high_freq_factor": low + 1 / slope})
+    for candidate in candidates:
+        scaling = {"rope_type": "llama3", "factor": factor, "original_max_position_embeddings": original,
+                   **candidate}
+        if not 0 < candidate["low_freq_factor"] < candidate["high_freq_factor"]:
+            continue
+        scaled = llama3_inverse_frequencies(plain, scaling, original)
+        if torch.allclose(plain / scaled, factors.float(), rtol=1e-4, atol=0):
+            return scaling
+    raise ConfigError(f"{where}: its factors follow no llama3 rope scaling (factor {factor:g}); "
+                      f"other per-frequency scalings are not supported")
 
 
 def gguf_sources(source: GGUFFile, config: FamilyConfig
@@ -205,7 +237,7 @@ def import_gguf(path: str | Path, output: str | Path, exits: list[int] | None, b
                 shared_head: bool = False, member_names: dict[str, int] | None = None,
                 overwrite: bool = False, max_shard_bytes: int | None = None) -> FamilyConfig:
     """Write a family checkpoint (float32) from a GGUF file, with `exits` added."""
-    from familial.checkpoint_io import DEFAULT_SHARD_BYTES, write_tensors
+    from familial.checkpoint_io import DEFAULT_SHARD_BYTES, check_branches_fit, write_tensors
 
     source = GGUFFile(path)
     fields = gguf_config_fields(source)
@@ -214,11 +246,7 @@ def import_gguf(path: str | Path, output: str | Path, exits: list[int] | None, b
     fields.update(exits=list(exits), branch_layers=branch_layers, shared_head=shared_head,
                   member_names=dict(member_names or {}))
     config = FamilyConfig.from_dict(fields, where=f"{path} with the requested exits")
-    for e in config.exits[:-1]:
-        if e + config.branch_depth(e) > config.num_hidden_layers:
-            raise ConfigError(f"exit {e} with a {config.branch_depth(e)}-layer branch needs trunk "
-                              f"layers up to {e + config.branch_depth(e) - 1}, but the model has "
-                              f"{config.num_hidden_layers}")
+    check_branches_fit(config)
     plan, sizes = gguf_sources(source, config)
     tokenizer = None
     if "tokenizer.ggml.tokens" in source.meta:
