@@ -20,6 +20,7 @@ COMMANDS = {
     "data": ("familial.data.cli", "prepare packed token shards from text, JSONL or chat data"),
     "tokenizer": ("familial.data.tokenizer_train", "fit a byte-level BPE tokenizer to text files"),
     "train": ("familial.commands.train", "train every member at once from a TOML config"),
+    "exits": ("familial.commands.exits", "train the exits of a frozen trunk from a cache of its states"),
     "plot": ("familial.commands.train", "plot per-exit training curves of a run directory"),
     "demo": ("familial.demo", "train, evaluate and export a small family on the bundled corpus"),
     "expand": ("familial.posttrain.cli", "append zero-initialised blocks to a member's branch"),

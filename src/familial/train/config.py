@@ -352,7 +352,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               f"TOML training config") from None
     data = copy.deepcopy(data or {})
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     config = from_dict(TrainConfig, data, where)
     config.validate()
     return config
@@ -377,9 +377,10 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _set_dotted(data: dict[str, Any], key: str, text: str) -> None:
+def set_dotted(data: dict[str, Any], key: str, text: str, root: Any = None) -> None:
+    """Set `key` (dotted) in `data` to `text` parsed as the field's type in `root` (TrainConfig)."""
     parts = key.split(".")
-    hint: Any = TrainConfig
+    hint: Any = root or TrainConfig
     node: Any = data
     for depth, part in enumerate(parts):
         hint = _child_hint(hint, part, key)
