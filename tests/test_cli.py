@@ -132,12 +132,13 @@ def test_counts_take_the_noun_in_the_right_number(tmp_path, capsys):
     assert main(["info", str(save_family(FamilyModel(one), tmp_path / "one"))]) == 0
     assert "1 trunk layer," in capsys.readouterr().out
     from familial.threads import pick_threads
+    from familial.train.losses import ExitSums
     from familial.train.loop import StepResult, Trainer
 
     assert "x 1 layer)" in pick_threads(32, 1)[1]
     trainer = object.__new__(Trainer)
     trainer.family_config = one
-    result = StepResult({0: 2.0}, {}, 2.0, 1.0, 10, 10, False)
+    result = StepResult(ExitSums({0: 2.0}, {}), 2.0, 1.0, 10, 10, False)
     assert trainer._progress(result, 1e-3, 1.0).startswith("mean CE of 1 exit 2.000")
 
 

@@ -66,8 +66,8 @@ def reference_run(overrides: dict, steps: int, weights: dict[int, float] | None 
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append({e: float(s.ce_sum) / total_targets for e, s in sums.items()})
-        kds.append({e: float(sums[e].kd_sum) / total_targets for e in (distill or {})})
+        losses.append({e: float(s.sums.ce) / total_targets for e, s in sums.items()})
+        kds.append({e: float(sums[e].sums.kd) / total_targets for e in (distill or {})})
     return losses, grads, model, optimizer, kds
 
 

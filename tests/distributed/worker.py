@@ -106,9 +106,9 @@ def run(spec: dict) -> dict:
         if step == 0:
             result["state_bytes"] = state_bytes(layout)
         layout.zero_grad()
-        result["losses"].append({e: v / sums.targets for e, v in sums.ce.items()})
+        result["losses"].append({e: v / sums.targets for e, v in sums.per_exit.ce.items()})
         if distill:
-            result.setdefault("kd", []).append({e: v / sums.targets for e, v in sums.kd.items()})
+            result.setdefault("kd", []).append({e: v / sums.targets for e, v in sums.per_exit.kd.items()})
         if spec.get("save_at") == step + 1:
             result["checkpoint"] = str(layout.save(step + 1, {"step": step + 1}))
             result["saved_parameters"] = layout.full_parameters()

@@ -10,7 +10,7 @@ import transformers
 
 from familial.checkpoint_io import export_member, load_family, save_family
 from familial.config import ConfigError
-from familial.train import loop
+from familial.train import params
 from familial.posttrain.expand import (
     expand_member, freeze_except, frozen_parameter_patterns, trainable_parameter_patterns)
 
@@ -97,7 +97,7 @@ def test_training_moves_new_blocks_and_leaves_frozen_parameters_bitwise(family):
 
 def test_trainer_freeze_list_leaves_exactly_the_trainable_patterns(family):
     expand_member(family, 1, blocks=2, seed=0)
-    frozen = set(loop.freeze(family, frozen_parameter_patterns(family.config, 1)))
+    frozen = set(params.freeze(family, frozen_parameter_patterns(family.config, 1)))
     trainable = {n for n, p in family.named_parameters() if p.requires_grad}
     assert trainable and not trainable & frozen
     assert trainable == {n for n, _ in family.named_parameters()

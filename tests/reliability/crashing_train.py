@@ -29,7 +29,7 @@ from pathlib import Path
 import familial.checkpoint_io as io
 from familial import cli
 from familial.train import checkpoint as ckpt
-from familial.train import loop, step
+from familial.train import forward_backward, loop
 from familial.train.metrics import MetricsWriter
 from fork_server import serve
 
@@ -67,7 +67,7 @@ def inject(point: str, at: int) -> None:
         setattr(owner, name, wrapper)
 
     if point == "step":
-        wrap(step, "family_loss_sums", after=lambda *a, **k: die())
+        wrap(forward_backward, "family_loss_sums", after=lambda *a, **k: die())
     elif point == "weights":
         wrap(io, "save_file", after=lambda tensors, filename, **k: (truncate(filename), die()))
     elif point == "optimizer":

@@ -103,7 +103,7 @@ def test_padding_positions_change_nothing():
     ids2[:, -4:] = (ids2[:, -4:] + 1) % VOCAB
     again = family_loss_sums(model, ids2, labels)
     for e in losses:
-        assert again[e].ce_sum.item() == pytest.approx(losses[e].ce_sum.item(), abs=1e-9)
+        assert again[e].sums.ce.item() == pytest.approx(losses[e].sums.ce.item(), abs=1e-9)
 
 
 def test_assistant_only_mask_counts_only_masked_targets():
@@ -116,7 +116,7 @@ def test_assistant_only_mask_counts_only_masked_targets():
     expected = F.cross_entropy(logits[:, 6:].reshape(-1, VOCAB), labels[:, 6:].reshape(-1),
                                reduction="sum")
     assert loss.count == 3 * 4
-    assert loss.ce_sum.item() == pytest.approx(expected.item(), abs=1e-9)
+    assert loss.sums.ce.item() == pytest.approx(expected.item(), abs=1e-9)
 
 
 def test_accumulating_four_micro_batches_equals_one_big_batch():
@@ -151,7 +151,7 @@ def test_non_linear_head_takes_the_checkpointed_path_with_the_same_result():
     got.objective.backward()
     want.objective.backward()
     assert got.count == want.count == count_targets(labels)
-    assert got.ce_sum.item() == pytest.approx(want.ce_sum.item(), abs=1e-8)
+    assert got.sums.ce.item() == pytest.approx(want.sums.ce.item(), abs=1e-8)
     torch.testing.assert_close(first.grad, second.grad)
     assert low_rank.up.weight.grad is not None and low_rank.down.weight.grad is not None
 

@@ -54,7 +54,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionP
 
 
 def accumulation_sync(model: FSDPModule):
-    """`sync(last)` for `familial.train.step.accumulate`: reduce-scatter every micro-batch,
+    """`sync(last)` for `familial.train.forward_backward.accumulate`: reduce-scatter every micro-batch,
     all-reduce across HSDP replicas only after the last one."""
     def sync(last: bool) -> None:
         model.set_requires_gradient_sync(True)

@@ -50,6 +50,7 @@ from familial.parallel.tensor_parallel import (
 from familial.train import checkpoint as ckpt
 from familial.train import dcp
 from familial.train.config import ParallelConfig, TrainConfig
+from familial.train.forward_backward import StepSums, accumulate, as_sums, autocast_context
 from familial.train.init import (
     WeightSource,
     family_weights,
@@ -59,9 +60,8 @@ from familial.train.init import (
     meta_family,
 )
 from familial.train.layout import compute_dtype, publish_latest_family, resolve_device
-from familial.train.losses import count_targets
+from familial.train.losses import ExitSums, count_targets
 from familial.train.params import build_optimizer, freeze, optimizer_order, set_lr
-from familial.train.step import StepSums, accumulate, as_sums, autocast_context
 
 
 class ParallelLayout:
@@ -194,19 +194,17 @@ class ParallelLayout:
         if not self.parallel.pp_enabled:
             model = self.parts[0]
             sync = accumulation_sync(model) if self.sharded else None
-            ce, kd = accumulate(model, micro_batches, lambdas, distill, chunk_size, targets, self.device,
-                                self.autocast, sync)
+            sums = accumulate(model, micro_batches, lambdas, distill, chunk_size, targets, self.device,
+                              self.autocast, sync)
         else:
-            ce, kd = self._pipeline_step(micro_batches, lambdas, distill, targets)
+            sums = self._pipeline_step(micro_batches, lambdas, distill, targets)
         if self.parallel.tp_enabled and not self.sharded:
             settle_partial_grads(p for _, p in self.named_parameters())
-        sums = torch.stack((ce, kd)).cpu()
-        dist.all_reduce(sums)
         # Tensor-parallel ranks record identical (replicated) losses.
-        sums /= self.parallel.tp
-        return as_sums(self.config, sums[0], sums[1], lambdas, distill, targets, tokens)
+        sums = sums.all_reduce().map(lambda total: total / self.parallel.tp)
+        return as_sums(self.config, sums, lambdas, distill, targets, tokens)
 
-    def _pipeline_step(self, micro_batches, lambdas, distill, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pipeline_step(self, micro_batches, lambdas, distill, targets) -> ExitSums[torch.Tensor]:
         input_ids = torch.cat([b["input_ids"] for b in micro_batches]).to(self.device)
         labels = torch.cat([b["labels"] for b in micro_batches])  # on the host (see `exit_loss_sum`)
         for part in self.parts:
@@ -218,13 +216,11 @@ class ParallelLayout:
             else:
                 schedule.step(target=labels, labels=labels, return_outputs=False)
         exits = self.config.exits
-        ce = torch.zeros(len(exits), dtype=torch.float64)
-        kd = torch.zeros_like(ce)
+        sums = ExitSums.zeros(len(exits))
         for part in self.parts:
-            for exit_layer, ce_sum, kd_sum in part.take_records():
-                ce[exits.index(exit_layer)] += ce_sum.double().cpu()
-                kd[exits.index(exit_layer)] += kd_sum.double().cpu()
-        return ce, kd
+            for exit_layer, exit_sums in part.take_records():
+                sums.add_(exits.index(exit_layer), exit_sums)
+        return sums
 
     def _pipeline(self, batch: int, length: int, accumulation: int):
         """The schedule for (batch, length) inputs; built on first use with static stage shapes.

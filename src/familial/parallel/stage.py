@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from familial.model import FamilyModel
-from familial.train.losses import exit_loss_sum
+from familial.train.losses import ExitSums, exit_loss_sum
 
-Record = tuple[int, torch.Tensor, torch.Tensor]  # (exit, CE sum, KL sum) of one micro-batch
+Record = tuple[int, ExitSums[torch.Tensor]]  # (exit, its token-loss sums) of one micro-batch
 
 
 class _InjectExitLoss(torch.autograd.Function):
@@ -133,9 +133,9 @@ class FamilyStage(nn.Module):
                              self.chunk_size, teacher, self.exit_head(final) if teacher is not None else None,
                              self.exit_weights.get(exit_layer, 0.0), self.distill.get(exit_layer, 0.0),
                              scale=1.0 / max(self.global_targets, 1), eager=exit_layer == final)
-        return loss.objective, (exit_layer, loss.ce_sum, loss.kd_sum)
+        return loss.objective, (exit_layer, loss.sums)
 
     def take_records(self) -> list[Record]:
-        """(exit, CE sum, KL sum) of each micro-batch run since the last call."""
+        """(exit, token-loss sums) of each micro-batch run since the last call."""
         records, self.records = self.records, []
         return records

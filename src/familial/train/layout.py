@@ -28,7 +28,7 @@ from familial.train.init import (
 )
 from familial.train.losses import count_targets
 from familial.train.params import build_optimizer, freeze, set_lr
-from familial.train.step import StepSums, accumulate, as_sums
+from familial.train.forward_backward import StepSums, accumulate, as_sums
 
 
 class Layout(Protocol):
@@ -110,9 +110,9 @@ class LocalLayout:
     def forward_backward(self, micro_batches, lambdas, distill, chunk_size) -> StepSums:
         targets = sum(count_targets(b["labels"]) for b in micro_batches)
         tokens = sum(b["input_ids"].numel() for b in micro_batches)
-        ce, kd = accumulate(self.model, micro_batches, lambdas, distill, chunk_size, targets, self.device,
-                            self.autocast)
-        return as_sums(self.config, ce, kd, lambdas, distill, targets, tokens)
+        sums = accumulate(self.model, micro_batches, lambdas, distill, chunk_size, targets, self.device,
+                          self.autocast)
+        return as_sums(self.config, sums, lambdas, distill, targets, tokens)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """The global gradient norm; gradients are rescaled only when it exceeds max_norm."""

@@ -39,10 +39,11 @@ from familial.train.config import (
     TrainConfig,
     save_resolved,
 )
-from familial.train.init import run_tokenizer, tokenizer_source, weight_source  # noqa: F401
+from familial.train.init import run_tokenizer, tokenizer_source, weight_source
 from familial.train.layout import Layout, LocalLayout
-from familial.train.metrics import MetricsWriter
-from familial.train.params import build_optimizer, check_patterns, freeze, matches  # noqa: F401 (the freeze rule)
+from familial.train.losses import ExitSums
+from familial.train.metrics import MetricsWriter, exit_metrics
+from familial.train.params import check_patterns
 from familial.train.schedules import lr_at, weight_at
 
 
@@ -133,13 +134,12 @@ LayoutFactory = Callable[[TrainConfig, FamilyConfig], Layout]
 
 @dataclass
 class StepResult:
-    ce: dict[int, float]                 # mean cross-entropy per exit over the step's targets
-    kd: dict[int, float]                 # mean KL per distilled exit
-    loss: float                          # the weighted objective
+    per_exit: ExitSums[dict[int, float]]  # each term's mean per exit over the step's targets
+    loss: float                           # the weighted objective
     grad_norm: float
     targets: int
     tokens: int
-    skipped: bool                        # non-finite loss or gradient: weights not updated
+    skipped: bool                         # non-finite loss or gradient: weights not updated
 
 
 def train_step(layout: Layout, micro_batches: list[dict[str, torch.Tensor]], lambdas: dict[int, float],
@@ -157,8 +157,8 @@ def train_step(layout: Layout, micro_batches: list[dict[str, torch.Tensor]], lam
         layout.optimizer_step()
     layout.zero_grad()
     scale = max(sums.targets, 1)
-    return StepResult({e: v / scale for e, v in sums.ce.items()}, {e: v / scale for e, v in sums.kd.items()},
-                      objective, grad_norm, sums.targets, sums.tokens, skipped)
+    means = sums.per_exit.map(lambda values: {e: v / scale for e, v in values.items()})
+    return StepResult(means, objective, grad_norm, sums.targets, sums.tokens, skipped)
 
 
 @dataclass
@@ -361,7 +361,7 @@ class Trainer:
 
     def _progress(self, result: StepResult, lr: float, elapsed: float) -> str:
         """The bar's figures, named: the mean over exits of each exit's CE (not their weighted sum)."""
-        ce = result.ce
+        ce = result.per_exit.ce
         mean = sum(ce.values()) / max(len(ce), 1)
         deepest = self.family_config.exits[-1]
         full = f", full member {ce[deepest]:.3f}" if deepest in ce else ""
@@ -375,13 +375,7 @@ class Trainer:
                                   "loss": result.loss, "grad_norm": result.grad_norm,
                                   "tokens_per_s": result.tokens / elapsed, "targets": result.targets,
                                   "skipped": result.skipped}
-        for e, value in result.ce.items():
-            record[f"loss/{name(e)}"] = value
-        for e, value in lambdas.items():
-            record[f"lambda/{name(e)}"] = value
-        for e, value in result.kd.items():
-            record[f"kd/{name(e)}"] = value
-            record[f"mu/{name(e)}"] = distill[e]
+        record.update(exit_metrics(result.per_exit, lambdas, distill, name))
         return record
 
     def save(self) -> Path | None:

@@ -18,7 +18,9 @@ sharded loss is chunked exactly like the unsharded one and never gathers logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Generic, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -220,12 +222,78 @@ def _module_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     return ce, (teacher.exp() * (teacher - log_q)).sum()
 
 
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+@dataclass
+class ExitSums(Generic[T]):
+    """Token-loss sums (or means) of the exits, one field per per-exit loss term.
+
+    The one value every layer passes whole, from the loss through the layouts and pipeline
+    stages to the metrics: a new term is a field here, its computation in `exit_loss_sum`, its
+    weight in `term_weights` and its lines in the metrics. A field holds one exit's 0-d sum
+    (`ExitLoss.sums`), a float64 vector indexed like `config.exits` (a step's sums: `zeros`,
+    `add_`, `all_reduce`), or on the host {exit: value} for the exits the term was computed
+    for (`per_exit`).
+    """
+
+    ce: T  # token cross-entropy
+    kd: T  # token KL(deepest exit || this exit); zero without a teacher
+
+    def terms(self) -> dict[str, T]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def map(self, fn: Callable[[T], U]) -> ExitSums[U]:
+        return ExitSums(**{name: fn(value) for name, value in self.terms().items()})
+
+    @staticmethod
+    def zeros(exits: int, device: torch.device | None = None) -> ExitSums[torch.Tensor]:
+        return ExitSums(**{f.name: torch.zeros(exits, dtype=torch.float64, device=device)
+                           for f in fields(ExitSums)})
+
+    def add_(self, index: int, sums: ExitSums[torch.Tensor]) -> None:
+        """Add one exit's 0-d sums at `index` of these vectors (no host synchronisation)."""
+        for name, total in self.terms().items():
+            total[index] += getattr(sums, name).double().to(total.device)
+
+    def all_reduce(self, group=None) -> ExitSums[torch.Tensor]:
+        """These vectors summed over the group's processes, on the host, in one collective."""
+        names = list(self.terms())
+        stacked = torch.stack(list(self.terms().values())).cpu()
+        dist.all_reduce(stacked, group=group)
+        return ExitSums(**dict(zip(names, stacked)))
+
+    def per_exit(self, exits: list[int], lambdas: dict[int, float],
+                 distill: dict[int, float]) -> ExitSums[dict[int, float]]:
+        """Host {exit: value} of these vectors: CE for every computed exit, another term where it has a weight."""
+        weights = term_weights(lambdas, distill).terms()
+        computed = {e for e in exits if any(w.get(e) for w in weights.values())}
+
+        def host(name: str, vector: torch.Tensor) -> dict[int, float]:
+            values = vector.tolist()
+            return {e: values[i] for i, e in enumerate(exits)
+                    if (e in computed if name == "ce" else weights[name].get(e))}
+
+        return ExitSums(**{name: host(name, vector) for name, vector in self.terms().items()})
+
+    def objective(self, lambdas: dict[int, float], distill: dict[int, float]) -> float:
+        """sum_k lambda_k CE_k + mu_k KL_k of host sums (the loss that was backpropagated, times the targets)."""
+        weights = term_weights(lambdas, distill).terms()
+        return sum(sum(weights[name].get(e, 0.0) * v for e, v in values.items())
+                   for name, values in self.terms().items())
+
+
+def term_weights(lambdas: dict[int, float], distill: dict[int, float]) -> ExitSums[dict[int, float]]:
+    """Each term's per-exit weight: lambda for CE, mu for the KL against the deepest exit."""
+    return ExitSums(ce=lambdas, kd=distill)
+
+
 @dataclass
 class ExitLoss:
-    objective: torch.Tensor  # ce_weight * ce_sum + kd_weight * kd_sum: backpropagate this
-    ce_sum: torch.Tensor     # sum of token cross-entropies (detached, at least float32)
-    kd_sum: torch.Tensor     # sum of token KL(teacher || this exit); zero without a teacher
-    count: int               # target tokens the sums cover
+    objective: torch.Tensor         # ce_weight * sums.ce + kd_weight * sums.kd: backpropagate this
+    sums: ExitSums[torch.Tensor]    # 0-d token sums (detached, at least float32)
+    count: int                      # target tokens the sums cover
 
 
 def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
@@ -267,7 +335,7 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         objective, ce, kd = _ChunkedLinearLoss.apply(rows, weight, targets, chunk_size, teacher_rows, teacher_weight,
                                                      float(ce_weight) * scale, float(kd_weight) * scale, group,
                                                      vocab_start, eager)
-        return ExitLoss(objective, ce, kd, int(keep.numel()))
+        return ExitLoss(objective, ExitSums(ce, kd), int(keep.numel()))
     # Any other head (e.g. a low-rank one): the same chunking through activation checkpointing.
     ce = rows.new_zeros((), dtype=_loss_dtype(rows.dtype))
     kd = torch.zeros_like(ce)
@@ -281,7 +349,7 @@ def exit_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
         chunk_ce, chunk_kd = checkpoint(_module_loss, head, rows[part], targets[part], teacher,
                                         use_reentrant=False)
         ce, kd = ce + chunk_ce, kd + chunk_kd
-    return ExitLoss((ce * ce_weight + kd * kd_weight) * scale, ce.detach(), kd.detach(), int(keep.numel()))
+    return ExitLoss((ce * ce_weight + kd * kd_weight) * scale, ExitSums(ce.detach(), kd.detach()), int(keep.numel()))
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

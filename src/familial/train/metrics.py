@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from familial.train.losses import ExitSums
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -26,6 +29,20 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}: line {number} is not a JSON record") from None
     return records
+
+
+def exit_metrics(means: ExitSums[dict[int, float]], lambdas: dict[int, float], distill: dict[int, float],
+                 name: Callable[[int], str]) -> dict[str, float]:
+    """A step record's per-exit fields, keyed by member name: each loss term's mean and its weight."""
+    record: dict[str, float] = {}
+    for e, value in means.ce.items():
+        record[f"loss/{name(e)}"] = value
+    for e, value in lambdas.items():
+        record[f"lambda/{name(e)}"] = value
+    for e, value in means.kd.items():
+        record[f"kd/{name(e)}"] = value
+        record[f"mu/{name(e)}"] = distill[e]
+    return record
 
 
 class MetricsWriter:

@@ -15,23 +15,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from familial.train.losses import family_loss_sums
+from familial.train.losses import ExitSums, family_loss_sums
 
 
 @dataclass
 class StepSums:
     """Token-loss sums of one step, over every micro-batch (and, once reduced, every rank)."""
 
-    ce: dict[int, float]      # sum of token cross-entropy per computed exit
-    kd: dict[int, float]      # sum of token KL per distilled exit
-    targets: int              # target tokens of the global batch
-    tokens: int               # input tokens of the global batch
+    per_exit: ExitSums[dict[int, float]]  # each term's sum per exit it was computed for
+    targets: int                          # target tokens of the global batch
+    tokens: int                           # input tokens of the global batch
 
     def objective(self, lambdas: dict[int, float], distill: dict[int, float]) -> float:
         """sum_k lambda_k CE_k + mu_k KL_k, per target token (the loss that was backpropagated)."""
-        total = sum(lambdas.get(e, 0.0) * v for e, v in self.ce.items())
-        total += sum(distill.get(e, 0.0) * v for e, v in self.kd.items())
-        return total / max(self.targets, 1)
+        return self.per_exit.objective(lambdas, distill) / max(self.targets, 1)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -41,15 +38,14 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], lambdas: dict[int, float],
                distill: dict[int, float], chunk_size: int, total_targets: int, device: torch.device,
                autocast: torch.dtype | None = None,
-               sync: Callable[[bool], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of every micro-batch of a FamilyModel; returns this process's (ce, kd) sums per exit.
+               sync: Callable[[bool], None] | None = None) -> ExitSums[torch.Tensor]:
+    """Backward of every micro-batch of a FamilyModel; returns this process's token-loss sums.
 
-    The sums are float64 tensors indexed like `model.config.exits`, left on the device until
+    The sums are float64 vectors indexed like `model.config.exits`, left on the device until
     the caller reduces them (no host synchronisation per micro-batch).
     """
     exits = model.config.exits
-    ce = torch.zeros(len(exits), dtype=torch.float64, device=device)
-    kd = torch.zeros_like(ce)
+    sums = ExitSums.zeros(len(exits), device)
     for i, batch in enumerate(micro_batches):
         if sync is not None:
             sync(i == len(micro_batches) - 1)
@@ -61,16 +57,12 @@ def accumulate(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], l
             loss = sum(part.objective for part in losses.values())
         loss.backward()
         for e, part in losses.items():
-            ce[exits.index(e)] += part.ce_sum.double()
-            kd[exits.index(e)] += part.kd_sum.double()
+            sums.add_(exits.index(e), part.sums)
         del losses, loss
-    return ce, kd
+    return sums
 
 
-def as_sums(config, ce: torch.Tensor, kd: torch.Tensor, lambdas: dict[int, float], distill: dict[int, float],
+def as_sums(config, sums: ExitSums[torch.Tensor], lambdas: dict[int, float], distill: dict[int, float],
             targets: int, tokens: int) -> StepSums:
     """Host-side StepSums for the exits that were computed."""
-    ce_values, kd_values = ce.tolist(), kd.tolist()
-    computed = {e for e in config.exits if lambdas.get(e) or distill.get(e)}
-    return StepSums({e: ce_values[i] for i, e in enumerate(config.exits) if e in computed},
-                    {e: kd_values[i] for i, e in enumerate(config.exits) if distill.get(e)}, targets, tokens)
+    return StepSums(sums.per_exit(config.exits, lambdas, distill), targets, tokens)
