@@ -216,6 +216,8 @@ def main() -> int:
                         help="intra-op threads of each server, one run per count (default: 1 and every core)")
     parser.add_argument("--max-tokens", type=int, help="tokens each request generates")
     parser.add_argument("--rounds", type=int, help="rounds per level (default 3, 2 with --quick)")
+    parser.add_argument("--max-prefill-tokens", type=int,
+                        help="familial serve's prompt tokens per step (default: its own; vLLM's CPU server takes 2048)")
     parser.add_argument("--vllm-python", help="interpreter with vLLM (default: $FAMILIAL_VLLM_PYTHON, "
                                               "else .venv-vllm/bin/python)")
     parser.add_argument("--vllm-eager", action="store_true", help="vLLM with --enforce-eager (quick to start)")
@@ -257,7 +259,8 @@ def run(args: argparse.Namespace, family: Path, label: str, threads: int, work: 
     port = free_port()
     command = [sys.executable, "-m", "familial.cli", "serve", str(served), "--port", str(port), "--threads",
                str(threads), "--max-batch-size", str(max(LEVELS)), "--max-queue", "128",
-               "--max-seq-len", str(context)]
+               "--max-seq-len", str(context),
+               *(["--max-prefill-tokens", str(args.max_prefill_tokens)] if args.max_prefill_tokens else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     servers = [(Server("familial", command, port, env, work / "familial.log"), {})]
     try:
