@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import warnings
 
 import numpy as np
 import pytest
@@ -12,21 +11,10 @@ from familial.cli import main
 from familial.data.megatron import MegatronShards
 from familial.data.shards import ShardError, open_shards
 
-try:
-    with warnings.catch_warnings():   # "Transformer Engine and Apex are not installed"
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset as indexed
-except ImportError:
-    indexed = None
+from megatron_core import indexed, megatron_core  # noqa: F401 (megatron_core: an autouse fixture)
 
 # Files written by megatron-core itself: without it these skip, or fail under CI (tests/conftest.py).
 pytestmark = pytest.mark.reference
-
-
-@pytest.fixture(autouse=True)
-def megatron_core():
-    if indexed is None:
-        pytest.skip("megatron-core is not installed (scripts/test.sh installs it with --no-deps)")
 
 DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.int64, np.float64, np.float32, np.uint16]
 

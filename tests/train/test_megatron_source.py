@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -16,21 +15,10 @@ from familial.data.shards import open_shards
 from familial.train.loop import Trainer, build_batches, check_data_fits
 from familial.train.metrics import read_metrics
 
-try:
-    with warnings.catch_warnings():   # "Transformer Engine and Apex are not installed"
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset as indexed
-except ImportError:
-    indexed = None
+from megatron_core import indexed, megatron_core  # noqa: F401 (megatron_core: an autouse fixture)
 
 # Files written by megatron-core itself: without it these skip, or fail under CI (tests/conftest.py).
 pytestmark = pytest.mark.reference
-
-
-@pytest.fixture(autouse=True)
-def megatron_core():
-    if indexed is None:
-        pytest.skip("megatron-core is not installed (scripts/test.sh installs it with --no-deps)")
 
 VOCAB = 53   # the tiny model's vocabulary in make_config (tests/train/conftest.py)
 

@@ -6,7 +6,7 @@ ran. A body whose commas and quotes say it may hold more items than a few millis
 is first parsed here, in a worker (json and nothing else: one starts in ~30 ms), which answers
 how many items it holds and the most keys of one object; the server refuses what no request of
 its context needs and parses the rest itself, at a cost it has bounded. A worker that runs
-past `timeout` is killed and replaced, as chat template workers are (familial.serve.templates).
+past `timeout` is killed and replaced (familial.serve.workers).
 
 Protocol: the parent sends each body as 8 bytes of length (big-endian) and the bytes; the
 worker answers one JSON line, {"items", "keys"} or {"error"}.
@@ -18,57 +18,28 @@ import asyncio
 import json
 import sys
 
+from familial.serve.workers import WorkerPool
+
 # Address space of a worker: parsing 8 MiB of JSON needs well under 1 GiB.
 WORKER_MEMORY_BYTES = 2**30
 
 
-class BodyWorkers:
+class BodyWorkers(WorkerPool):
     """A pool of body-measuring workers (start() and close() in the server's loop)."""
 
     def __init__(self, workers: int = 1, timeout: float = 10.0) -> None:
-        self.count, self.timeout = workers, timeout
-        self.idle: asyncio.Queue[asyncio.subprocess.Process] = asyncio.Queue()
-        self.all: set[asyncio.subprocess.Process] = set()
-
-    async def start(self) -> None:
-        for worker in await asyncio.gather(*(self._spawn() for _ in range(self.count))):
-            self.idle.put_nowait(worker)
-
-    async def close(self) -> None:
-        for worker in list(self.all):
-            await self._end(worker)
+        super().__init__(workers, timeout)
 
     async def measure(self, body: bytes) -> dict:
         """{"items": JSON values and keys, "keys": most keys of one object}, or {"error"}."""
-        worker = await self.idle.get()
         try:
-            if worker.returncode is not None:
-                worker = await self._spawn()  # the last body ended it
-            worker.stdin.write(len(body).to_bytes(8, "big") + body)
-            await worker.stdin.drain()
-            line = await asyncio.wait_for(worker.stdout.readline(), self.timeout)
+            line = await self.ask(len(body).to_bytes(8, "big") + body)
         except asyncio.TimeoutError:
-            await self._end(worker)
             return {"error": f"it was not parsed within {self.timeout:g} s"}
-        except (OSError, ValueError):
-            await self._end(worker)
-            line = b""
-        finally:
-            self.idle.put_nowait(worker)
         return json.loads(line) if line else {"error": "its parser ended (over its memory limit?)"}
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "familial.serve.bodies", str(WORKER_MEMORY_BYTES),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        self.all.add(worker)
-        return worker
-
-    async def _end(self, worker: asyncio.subprocess.Process) -> None:
-        self.all.discard(worker)
-        if worker.returncode is None:
-            worker.kill()
-        await worker.wait()
+        return await self._launch(sys.executable, "-m", "familial.serve.bodies", str(WORKER_MEMORY_BYTES))
 
 
 def measure(data) -> dict:

@@ -20,6 +20,7 @@ import json
 import sys
 
 from familial.chat_template import ChatTemplate, ChatTemplateError
+from familial.serve.workers import WorkerPool
 
 # Address space of a worker: a Python process with jinja2 needs well under 100 MiB.
 WORKER_MEMORY_BYTES = 2**30
@@ -29,42 +30,22 @@ WORKER_MEMORY_BYTES = 2**30
 START_TIMEOUT_S = 60.0
 
 
-class TemplateWorkers:
+class TemplateWorkers(WorkerPool):
     """A pool of render workers for one template (start() and close() in the server's loop)."""
 
     def __init__(self, template: ChatTemplate, workers: int = 2, timeout: float = 5.0,
                  max_chars: int | None = None) -> None:
-        self.template, self.count, self.timeout, self.max_chars = template, workers, timeout, max_chars
-        self.idle: asyncio.Queue[asyncio.subprocess.Process] = asyncio.Queue()
-        self.all: set[asyncio.subprocess.Process] = set()
-
-    async def start(self) -> None:
-        for worker in await asyncio.gather(*(self._spawn() for _ in range(self.count))):
-            self.idle.put_nowait(worker)
-
-    async def close(self) -> None:
-        for worker in list(self.all):
-            await self._end(worker)
+        super().__init__(workers, timeout)
+        self.template, self.max_chars = template, max_chars
 
     async def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text, or ChatTemplateError (the template's own refusal, or a limit)."""
-        worker = await self.idle.get()
+        request = {"messages": messages, "add_generation_prompt": add_generation_prompt}
         try:
-            if worker.returncode is not None:
-                worker = await self._spawn()  # the last render ended it
-            request = {"messages": messages, "add_generation_prompt": add_generation_prompt}
-            worker.stdin.write(json.dumps(request).encode() + b"\n")
-            await worker.stdin.drain()
-            line = await asyncio.wait_for(worker.stdout.readline(), self.timeout)
+            line = await self.ask(json.dumps(request).encode() + b"\n")
         except asyncio.TimeoutError:
-            await self._end(worker)
             raise ChatTemplateError(f"the chat template did not finish rendering this conversation "
                                     f"within {self.timeout:g} s") from None
-        except (OSError, ValueError):
-            await self._end(worker)
-            line = b""
-        finally:
-            self.idle.put_nowait(worker)
         if not line:
             raise ChatTemplateError("the chat template's worker ended while rendering this conversation "
                                     "(over its memory limit?)")
@@ -76,10 +57,7 @@ class TemplateWorkers:
     async def _spawn(self) -> asyncio.subprocess.Process:
         # The stream limit must hold one whole reply line (a JSON-escaped prompt).
         limit = max(2**16, 16 * (self.max_chars or 2**20))
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "familial.serve.templates", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, limit=limit)
-        self.all.add(worker)
+        worker = await self._launch(sys.executable, "-m", "familial.serve.templates", limit=limit)
         setup = {"source": self.template.source, "tokens": self.template.tokens, "max_chars": self.max_chars,
                  "memory": WORKER_MEMORY_BYTES}
         worker.stdin.write(json.dumps(setup).encode() + b"\n")
@@ -93,12 +71,6 @@ class TemplateWorkers:
             await self._end(worker)
             raise ChatTemplateError(reply.get("error", "the chat template's worker did not start"))
         return worker
-
-    async def _end(self, worker: asyncio.subprocess.Process) -> None:
-        self.all.discard(worker)
-        if worker.returncode is None:
-            worker.kill()
-        await worker.wait()
 
 
 def _serve(stdin, stdout) -> None:
