@@ -33,8 +33,8 @@ from familial.checkpoint_io import load_family
 from familial.infer import Engine, SamplingParams
 from familial.infer.adaptive import MEASURES, operating_point
 from familial.infer.calibrate import calibrate, load_token_ids
+from timing import CLOCKS, add_clock_argument
 
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 PROMPT_TOKENS = 16
 
 
@@ -119,9 +119,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, help="prompts at batch 1")
     parser.add_argument("--target", type=float, default=0.95, help="agreement target of the marked point")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="cpu: this process's CPU time (steady on a shared machine; with one thread "
-                             "it equals wall time on an idle core); wall: elapsed time")
+    add_clock_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]

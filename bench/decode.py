@@ -22,11 +22,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+import timing
 from familial.checkpoint_io import export_member, load_family, save_family
 from familial.config import FamilyConfig
 from familial.infer import Engine, SamplingParams
@@ -36,8 +36,7 @@ OUT = Path(__file__).parent / "out"
 PROMPT_TEXTS = ["import os\n\n\ndef main():\n    ", "class Parser:\n    def __init__(self, ",
                 "    def __repr__(self):\n        return ", "for key, value in sorted(",
                 "# Copyright 2001 Python Software Foundation\n"]
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
-clock = CLOCKS["cpu"]
+clock = timing.CLOCKS["cpu"]
 
 
 def markov_batch(transitions: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -78,14 +77,7 @@ def train_tiny_family(steps: int) -> FamilyModel:
 
 def race(contenders: dict, tokens: int, repeats: int) -> dict[str, tuple[float, object]]:
     """Best tokens/s of each contender, run in turns so that a busy spell hits all alike."""
-    best = {name: float("inf") for name in contenders}
-    results = {}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            started = clock()
-            results[name] = fn()
-            best[name] = min(best[name], clock() - started)
-    return {name: (tokens / best[name], results[name]) for name in contenders}
+    return {name: (tokens / seconds, result) for name, (seconds, result) in timing.race(contenders, repeats, clock).items()}
 
 
 def find_family(directory: Path) -> Path | None:
@@ -251,12 +243,10 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, help="new tokens per generation")
     parser.add_argument("--prompts", type=int, help="prompts per family for the speculative comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="cpu: this process's CPU time (steady on a shared machine; with one thread "
-                             "it equals wall time on an idle core); wall: elapsed time")
+    timing.add_clock_argument(parser)
     args = parser.parse_args()
     global clock
-    clock = CLOCKS[args.clock]
+    clock = timing.CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     new_tokens = args.tokens or (48 if args.quick else 160)
     prompts = args.prompts or (2 if args.quick else len(PROMPT_TEXTS))

@@ -30,21 +30,7 @@ from familial.checkpoint_io import load_family
 from familial.infer import Engine, SamplingParams
 from familial.infer.adaptive import MEASURES
 from familial.infer.calibrate import calibrate, load_token_ids
-
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
-
-
-def race(contenders: dict, repeats: int, clock) -> dict[str, tuple[float, object]]:
-    """Best seconds of each contender, run in turns so that a busy spell hits all alike."""
-    best = {name: float("inf") for name in contenders}
-    results = {}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            started = clock()
-            results[name] = fn()
-            best[name] = min(best[name], clock() - started)
-    return {name: (best[name], results[name]) for name in contenders}
-
+from timing import CLOCKS, add_clock_argument, race
 
 def generate_all(engine: Engine, prompts: list[list[int]], member, params: SamplingParams, **options) -> list:
     return [engine.generate([p], member, params, **options)[0] for p in prompts]
@@ -64,9 +50,7 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=0.9, help="adaptive depth's calibrated agreement target")
     parser.add_argument("--calibration-tokens", type=int, help="held-out tokens calibration uses")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="cpu: this process's CPU time (steady on a shared machine; with one thread "
-                             "it equals wall time on an idle core); wall: elapsed time")
+    add_clock_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]

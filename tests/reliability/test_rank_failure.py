@@ -23,6 +23,17 @@ def torchrun(config: Path, spec: dict, resume: bool = False, restarts: int = 0) 
     return launch(LAUNCHER, spec, config, *(["--resume"] if resume else []), nproc=2, restarts=restarts)
 
 
+def assert_resumed_on_the_uninterrupted_curve(tmp_path: Path, output: str) -> None:
+    """Both ranks resumed from the step-2 checkpoint and the run logged what one process did."""
+    for rank in (0, 1):
+        assert f"rank {rank} resumed from {tmp_path / 'run' / 'checkpoints' / 'dcp-00000002'}" in output
+    got, want = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "single")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want):
+        for key in ("loss/exit-1", "loss/exit-2", "loss/exit-3", "lr"):
+            assert abs(a[key] - b[key]) <= 1e-4, (a["step"], key, a[key], b[key])
+
+
 def test_a_dead_rank_stops_the_run_and_resume_continues_from_the_last_checkpoint(tmp_path, shards):
     data = train_config_dict(tmp_path / "run", shards, steps=STEPS, checkpoint={"every": 2, "keep": 2})
     Trainer(load_config(data=dict(data, run_dir=str(tmp_path / "single")))).run()
@@ -40,13 +51,7 @@ def test_a_dead_rank_stops_the_run_and_resume_continues_from_the_last_checkpoint
 
     code, output, resumed_seconds = torchrun(config, {}, resume=True)
     assert code == 0, output[-3000:]
-    for rank in (0, 1):
-        assert f"rank {rank} resumed from {tmp_path / 'run' / 'checkpoints' / 'dcp-00000002'}" in output
-    got, want = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "single")
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for a, b in zip(got, want):
-        for key in ("loss/exit-1", "loss/exit-2", "loss/exit-3", "lr"):
-            assert abs(a[key] - b[key]) <= 1e-4, (a["step"], key, a[key], b[key])
+    assert_resumed_on_the_uninterrupted_curve(tmp_path, output)
     print(f"rank failure: stopped in {seconds:.1f}s (launch included), resumed run {resumed_seconds:.1f}s")
 
 
@@ -63,10 +68,4 @@ def test_torchrun_restarts_a_run_whose_rank_died_and_it_finishes_on_the_uninterr
     code, output, _ = torchrun(config, {"rank": 1, "step": 4, "attempt": 0}, resume=True, restarts=1)
     assert code == 0, output[-3000:]
     assert "no checkpoint yet; --resume starts from step 0" in output
-    for rank in (0, 1):
-        assert f"rank {rank} resumed from {tmp_path / 'run' / 'checkpoints' / 'dcp-00000002'}" in output
-    got, want = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "single")
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for a, b in zip(got, want):
-        for key in ("loss/exit-1", "loss/exit-2", "loss/exit-3", "lr"):
-            assert abs(a[key] - b[key]) <= 1e-4, (a["step"], key, a[key], b[key])
+    assert_resumed_on_the_uninterrupted_curve(tmp_path, output)
