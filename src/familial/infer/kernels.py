@@ -3,9 +3,7 @@
 On CPU, `F.linear` hands the weight as stored to MKL's GEMM, which re-blocks it on every call.
 oneDNN (in every x86 and ARM build of torch) runs the same product from a weight reordered
 once into its own blocked layout, and fuses the element-wise step that follows it into the
-GEMM's output. A whole hidden-1024 decoder layer on one thread of a 2-core AVX-512 EPYC
-(`bench/kernels.py`): 1.5x faster at 16 rows, 1.4x at 32 and 1.3x for a 512-token prompt chunk
-in float32; bfloat16 weights (where the CPU has AVX512_BF16 or AMX) run another 1.5-1.8x faster.
+GEMM's output (what that is worth per shape: `bench/packed_layers.py`, figures in the README).
 So a `packed` layer runs:
 - q, k and v as one product (the normed input read once);
 - o and down with the residual add fused into the product;
@@ -13,8 +11,7 @@ So a `packed` layer runs:
   no element-wise pass of its own);
 and each exit's head from a packed copy too. Norms, rotary and attention stay the model's own
 code. A call of one token runs the model's own modules: a one-row product only streams the
-weights, which MKL's GEMV does as fast as oneDNN's (10-20% faster, measured, from the layout
-as stored). Results match the model's to float rounding (1e-5 relative in float32).
+weights, which MKL's GEMV does at least as fast from the layout as stored. Results match the model's to float rounding (1e-5 relative in float32).
 
 Packed copies would go stale when the weights change under a running runner (a GRPO update
 between rollouts, `load_state_dict`, `model.to`): each pack remembers its source tensors by
