@@ -316,7 +316,7 @@ class FamilyModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         for name, rank in config.low_rank.items():
-            self.factorize(name, rank)
+            self._swap_low_rank(name, rank)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -333,13 +333,18 @@ class FamilyModel(nn.Module):
             nn.init.ones_(module.weight)
 
     def factorize(self, name: str, rank: int) -> LowRankLinear:
-        """Replace linear `name` by a rank-`rank` LowRankLinear (weights set by the caller)."""
+        """Replace linear `name` by a rank-`rank` LowRankLinear (weights set by the caller) and
+        record it in the config, so a saved family rebuilds the same shapes."""
+        low_rank = self._swap_low_rank(name, rank)
+        self.config.low_rank = {**self.config.low_rank, name: rank}
+        return low_rank
+
+    def _swap_low_rank(self, name: str, rank: int) -> LowRankLinear:
         parent_name, _, child = name.rpartition(".")
         parent = self.get_submodule(parent_name) if parent_name else self
         old = getattr(parent, child)
         low_rank = LowRankLinear(old.in_features, old.out_features, rank)
         setattr(parent, child, low_rank)
-        self.config.low_rank[name] = rank
         return low_rank
 
     # Which modules each exit uses.
