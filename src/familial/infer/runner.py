@@ -1,43 +1,29 @@
 """One packed forward pass over a family, each row branching off at its own exit.
 
-Rows of any length (a decoding step's one token, a prompt chunk, drafted tokens to verify) are
-laid end to end as one sequence (see familial.infer.cache), so every projection and MLP runs
-once for the whole call. The trunk runs up to the deepest layer any row needs; at every exit
-the rows that stop there (their member, or an adaptive row that is confident enough) run that
-exit's branch, norm and head and leave. So one call serves sequences of different members,
-lengths and phases, and speculative verification can resume from the hidden state a draft left
-at its exit (`start_layer`, `hidden`).
-
-Adaptive rows (familial.infer.adaptive) decide at each early exit whether their token leaves,
-and they leave together: at an exit where every row still running is either done there (its
-member's or its budget's exit) or an adaptive row deciding, and every deciding row's token may
-leave. A decoding step's layer costs about the same for one row as for all of them (the weights
-are read once either way), so a row leaving while another goes on saves nothing and costs its
-own branch, head and a split of the batch, and later a second pass over its skipped layers.
-So a token whose measure says "leave" beside one that says "go on" goes on, and takes the token
-of the exit where the batch leaves; the rule is checked measure by measure and stops at the
-first "go on", and with calibrated leave rates a batch checks an exit only where all of its
-rows may well leave (familial.infer.adaptive), so a batch that cannot leave pays for no
-scores. Alone, a row leaves at its own first confident exit. Rows that must stop (a fixed
-member's exit, a budget's cap) still leave alone, and prompt rows keep running for their KV
-after their token's exit is decided.
-What adaptive positions lack is filled as late and as cheaply as it can be:
-- Branch KV, lazily. At every early exit an adaptive row passes, its tokens' trunk states go to
-  the cache's exit-state buffer (one write). When a token leaves at an exit, or a softmax
-  measure runs the exit's branch, the branch runs over every position since it last ran, from
-  those states. So a token that passes an exit pays for no branch layer.
-- The skipped layers' KV, one of two ways:
-  recompute (`Adaptive.pending` is a list; exact): positions that left early wait, each with
-  the exit where its KV stops (its frontier). The next pass that goes past a frontier takes
-  those positions along: their stored state joins the row there, and they run with it as deep
-  as it goes. Frontiers never increase with position, so a row stays one contiguous span. The
-  extra positions cost little next to the pass itself (the weights are read once either way),
-  and every layer's KV is what recomputing the whole sequence from scratch gives.
-  copy (`pending` is None; CALM): the state entering the exit is copied forward. Every skipped
-  trunk layer gets K/V projected from it (exact for trunk layer `exit`, an approximation
-  deeper), in one matmul (norm-folded k/v weights of the trunk stacked on first use, a few
-  percent of the weights with grouped-query attention), and deeper exits' branches read it as
-  their state.
+Invariants a change here must keep (each has tests in tests/infer):
+- One call, one pass: rows of any length (a decoding step's token, a prompt chunk, drafted
+  tokens to verify) lie end to end as one sequence (familial.infer.cache), so every projection
+  runs once per call, and the trunk runs only as deep as the deepest row needs.
+- Rows that must stop at an exit (their member's, their budget's cap) leave there alone;
+  speculative verification resumes from the state a draft left at its exit (`start_layer`,
+  `hidden`); prompt rows keep running for their KV after their token's exit is decided.
+- Adaptive rows (familial.infer.adaptive) leave together or not at all: at an exit where every
+  row still running is done there or is deciding, and every deciding token may leave. A layer
+  costs a decoding step about the same for one row as for all (the weights are read once), so a
+  "go on" anywhere keeps every deciding row going, with the token of the exit where the batch
+  leaves; the rule stops at the first "go on", and calibrated leave rates skip the check where
+  the batch cannot leave. Alone, a row leaves at its own first confident exit.
+- A token that passes an exit pays for no branch layer: its trunk state goes to the cache's
+  exit-state buffer, and the branch runs over every position since it last ran only when a
+  token leaves there or a softmax measure needs the branch (lazy branch KV).
+- Skipped trunk layers' KV, one of two ways. Recompute (`Adaptive.pending` is a list; exact):
+  positions that left early wait with their frontier (the exit where their KV stops); the next
+  pass past a frontier takes them along from their stored state. Frontiers never increase with
+  position, so a row stays one contiguous span, and every layer's KV equals recomputing the
+  sequence from scratch. Copy (`pending` is None; CALM): the state entering the exit is copied
+  forward and every skipped layer's K/V is projected from it in one matmul (exact for trunk
+  layer `exit` only; norm-folded k/v weights stacked on first use and rebuilt when the weights
+  change).
 """
 
 from __future__ import annotations
