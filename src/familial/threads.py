@@ -2,9 +2,7 @@
 
 torch's default is one intra-op thread per core. On a machine whose cores are busy with
 other work, every parallel op then waits for its slowest thread, which is waiting for a
-core: a step can take several times longer than with one thread (measured on a shared
-2-core machine at a load average of 8: a demo step took 73 s with two threads, 6 s with
-one). So:
+core: a step can take several times longer than with one thread. So:
 
 - a small model gets 1 thread: its ops are too small to split profitably;
 - otherwise, one thread per core that other processes leave idle, measured over half a

@@ -3,7 +3,7 @@
 `familial serve` runs the HTTP side (parsing, tokenising, streaming) and the engine in two
 processes, as vLLM runs its API server and engine core: in one process the two share the
 interpreter lock, and every step of the engine waits while the event loop writes chunks (at
-32 concurrent streams that was ~13% of the engine's throughput). `EngineProcess` starts an
+many concurrent streams a measurable share of the engine's throughput). `EngineProcess` starts an
 `Engine` in a child interpreter and offers what a server uses of one: `submit` returning a
 `RequestHandle`, `generate`, `stats`, `members`, `config`, `tokenizer` and the size limits.
 
