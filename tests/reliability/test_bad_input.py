@@ -342,3 +342,16 @@ def test_family_json_that_is_not_a_small_regular_file_is_refused(tmp_path, capsy
         err = capsys.readouterr().err
         expected = "more than the" if kind == "huge" else "not a regular file"
         assert f"{config}: " in err and expected in err, err
+
+
+def test_every_config_loader_refuses_a_file_that_is_not_utf8_in_one_line(tmp_path):
+    from familial.commands.exits import load_exits_config
+    from familial.posttrain.grpo import load_config as load_grpo_config
+    from familial.train.config import load_config as load_train_config
+
+    latin = tmp_path / "config.toml"
+    latin.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    for load, what in ((load_train_config, "training"), (lambda p: load_exits_config(p, []), "exits"),
+                       (load_grpo_config, "GRPO")):
+        with pytest.raises(ConfigError, match=rf"not a UTF-8 text file \(byte 11\); expected a TOML {what} config"):
+            load(str(latin))

@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,7 +21,7 @@ import torch
 
 from familial.config import ConfigError, from_dict
 from familial.train.branches import BranchTrainConfig
-from familial.train.config import parse_overrides, set_dotted
+from familial.train.config import parse_overrides, read_toml, set_dotted
 
 
 @dataclass
@@ -66,13 +65,7 @@ class ExitsConfig:
 
 def load_exits_config(path: str, overrides: list[str]) -> ExitsConfig:
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{file}: config file not found")
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{file}: invalid TOML: {error}") from None
-    data = copy.deepcopy(data)
+    data = copy.deepcopy(read_toml(file, "a TOML exits config"))
     for key, value in parse_overrides(overrides):
         set_dotted(data, key, value, root=ExitsConfig)
     config = from_dict(ExitsConfig, data, str(file))

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from familial.posttrain.expand import freeze_except, trainable_parameter_pattern
 from familial.posttrain.logprobs import DEFAULT_CHUNK, token_logprobs
 from familial.posttrain.rewards import Reward, Rewards, RewardSpec, split_problems, sum_problems
 from familial.posttrain.rollout import RolloutEngine, SequenceBatch
+from familial.train.config import read_toml
 from familial.train.layout import compute_dtype, resolve_device
 
 Problem = tuple[str, str]
@@ -122,13 +122,7 @@ class GRPOConfig:
 
 
 def load_config(path: str | Path) -> GRPOConfig:
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: malformed TOML ({error})") from None
+    data = read_toml(path, "a TOML GRPO config")
     # Relative paths are relative to the working directory, as in `familial train` configs.
     return from_dict(GRPOConfig, data, str(path))
 

@@ -339,23 +339,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a TOML file (or a dict), apply `--key.sub value` overrides, type-check, validate."""
     where = "train config"
     if path is not None:
-        path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: invalid TOML: {error}") from None
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start}); expected a "
-                              f"TOML training config") from None
+        where, data = str(path), read_toml(path, "a TOML training config")
     data = copy.deepcopy(data or {})
     for key, value in parse_overrides(overrides or []):
         set_dotted(data, key, value)
     config = from_dict(TrainConfig, data, where)
     config.validate()
     return config
+
+
+def read_toml(path: str | Path, expected: str) -> dict[str, Any]:
+    """A config file's TOML table, or a one-line ConfigError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start}); expected "
+                          f"{expected}") from None
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
