@@ -147,6 +147,18 @@ class Http:
                 raise AssertionError(f"gave up waiting for {what}; last /health: {health}")
             time.sleep(0.05)
 
+    def server_up(self, url: str, process, seconds: float = 120.0) -> tuple[int, Any]:
+        """The first /health answer of a `familial serve` started as `process` (which must not
+        end first)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                return self.get(url, "/health")
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+
     def open_stream(self, url: str, path: str, body: dict):
         """Start a streaming request; returns (connection, response) with the body unread."""
         connection = self.connect(url)

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -40,15 +39,7 @@ def test_serve_command_answers_and_stops_on_interrupt(family_dir, http):
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                status, health = http.get(url, "/health")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
+        status, health = http.server_up(url, process)
         assert status == 200 and health["max_batch_size"] == 2 and health["max_queue"] == 4
         status, reply = http.post(url, "/v1/chat/completions", {
             "model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
@@ -140,15 +131,7 @@ def test_sigterm_ends_the_server_while_requests_and_a_hanging_template_run(famil
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                http.get(url, "/health")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
+        http.server_up(url, process)
         workers = children(process.pid)
         assert len(workers) == 4  # the engine process, two chat-template workers, a body worker
         spin = threading.Thread(target=lambda: _try(lambda: http.post(url, "/v1/chat/completions", {

@@ -191,15 +191,7 @@ def test_a_killed_engine_process_stops_the_server_with_status_3(family_dir, http
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                assert http.get(url, "/health")[0] == 200
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
+        assert http.server_up(url, process)[0] == 200
         os.kill(engine_child(process.pid), signal.SIGKILL)
         output, _ = process.communicate(timeout=120)
     finally:
