@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -35,6 +36,38 @@ def test_errors_are_reported_not_raised(tiny_hf, tmp_path, capsys):
     assert "exit 9 is outside the trunk" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "nowhere")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_every_command_in_the_table_is_one_function_with_its_help(capsys):
+    from familial.cli import COMMANDS, Command, resolve
+
+    for name, entry in COMMANDS.items():
+        if isinstance(entry, Command):
+            commands = {(name,): entry}
+        else:
+            commands = {(name, action): command for action, command in entry.actions.items()}
+            with pytest.raises(SystemExit) as done:
+                main([name, "--help"])
+            listed = " ".join(capsys.readouterr().out.split())
+            assert done.value.code == 0 and entry.help in listed
+            assert all(f"{action} {command.help}" in listed for action, command in entry.actions.items()), listed
+        for words, command in commands.items():
+            function = resolve(command)
+            assert callable(function) and callable(function.add_arguments), command.function
+            with pytest.raises(SystemExit) as done:
+                main([*words, "--help"])
+            out = capsys.readouterr().out
+            assert done.value.code == 0 and out.startswith(f"usage: familial {' '.join(words)} "), out
+            assert len(words) == 2 or command.help in " ".join(out.split()), out
+
+
+def test_info_does_not_import_the_trainer(family):
+    # `familial info` answers in a fraction of the time the trainer's imports take.
+    check = ("import sys; from familial.cli import main; code = main(['info', sys.argv[1]]); "
+             "sys.exit(code or 'familial.train.loop' in sys.modules or 'familial.commands.train' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check, str(family)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "family " in done.stdout
 
 
 def one_line(capsys) -> str:

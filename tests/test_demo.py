@@ -10,7 +10,7 @@ import pytest
 
 from familial.checkpoint_io import load_family
 from familial.cli import main
-from familial.demo import choose_threads
+from familial.commands.demo import choose_threads
 
 
 def test_demo_quick_trains_measures_its_evidence_runs_dae_and_names_the_family(tmp_path, capsys):
@@ -68,9 +68,9 @@ def test_demo_quick_trains_measures_its_evidence_runs_dae_and_names_the_family(t
 
 
 def test_demo_threads_leave_busy_cpus_alone(monkeypatch):
-    monkeypatch.setattr("familial.demo.pick_threads", lambda: (16, "16 core(s), other processes busy on 0.0"))
+    monkeypatch.setattr("familial.commands.demo.pick_threads", lambda: (16, "16 core(s), other processes busy on 0.0"))
     assert choose_threads(None)[0] == 8
-    monkeypatch.setattr("familial.demo.pick_threads", lambda: (1, "2 core(s), other processes busy on 1.3"))
+    monkeypatch.setattr("familial.commands.demo.pick_threads", lambda: (1, "2 core(s), other processes busy on 1.3"))
     assert choose_threads(None) == (1, "2 core(s), other processes busy on 1.3; --threads N to choose")
     monkeypatch.undo()
     threads, why = choose_threads(None)

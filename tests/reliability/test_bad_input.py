@@ -345,7 +345,7 @@ def test_family_json_that_is_not_a_small_regular_file_is_refused(tmp_path, capsy
 
 
 def test_every_config_loader_refuses_a_file_that_is_not_utf8_in_one_line(tmp_path):
-    from familial.commands.exits import load_exits_config
+    from familial.train.exits_config import load_exits_config
     from familial.posttrain.grpo import load_config as load_grpo_config
     from familial.train.config import load_config as load_train_config
 

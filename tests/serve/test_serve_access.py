@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from familial.infer.engine import Engine
-from familial.serve import cli
+from familial.commands.serve import serve as serve_command
 from familial.serve.guard import ClientPolicy
 
 KEY = "s3cret-key"
@@ -72,7 +72,7 @@ def test_health_and_the_page_stay_open_and_the_openai_client_works_with_the_key(
 def test_the_key_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("FAMILIAL_API_KEY", "from-env")
     parser = argparse.ArgumentParser()
-    cli.add_arguments("serve", parser)
+    serve_command.add_arguments(parser)
     assert parser.parse_args(["family"]).api_key == "from-env"
     assert parser.parse_args(["family", "--api-key", "given"]).api_key == "given"
 

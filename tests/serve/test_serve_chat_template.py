@@ -10,7 +10,7 @@ from familial.chat_template import ChatTemplate, ChatTemplateError
 from familial.config import ConfigError
 from familial.data.chat import render_chatml
 from familial.infer.engine import Engine
-from familial.serve.cli import _chat_template
+from familial.commands.serve import _chat_template
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 # A template that only takes user turns, in the style of checkpoints that forbid system prompts.

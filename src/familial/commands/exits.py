@@ -1,5 +1,6 @@
 """`familial exits cache | train | eval CONFIG.toml [--key.sub VALUE ...]`: exits for a frozen
-pretrained trunk (see examples/pretrained/smollm2_exits.toml).
+pretrained trunk (see examples/pretrained/smollm2_exits.toml; the config is
+`familial.train.exits_config.ExitsConfig`).
 
 `cache` runs the trunk once over the training tokens (and the held-out tokens, if given) and
 writes the exit cache; `train` trains only the branches from it and writes the family to
@@ -10,73 +11,18 @@ and `eval` print one JSON object as their last line.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from familial.config import ConfigError, from_dict
-from familial.train.branches import BranchTrainConfig
-from familial.train.config import parse_overrides, read_toml, set_dotted
+from familial.commands import arguments
+from familial.config import ConfigError
+from familial.train.exits_config import ExitsConfig, load_exits_config
 
 
-@dataclass
-class CacheConfig:
-    # token shards (`familial data prepare`) the branches train on, and the cache to write.
-    data: str
-    path: str
-    # held-out token shards for the before/after figures, cached at `<path>-held-out`.
-    held_out: str | None = None
-    seq_len: int = 256
-    # cap on the training targets cached (None: all of `data`), and on the held-out ones.
-    tokens: int | None = None
-    held_out_tokens: int | None = 16384
-    # the full member's most likely tokens kept per position as the teacher.
-    top_k: int = 32
-    # storage of the states entering the exits.
-    hidden_dtype: Literal["float16", "float32"] = "float16"
-    batch_size: int = 4
-
-
-@dataclass
-class ExitsConfig:
-    # the family whose branches train (import one with `familial import ... --exits ...`).
-    family: str
-    # where `train` writes the trained family.
-    output: str
-    cache: CacheConfig
-    train: BranchTrainConfig = field(default_factory=BranchTrainConfig)
-    # `train` measures the held-out figures before training too (`familial exits eval` gives
-    # them on their own, e.g. in a process beside the training).
-    evaluate_before: bool = True
-    # torch intra-op threads (default: picked for this machine).
-    threads: int | None = None
-    overwrite: bool = False
-
-    @property
-    def held_out_path(self) -> Path:
-        path = Path(self.cache.path)
-        return path.with_name(f"{path.name}-held-out")
-
-
-def load_exits_config(path: str, overrides: list[str]) -> ExitsConfig:
-    file = Path(path)
-    data = copy.deepcopy(read_toml(file, "a TOML exits config"))
-    for key, value in parse_overrides(overrides):
-        set_dotted(data, key, value, root=ExitsConfig)
-    config = from_dict(ExitsConfig, data, str(file))
-    config.train.validate(f"{file}: [train]")
-    return config
-
-
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["cache", "train", "eval"],
-                        help="cache: run the frozen trunk once; train: train the branches from the cache; "
-                             "eval: held-out figures per exit")
+def _exits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="TOML config (see examples/pretrained/smollm2_exits.toml)")
     parser.add_argument("options", nargs=argparse.REMAINDER, metavar="...",
                         help="config overrides --key.sub VALUE (e.g. --train.lr 3e-4 --cache.tokens 65536)")
@@ -90,6 +36,15 @@ def _set_threads(config: ExitsConfig) -> None:
     print(f"threads: {threads}", file=sys.stderr, flush=True)
 
 
+def _load(args: argparse.Namespace):
+    """-> (config, the family), with the threads set for this machine."""
+    from familial.checkpoint_io import load_family
+
+    config = load_exits_config(args.config, args.options)
+    _set_threads(config)
+    return config, load_family(config.family, dtype=torch.float32)
+
+
 def _progress(what: str):
     def report(done: int, total: int) -> None:
         if done == total or done % max(1, total // 20) < 4:
@@ -97,42 +52,48 @@ def _progress(what: str):
     return report
 
 
-def run(args: argparse.Namespace) -> int:
-    from familial.checkpoint_io import load_family, save_family
+@arguments(_exits_arguments)
+def cache(args: argparse.Namespace) -> int:
     from familial.data.shards import open_shards
-    from familial.train.branches import evaluate_exits, train_branches
-    from familial.train.exit_cache import ExitCache, write_exit_cache
+    from familial.train.exit_cache import write_exit_cache
 
-    config = load_exits_config(args.config, args.options)
-    _set_threads(config)
-    model = load_family(config.family, dtype=torch.float32)
+    config, model = _load(args)
     spec = config.cache
-    if args.action == "cache":
-        jobs = [(spec.data, spec.path, spec.tokens)]
-        if spec.held_out:
-            jobs.append((spec.held_out, config.held_out_path, spec.held_out_tokens))
-        for data, path, tokens in jobs:
-            written = write_exit_cache(model, open_shards(data), path, seq_len=spec.seq_len, max_tokens=tokens,
-                                       top_k=spec.top_k, hidden_dtype=spec.hidden_dtype,
-                                       batch_size=spec.batch_size, overwrite=config.overwrite,
-                                       progress=_progress(str(path)))
-            print(f"wrote {path}: {written.rows} rows of {written.seq_len} tokens, exits {written.exits}, "
-                  f"top-{written.top_k}")
-        return 0
-    exits = list(config.train.exits or ExitCache(spec.path).spec.exits)
+    jobs = [(spec.data, spec.path, spec.tokens)]
+    if spec.held_out:
+        jobs.append((spec.held_out, config.held_out_path, spec.held_out_tokens))
+    for data, path, tokens in jobs:
+        written = write_exit_cache(model, open_shards(data), path, seq_len=spec.seq_len, max_tokens=tokens,
+                                   top_k=spec.top_k, hidden_dtype=spec.hidden_dtype,
+                                   batch_size=spec.batch_size, overwrite=config.overwrite,
+                                   progress=_progress(str(path)))
+        print(f"wrote {path}: {written.rows} rows of {written.seq_len} tokens, exits {written.exits}, "
+              f"top-{written.top_k}")
+    return 0
+
+
+def _exits_and_held_out(config: ExitsConfig, model):
+    """-> (the exits to train or evaluate, the held-out cache checked against the family, or None)."""
+    from familial.train.exit_cache import ExitCache
+
+    exits = list(config.train.exits or ExitCache(config.cache.path).spec.exits)
     held_out = ExitCache(config.held_out_path) if config.held_out_path.is_dir() else None
     if held_out is not None:
         held_out.check_family(model, exits, config.family)
-    if args.action == "eval":
-        if held_out is None:
-            raise ConfigError(f"{config.held_out_path}: no held-out cache (set cache.held_out and run "
-                              f"`familial exits cache`)")
-        print(json.dumps(evaluate_exits(model, held_out, exits)))
-        return 0
-    cache = ExitCache(spec.path)
-    cache.check_family(model, exits, config.family)
-    from familial.staging import check_output_directory
+    return exits, held_out
 
+
+@arguments(_exits_arguments)
+def train(args: argparse.Namespace) -> int:
+    from familial.checkpoint_io import save_family
+    from familial.staging import check_output_directory
+    from familial.train.branches import evaluate_exits, train_branches
+    from familial.train.exit_cache import ExitCache
+
+    config, model = _load(args)
+    exits, held_out = _exits_and_held_out(config, model)
+    cache = ExitCache(config.cache.path)
+    cache.check_family(model, exits, config.family)
     check_output_directory(Path(config.output), config.overwrite)
     summary = {}
     if held_out is not None and config.evaluate_before:
@@ -143,4 +104,17 @@ def run(args: argparse.Namespace) -> int:
     save_family(model, config.output, tokenizer_source=config.family, overwrite=config.overwrite)
     print(f"wrote {config.output}")
     print(json.dumps(summary))
+    return 0
+
+
+@arguments(_exits_arguments)
+def evaluate(args: argparse.Namespace) -> int:
+    from familial.train.branches import evaluate_exits
+
+    config, model = _load(args)
+    exits, held_out = _exits_and_held_out(config, model)
+    if held_out is None:
+        raise ConfigError(f"{config.held_out_path}: no held-out cache (set cache.held_out and run "
+                          f"`familial exits cache`)")
+    print(json.dumps(evaluate_exits(model, held_out, exits)))
     return 0

@@ -12,19 +12,8 @@ import os
 
 import torch
 
+from familial.commands import arguments
 from familial.train.config import load_config
-
-
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    if command == "plot":
-        parser.add_argument("run_dir", help="a training run directory (holds metrics.jsonl)")
-        parser.add_argument("--output", help="PNG path (default RUN_DIR/loss.png)")
-        return
-    parser.add_argument("config", help="TOML training config")
-    parser.add_argument("options", nargs=argparse.REMAINDER, metavar="...",
-                        help="--resume [CHECKPOINT] (default: the run directory's newest checkpoint, of either "
-                             "kind), --threads N (torch CPU threads; default: picked for this machine), and "
-                             "config overrides --key.sub VALUE (e.g. --lr.lr 1e-3 --steps 200)")
 
 
 def split_options(items: list[str]) -> tuple[str | None, int | None, list[str]]:
@@ -58,12 +47,16 @@ def _threads(config, requested: int | None) -> str:
     return f"threads: {threads} ({why}; --threads N to override)"
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.command == "plot":
-        from familial.train.plot import plot_run
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="TOML training config")
+    parser.add_argument("options", nargs=argparse.REMAINDER, metavar="...",
+                        help="--resume [CHECKPOINT] (default: the run directory's newest checkpoint, of either "
+                             "kind), --threads N (torch CPU threads; default: picked for this machine), and "
+                             "config overrides --key.sub VALUE (e.g. --lr.lr 1e-3 --steps 200)")
 
-        print(f"wrote {plot_run(args.run_dir, args.output)}")
-        return 0
+
+@arguments(_train_arguments)
+def train(args: argparse.Namespace) -> int:
     from familial.train.loop import Trainer
 
     resume, threads, overrides = split_options(args.options)
@@ -82,4 +75,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"done: {state.step} steps ({state.skipped} skipped); the family (for `familial export`, "
               f"`load_family`) is at:", flush=True)
         print(family, flush=True)
+    return 0
+
+
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a training run directory (holds metrics.jsonl)")
+    parser.add_argument("--output", help="PNG path (default RUN_DIR/loss.png)")
+
+
+@arguments(_plot_arguments)
+def plot(args: argparse.Namespace) -> int:
+    from familial.train.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.output)}")
     return 0

@@ -17,7 +17,6 @@ give one document per record's "text" field.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -97,36 +96,3 @@ def corpus_texts(inputs: list[str], glob: str = "*.txt", text_field: str = "text
             raise ValueError(f"{chunk.where}: chat records (`messages`); fit the tokenizer to "
                              f"plain text or JSONL with a '{text_field}' field")
         yield from chunk_texts(chunk, text_field)
-
-
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    train = actions.add_parser("train", help="fit a byte-level BPE tokenizer to text files")
-    train.add_argument("inputs", nargs="+", metavar="INPUT", help="text or .jsonl files, or directories")
-    train.add_argument("--vocab-size", type=int, required=True, help="ids in all, special tokens included")
-    train.add_argument("--out", required=True, help="directory to write tokenizer.json and "
-                                                    "tokenizer_config.json into")
-    train.add_argument("--glob", default="*.txt",
-                       help="files to take from input directories (default: %(default)s; '*' takes every file)")
-    train.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    train.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a merged pair")
-    train.add_argument("--overwrite", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    check_settings(args.vocab_size, args.min_frequency)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: already exists and is not empty (choose another --out, or pass "
-                         f"--overwrite)")
-    texts = list(corpus_texts(args.inputs, args.glob, args.text_field))
-    if not any(text.strip() for text in texts):
-        raise ValueError(f"{', '.join(args.inputs)}: no text to train on (the inputs are empty)")
-    tokenizer = train_bpe(texts, args.vocab_size, args.min_frequency)
-    save_tokenizer(tokenizer, out, args.overwrite)
-    characters = sum(len(text) for text in texts)
-    tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
-    print(f"trained on {len(texts):,} documents ({characters:,} characters): "
-          f"{tokenizer.get_vocab_size():,} ids, {characters / max(tokens, 1):.2f} characters per token")
-    print(f"wrote {out / 'tokenizer.json'} and {out / 'tokenizer_config.json'}")
-    return 0

@@ -1,6 +1,7 @@
 """Evidence that a family learned: members against count baselines and each other, on held-out text.
 
-    familial compare FAMILY --train TRAIN_SHARDS --held-out HELD_OUT_SHARDS [--seq-len N]
+`familial compare FAMILY --train TRAIN_SHARDS --held-out HELD_OUT_SHARDS [--seq-len N]` prints it
+(`familial.commands.eval.compare`).
 
 `collect` gathers, per unit of held-out text, every member's summed cross-entropy (one trunk
 pass for all of them, `familial.eval.perplexity`), the same sums for the unigram and
@@ -17,14 +18,10 @@ for one model are hard for the other, and that shared part cancels.
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
-from familial.data.provenance import check_family_shards
 from familial.data.shards import TokenShards
 from familial.eval.ngram import Bigram, Unigram, stream
 from familial.eval.perplexity import HeldOut, evaluate_held_out, window_count
@@ -166,37 +163,3 @@ def format_report(report: dict, layers: dict[str, int] | None = None) -> str:
     drop = report["full_below_smallest"]
     lines.append(f"full member below the smallest: {drop['value']:.1%} [{drop['low']:.1%}, {drop['high']:.1%}]")
     return "\n".join(lines)
-
-
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("family", help="family checkpoint directory")
-    parser.add_argument("--train", required=True, help="token shards the family trained on "
-                                                        "(the baselines are fitted to them)")
-    parser.add_argument("--held-out", required=True, help="token shards never trained on")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window")
-    parser.add_argument("--max-tokens", type=int, help="evaluate only the first N held-out tokens")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--json", help="also write the report as JSON to this file")
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from familial.checkpoint_io import load_family
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    train, held_out = TokenShards(args.train), TokenShards(args.held_out)
-    check_family_shards(args.family, train, held_out)
-    model = load_family(args.family).eval()
-    sums = collect(model, train, held_out, args.seq_len, args.max_tokens)
-    names = [model.config.member_name(e) for e in model.config.exits]
-    layers = {name: model.config.member_layers(e) for name, e in zip(names, model.config.exits)}
-    report = family_report(sums, names, PairedBootstrap(sums.counts, args.resamples))
-    print(f"held-out: {report['tokens']:,} tokens; loss in nats per token; [95% intervals], paired "
-          f"bootstrap over {report['units']} {report['unit']}s")
-    print(format_report(report, layers))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 0

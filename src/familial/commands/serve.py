@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from familial.commands import arguments
 from familial.config import ConfigError, FamilyConfig
 from familial.data.provenance import family_tokenizer
 
@@ -20,7 +21,7 @@ from familial.data.provenance import family_tokenizer
 ENGINE_DIED = 3
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("family", help="family checkpoint directory (with tokenizer.json)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (loopback by default: only requests to localhost, "
@@ -53,7 +54,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                         help="seconds a client has to send a request's body")
 
 
-def run(args: argparse.Namespace) -> int:
+@arguments(_serve_arguments)
+def serve(args: argparse.Namespace) -> int:
     _require_serve_extras()
     from familial.serve.guard import ClientPolicy
 
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         policy = ClientPolicy(api_key=args.api_key, loopback_only=loopback, header_timeout=args.header_timeout,
                               body_timeout=args.body_timeout)
-        return _serve(args, family, sock, policy)
+        return _run_server(args, family, sock, policy)
     finally:
         sock.close()
 
@@ -121,7 +123,7 @@ def _check_device(device: str) -> None:
                           f"numbered from 0")
 
 
-def _serve(args: argparse.Namespace, family: Path, sock: socket.socket, policy) -> int:
+def _run_server(args: argparse.Namespace, family: Path, sock: socket.socket, policy) -> int:
     from familial.infer.process import EngineProcess
     from familial.serve.app import create_app
     from familial.serve.guard import uvicorn_server
