@@ -136,43 +136,62 @@ def rank_peak(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpo
     """
     bounds = boundaries or ([0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp))
     t, d, c = layout.tp, layout.dp_shard, compute_bytes
-    sharded = layout.dp > 1
     layer_matrices, layer_norms = layer_parameters(config)
     layer = layer_matrices / t + layer_norms
-    head = config.vocab_size * config.hidden_size / t
     per_pipeline_micro = tokens / (layout.microbatches or layout.pp) if layout.pp > 1 else tokens
     micro_batches = (layout.microbatches or layout.pp) * grad_accum if layout.pp > 1 else 1
-    per_token = activation_elements(config, checkpointing, t, layout.sequence_parallel) * c
-    if checkpointing == "none" and c < 4:
-        per_token = activation_bytes_bf16(config, checkpointing, t, layout.sequence_parallel)
+    per_token = _activation_bytes(config, layout, checkpointing, c)
     keeps_stage = layout.pp > 1 and not layout.pp_reshard
     out = []
     for index, (start, stop) in enumerate(pairwise(bounds)):
         matrices, norms = stage_parameters(config, start, stop)
         local = matrices / t + norms
         blocks, heads, _ = _stage_blocks(config, start, stop)
-        root = local - blocks * layer
         terms = {"params": 4 * local / d, "optimizer": 8 * local / d, "grads": 4 * local / d}
-        if start == 0 and t > 1 and not sharded:
+        if start == 0 and t > 1 and layout.dp == 1:
             terms["grads"] += 4 * config.vocab_size * config.hidden_size * (1 - 1 / t)
-        terms["gathered_root"] = c * root if sharded else 0.0
-        terms["gathered_layers"] = c * layer * (blocks if keeps_stage else min(2, blocks)) if sharded else 0.0
-        terms["head_grads"] = c * heads * head if sharded else 0.0
-        terms["root_reduce"] = (c + 4) * root if sharded else 0.0
-        terms["retained"] = 4 * (root if layout.pp > 1 else layer) if sharded else 0.0
-        in_flight = min(layout.pp - index, micro_batches)
+        terms.update(_fsdp_terms(config, layout, c, root=local - blocks * layer, layer=layer, blocks=blocks,
+                                 heads=heads))
         terms["activations"] = per_pipeline_micro * blocks * per_token
-        terms["in_flight"] = in_flight
+        terms["in_flight"] = min(layout.pp - index, micro_batches)
         terms["optimizer_temp"] = 4 * local / d if device == "cuda" else 0.0
-        others = (in_flight - 1) * terms["activations"]
-        backward = terms["grads"] + terms["gathered_root"] + terms["gathered_layers"] + terms["head_grads"] + \
-            terms["retained"] + in_flight * terms["activations"]
-        kept = terms["gathered_root"] + terms["gathered_layers"] if keeps_stage else 0.0
-        reduce = terms["grads"] + terms["root_reduce"] + kept + others
-        update = terms["grads"] + terms["optimizer_temp"]
-        terms["total"] = terms["params"] + terms["optimizer"] + max(backward, reduce, update)
+        terms["total"] = terms["params"] + terms["optimizer"] + _busiest_moment(terms, keeps_stage)
         out.append(terms)
     return out
+
+
+def _activation_bytes(config: FamilyConfig, layout: ParallelConfig, checkpointing: str, compute_bytes: int) -> float:
+    """Bytes autograd keeps per token per block (bf16 without checkpointing keeps float32 norm inputs)."""
+    if checkpointing == "none" and compute_bytes < 4:
+        return activation_bytes_bf16(config, checkpointing, layout.tp, layout.sequence_parallel)
+    return activation_elements(config, checkpointing, layout.tp, layout.sequence_parallel) * compute_bytes
+
+
+def _fsdp_terms(config: FamilyConfig, layout: ParallelConfig, c: int, root: float, layer: float, blocks: int,
+                heads: int) -> dict[str, float]:
+    """The terms only FSDP adds (`rank_peak`'s docstring), all 0 without data parallelism."""
+    names = ("gathered_root", "gathered_layers", "head_grads", "root_reduce", "retained")
+    if layout.dp == 1:
+        return dict.fromkeys(names, 0.0)
+    keeps_stage = layout.pp > 1 and not layout.pp_reshard
+    head = config.vocab_size * config.hidden_size / layout.tp
+    return {"gathered_root": c * root,
+            "gathered_layers": c * layer * (blocks if keeps_stage else min(2, blocks)),
+            "head_grads": c * heads * head,
+            "root_reduce": (c + 4) * root,
+            "retained": 4 * (root if layout.pp > 1 else layer)}
+
+
+def _busiest_moment(terms: dict[str, float], keeps_stage: bool) -> float:
+    """The largest of backward, the root's reduce-scatter and the optimizer update, beyond the
+    parameters and optimizer states (`rank_peak`'s docstring)."""
+    in_flight = terms["in_flight"]
+    backward = terms["grads"] + terms["gathered_root"] + terms["gathered_layers"] + terms["head_grads"] + \
+        terms["retained"] + in_flight * terms["activations"]
+    kept = terms["gathered_root"] + terms["gathered_layers"] if keeps_stage else 0.0
+    reduce = terms["grads"] + terms["root_reduce"] + kept + (in_flight - 1) * terms["activations"]
+    update = terms["grads"] + terms["optimizer_temp"]
+    return max(backward, reduce, update)
 
 
 H100_GB = 80.0
