@@ -188,9 +188,9 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 @dataclass
 class ParallelConfig:
-    """The layout: ranks per mesh dimension, outermost first; their product is the world size.
+    """Ranks per mesh dimension, outermost first; their product is the world size.
 
-    One process is the 1 x 1 x 1 x 1 layout. `dp_shard = -1` takes the ranks the other
+    One process is the 1 x 1 x 1 x 1 mesh. `dp_shard = -1` takes the ranks the other
     dimensions leave, so a plain `torchrun --nproc-per-node N` run is FSDP over N ranks.
     """
 
@@ -231,7 +231,7 @@ class ParallelConfig:
         if world_size == 1:
             for key, ranks in self.dims().items():
                 checks.require(ranks in (1, -1), _parallel_name(where, key), ranks,
-                               "one process runs the 1 x 1 x 1 x 1 layout: launch with torchrun "
+                               "one process runs the 1 x 1 x 1 x 1 mesh: launch with torchrun "
                                "--nproc-per-node N (N = pp x dp_replicate x dp_shard x tp) for more",
                                error=ConfigError)
         fixed = self.dp_replicate * self.tp * self.pp
@@ -241,7 +241,7 @@ class ParallelConfig:
                 raise ConfigError(f"world size {world_size} is not divisible by dp_replicate*tp*pp = {fixed}")
             dp_shard = world_size // fixed
         if dp_shard * fixed != world_size:
-            raise ConfigError(f"parallel layout pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard="
+            raise ConfigError(f"parallel config pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard="
                               f"{dp_shard} x tp={self.tp} needs {dp_shard * fixed} ranks, but the world size "
                               f"is {world_size}")
         return dataclasses.replace(self, dp_shard=dp_shard)
