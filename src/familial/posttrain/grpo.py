@@ -66,6 +66,16 @@ class TaskConfig:
     # fraction of problems kept out of training, for the accuracy figures.
     held_out: float = 0.2
 
+    def __post_init__(self) -> None:
+        def name(key: str) -> str:
+            return checks.field("grpo config", f"task.{key}")
+
+        checks.one_of(name("kind"), self.kind, ("sums", "jsonl"), "'sums' or 'jsonl'", error=ConfigError)
+        checks.require(self.kind != "jsonl" or self.path is not None, name("path"), self.path,
+                       "task.kind = 'jsonl' needs task.path", error=ConfigError)
+        checks.non_negative_int(name("max_operand"), self.max_operand, error=ConfigError)
+        checks.in_range(name("held_out"), self.held_out, 0, 1, open_high=True, error=ConfigError)
+
 
 @dataclass
 class GRPOConfig:
@@ -432,10 +442,6 @@ def _as_list(value) -> list[int]:
 def load_problems(task: TaskConfig) -> list[Problem]:
     if task.kind == "sums":
         return sum_problems(task.max_operand, task.template)
-    if task.kind != "jsonl":
-        raise ConfigError(f"grpo config: task.kind = {task.kind!r}: expected 'sums' or 'jsonl'")
-    if task.path is None:
-        raise ConfigError("grpo config: task.kind = 'jsonl' needs task.path")
     problems = []
     path = Path(task.path)
     if not path.is_file():
