@@ -183,8 +183,7 @@ def estimate(parallel: dict, accumulation: int, stage: int) -> dict:
     from familial.parallel.memory import rank_peak
     from familial.train.config import ParallelConfig
 
-    layout = ParallelConfig(**parallel).resolve(4)
-    return rank_peak(FamilyConfig(**FAMILY), layout, ROWS * SEQ, "none", accumulation, compute_bytes=4,
+    return rank_peak(FamilyConfig(**FAMILY), ParallelConfig(**parallel).resolve(4), ROWS * SEQ, "none", accumulation, compute_bytes=4,
                      device="cpu")[stage]
 
 

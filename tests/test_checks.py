@@ -36,3 +36,27 @@ def test_one_of_names_the_choices_unless_told_otherwise():
         checks.one_of("init", "zero", ("random", "clone"))
     with pytest.raises(ValueError, match=r"^init = 'zero': expected 'random' or 'clone'$"):
         checks.one_of("init", "zero", ("random", "clone"), "'random' or 'clone'")
+
+
+def test_ranges_say_which_bounds_are_open():
+    assert checks.in_range("epsilon", 0.5, 0, 1, open_low=True, open_high=True) == 0.5
+    with pytest.raises(ValueError, match=r"^epsilon = 1: expected a number in \(0, 1\)$"):
+        checks.in_range("epsilon", 1, 0, 1, open_low=True, open_high=True)
+    with pytest.raises(ValueError, match=r"^held_out = -0.1: expected a number in \[0, 1\]$"):
+        checks.in_range("held_out", -0.1, 0, 1)
+
+
+@pytest.mark.parametrize("check, value, expected", [
+    (checks.non_negative_int, -1, "0 or more"), (checks.non_negative_int, False, "0 or more"),
+    (checks.integers, [], "a non-empty list of integers"), (checks.integers, [1, True], "a non-empty list"),
+    (checks.boolean, 1, "true or false"), (checks.boolean, "yes", "true or false")])
+def test_counts_lists_and_switches_refuse_lookalikes(check, value, expected):
+    with pytest.raises(ValueError, match=rf"^x = .*: expected {expected}"):
+        check("x", value)
+
+
+def test_a_rule_between_fields_names_the_field_in_the_same_style():
+    with pytest.raises(ConfigError, match=r"^f.json: field 'heads' = 3: must divide hidden_size \(64\)$"):
+        checks.require(64 % 3 == 0, checks.field("f.json", "heads"), 3, "must divide hidden_size (64)",
+                       error=ConfigError)
+    checks.require(True, "unused", None, "never raised")

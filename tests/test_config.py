@@ -93,3 +93,23 @@ def test_typed_loader_checks_nested_fields():
 def test_an_alias_may_name_its_own_exit_id():
     config = FamilyConfig.from_dict({**BASE, "member_names": {"exit-3": 3, "phone": 1}})
     assert config.resolve_member("exit-3") == 3 and config.resolve_member("phone") == 1
+
+
+@dataclass
+class Schedule:
+    kind: str = "constant"
+    value: float = 1.0
+
+
+@dataclass
+class Weights:
+    weights: dict[str, float | Schedule] = field(default_factory=dict)
+
+
+def test_a_table_for_a_union_names_its_own_bad_field():
+    loaded = from_dict(Weights, {"weights": {"a": 0.5, "b": {"value": 2}}}, "run.toml")
+    assert loaded.weights == {"a": 0.5, "b": Schedule(value=2.0)}
+    with pytest.raises(ConfigError, match=r"^run.toml.weights\['b'\]: unknown field\(s\) valu;"):
+        from_dict(Weights, {"weights": {"b": {"valu": 2}}}, "run.toml")
+    with pytest.raises(ConfigError, match=r"field 'weights'\['b'\] = 'x': expected float or Schedule"):
+        from_dict(Weights, {"weights": {"b": "x"}}, "run.toml")

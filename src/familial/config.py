@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import stat
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from familial import checks
 
 FAMILY_CONFIG_NAME = "family.json"
 # family.json's key listing the sha256 of each tensor file; it describes the files, not the
@@ -81,80 +83,89 @@ class FamilyConfig:
     def __post_init__(self) -> None:
         if self.head_dim is None:
             heads = self.num_attention_heads
-            if isinstance(heads, int) and heads > 0 and self.hidden_size % heads:
-                raise ConfigError(f"family config: field 'num_attention_heads' = {heads}: must "
-                                  f"divide hidden_size ({self.hidden_size}) when head_dim is not set")
-            self.head_dim = self.hidden_size // heads if isinstance(heads, int) and heads > 0 else 0
+            counted = checks.is_integer(heads) and heads > 0
+            checks.require(not counted or self.hidden_size % heads == 0,
+                           checks.field("family config", "num_attention_heads"), heads,
+                           f"must divide hidden_size ({self.hidden_size}) when head_dim is not set",
+                           error=ConfigError)
+            self.head_dim = self.hidden_size // heads if counted else 0
         self.validate()
 
     def validate(self, where: str = "family config") -> None:
-        def bad(name: str, message: str) -> ConfigError:
-            return ConfigError(f"{where}: field '{name}' = {getattr(self, name)!r}: {message}")
+        """Each rule raises a ConfigError naming `where`, the field and its value."""
+        self._check_dimensions(where)
+        self._check_exits(where)
+        self._check_branches(where)
+        self._check_rope_scaling(where)
 
+    def _require(self, where: str, name: str, ok: bool, why: str) -> None:
+        checks.require(ok, checks.field(where, name), getattr(self, name), why, error=ConfigError)
+
+    def _check_dimensions(self, where: str) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim",
                      "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise bad(name, "expected a positive integer")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise bad("num_key_value_heads",
+            checks.positive_int(checks.field(where, name), getattr(self, name), error=ConfigError)
+        self._require(where, "num_key_value_heads", self.num_attention_heads % self.num_key_value_heads == 0,
                       f"must divide num_attention_heads ({self.num_attention_heads})")
-        if self.head_dim % 2:
-            raise bad("head_dim", "must be even for rotary embeddings")
-        if not self.rms_norm_eps > 0:
-            raise bad("rms_norm_eps", "expected a positive number")
-        if not self.rope_theta > 0:
-            raise bad("rope_theta", "expected a positive number")
-        if not self.initializer_range >= 0:
-            raise bad("initializer_range", "expected a number >= 0")
-        if self.torch_dtype not in ("float32", "bfloat16", "float16"):
-            raise bad("torch_dtype", "expected float32, bfloat16 or float16")
-        exits = self.exits
-        if not isinstance(exits, list) or not exits or not all(
-                isinstance(e, int) and not isinstance(e, bool) for e in exits):
-            raise bad("exits", "expected a non-empty list of layer indices")
-        if len(set(exits)) != len(exits):
-            raise bad("exits", "has duplicate exits")
-        if exits != sorted(exits):
-            raise bad("exits", "must be sorted in increasing order")
+        self._require(where, "head_dim", self.head_dim % 2 == 0, "must be even for rotary embeddings")
+        checks.positive_number(checks.field(where, "rms_norm_eps"), self.rms_norm_eps, error=ConfigError)
+        checks.positive_number(checks.field(where, "rope_theta"), self.rope_theta, error=ConfigError)
+        checks.finite_number(checks.field(where, "initializer_range"), self.initializer_range,
+                             "a number >= 0", minimum=0, error=ConfigError)
+        checks.one_of(checks.field(where, "torch_dtype"), self.torch_dtype, ("float32", "bfloat16", "float16"),
+                      "float32, bfloat16 or float16", error=ConfigError)
+        self._require(where, "mlp_bias", not (self.mlp_bias and self.qk_norm),
+                      "MLP biases are a Llama option: set qk_norm to false (Qwen3 has none)")
+
+    def _check_exits(self, where: str) -> None:
+        exits, last = self.exits, self.num_hidden_layers - 1
+        checks.integers(checks.field(where, "exits"), exits, "a non-empty list of layer indices",
+                        error=ConfigError)
+        self._require(where, "exits", len(set(exits)) == len(exits), "has duplicate exits")
+        self._require(where, "exits", exits == sorted(exits), "must be sorted in increasing order")
         for e in exits:
-            if not 0 <= e < self.num_hidden_layers:
-                raise bad("exits", f"exit {e} is outside the trunk's layers 0..{self.num_hidden_layers - 1}")
-        if exits[-1] != self.num_hidden_layers - 1:
-            raise bad("exits", f"the last exit must be the last layer ({self.num_hidden_layers - 1})")
-        if isinstance(self.branch_layers, list):
-            if len(self.branch_layers) != len(exits) - 1:
-                raise bad("branch_layers", f"expected one count per non-final exit ({len(exits) - 1})")
+            self._require(where, "exits", 0 <= e <= last, f"exit {e} is outside the trunk's layers 0..{last}")
+        self._require(where, "exits", exits[-1] == last, f"the last exit must be the last layer ({last})")
+
+    def _check_branches(self, where: str) -> None:
+        """Branch depths, member aliases and low-rank modules, each named per entry."""
         depths = self.branch_layers if isinstance(self.branch_layers, list) else [self.branch_layers]
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in depths):
-            raise bad("branch_layers", "expected integers >= 1")
+        if isinstance(self.branch_layers, list):
+            self._require(where, "branch_layers", len(depths) == len(self.exits) - 1,
+                          f"expected one count per non-final exit ({len(self.exits) - 1})")
+        self._require(where, "branch_layers", all(checks.is_integer(n) and n >= 1 for n in depths),
+                      "expected integers >= 1")
         for alias, e in self.member_names.items():
-            if e not in exits:
-                raise bad("member_names", f"alias '{alias}' points to {e}, which is not an exit {exits}")
-            _check_alias(alias, e, bad)
+            self._require(where, "member_names", e in self.exits,
+                          f"alias '{alias}' points to {e}, which is not an exit {self.exits}")
+            _check_alias(alias, e, lambda ok, why: self._require(where, "member_names", ok, why))
         for name, rank in self.low_rank.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise bad("low_rank", f"rank of '{name}' must be a positive integer")
-        if self.mlp_bias and self.qk_norm:
-            raise bad("mlp_bias", "MLP biases are a Llama option: set qk_norm to false (Qwen3 has none)")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("default", "linear", "yarn", "llama3"):
-                raise bad("rope_scaling", "supported rope_type values are default, linear, yarn and llama3")
-            # The model divides and takes logarithms of these: they must be positive numbers.
-            llama3 = kind == "llama3"
-            numbers = {"factor": kind != "default", "original_max_position_embeddings": False,
-                       "beta_fast": False, "beta_slow": False, "attention_factor": False,
-                       "low_freq_factor": llama3, "high_freq_factor": llama3}
-            for key, required in numbers.items():
-                value = self.rope_scaling.get(key)
-                if (value is not None or required) and not (_finite_number(value) and 0 < value < 2**63):
-                    raise bad("rope_scaling", f"'{key}' must be a positive number"
-                                              f"{' (required by ' + kind + ' scaling)' if required else ''}")
-            if llama3 and not self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"]:
-                raise bad("rope_scaling", "'high_freq_factor' must exceed 'low_freq_factor' (llama3 "
-                                          "scaling interpolates between them)")
+            self._require(where, "low_rank", checks.is_integer(rank) and rank >= 1,
+                          f"rank of '{name}' must be a positive integer")
+
+    def _check_rope_scaling(self, where: str) -> None:
+        if self.rope_scaling is None:
+            return
+        kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+        self._require(where, "rope_scaling", kind in ("default", "linear", "yarn", "llama3"),
+                      "supported rope_type values are default, linear, yarn and llama3")
+        # The model divides and takes logarithms of these: they must be positive numbers.
+        llama3 = kind == "llama3"
+        numbers = {"factor": kind != "default", "original_max_position_embeddings": False,
+                   "beta_fast": False, "beta_slow": False, "attention_factor": False,
+                   "low_freq_factor": llama3, "high_freq_factor": llama3}
+        for key, required in numbers.items():
+            value = self.rope_scaling.get(key)
+            self._require(where, "rope_scaling", (value is None and not required)
+                          or (checks.is_number(value) and 0 < value < 2**63),
+                          f"'{key}' must be a positive number"
+                          f"{' (required by ' + kind + ' scaling)' if required else ''}")
+        if llama3:
+            self._require(where, "rope_scaling",
+                          self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"],
+                          "'high_freq_factor' must exceed 'low_freq_factor' (llama3 scaling "
+                          "interpolates between them)")
 
     @property
     def architecture(self) -> str:
@@ -191,7 +202,7 @@ class FamilyConfig:
                 text = text[len("exit-"):]
             if text.lstrip("-").isdecimal():
                 key = int(text)
-        if isinstance(key, int) and not isinstance(key, bool):
+        if checks.is_integer(key):
             if key == -1:
                 return self.exits[-1]
             if key in self.exits:
@@ -257,18 +268,16 @@ def _family_json(directory: str | Path) -> Path:
     return path
 
 
-def _check_alias(alias: str, exit_layer: int, bad) -> None:
+def _check_alias(alias: str, exit_layer: int, require: Callable[[bool, str], None]) -> None:
     """An alias names one member unambiguously: never another member's number or `exit-E` id,
     and safe as a directory name (export --all writes OUT/<alias>)."""
-    if not isinstance(alias, str) or not ALIAS.fullmatch(alias):
-        raise bad("member_names", f"alias {alias!r} must be letters, digits and . _ + - "
-                                  f"(it names a directory on export)")
+    require(isinstance(alias, str) and ALIAS.fullmatch(alias) is not None,
+            f"alias {alias!r} must be letters, digits and . _ + - (it names a directory on export)")
     number = alias[len("exit-"):] if alias.startswith("exit-") else alias
-    if number.lstrip("-").isdecimal() and (alias == number or int(number) != exit_layer):
-        raise bad("member_names", f"alias '{alias}' for exit {exit_layer} would be read as the "
-                                  f"member id '{alias}' (choose a name that is not a number or exit-N)")
-    if alias == "auto":
-        raise bad("member_names", "alias 'auto' is reserved (adaptive exit)")
+    require(not (number.lstrip("-").isdecimal() and (alias == number or int(number) != exit_layer)),
+            f"alias '{alias}' for exit {exit_layer} would be read as the member id '{alias}' "
+            f"(choose a name that is not a number or exit-N)")
+    require(alias != "auto", "alias 'auto' is reserved (adaptive exit)")
 
 
 def read_json(path: str | Path) -> Any:
@@ -327,70 +336,83 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """`value` as type `hint`, or a ConfigError naming `where` (the file and field) and the value."""
     origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
     if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, where)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(f"{where} = {value!r}: expected {_describe(hint)}")
+        return _coerce_union(hint, value, where)
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where.replace(": field '", ".").rstrip("'"))
+        return from_dict(hint, value, _nested(where))
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} = {value!r}: expected a list")
-        item = args[0] if args else Any
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return _coerce_list(hint, value, where)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} = {value!r}: expected a table/object")
-        key_type, item_type = args if args else (Any, Any)
-        out = {}
-        for k, v in value.items():
-            if key_type is int and isinstance(k, str) and k.lstrip("-").isdigit():
-                k = int(k)
-            out[k] = _coerce(item_type, v, f"{where}[{k!r}]")
-        return out
+        return _coerce_dict(hint, value, where)
+    return _coerce_scalar(hint, value, where)
+
+
+def _coerce_union(hint: Any, value: Any, where: str) -> Any:
+    """The first option `value` converts to. A table meant for a dataclass option fails with
+    that dataclass's own error, which names the nested field; otherwise every option is named."""
+    options = [option for option in typing.get_args(hint) if option is not type(None)]
+    if value is None and len(options) < len(typing.get_args(hint)):
+        return None
+    if isinstance(value, dict):
+        tables = [option for option in options if dataclasses.is_dataclass(option)]
+        if len(tables) == 1:
+            return _coerce(tables[0], value, where)
+    for option in options:
+        try:
+            return _coerce(option, value, where)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{where} = {value!r}: expected {_describe(hint)}")
+
+
+def _nested(where: str) -> str:
+    """Where a nested table's fields are: "f.toml: field 'loss'" -> "f.toml.loss"."""
+    head, marker, tail = where.partition(": field '")
+    if not marker:
+        return where
+    name, _, rest = tail.partition("'")
+    return f"{head}.{name}{rest}"
+
+
+def _coerce_list(hint: Any, value: Any, where: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} = {value!r}: expected a list")
+    args = typing.get_args(hint)
+    item = args[0] if args else Any
+    return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_dict(hint: Any, value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} = {value!r}: expected a table/object")
+    key_type, item_type = typing.get_args(hint) or (Any, Any)
+    out = {}
+    for k, v in value.items():
+        # JSON and TOML keys are strings: an int-keyed table reads "3" as 3.
+        if key_type is int and isinstance(k, str) and k.lstrip("-").isdigit():
+            k = int(k)
+        out[k] = _coerce(item_type, v, f"{where}[{k!r}]")
+    return out
+
+
+def _coerce_scalar(hint: Any, value: Any, where: str) -> Any:
     if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} = {value!r}: expected true or false")
+        return checks.boolean(where, value, error=ConfigError)
     if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} = {value!r}: expected an integer")
+        return checks.integer(where, value, error=ConfigError)
     if hint is float:
-        if _finite_number(value):
-            return float(value)
-        raise ConfigError(f"{where} = {value!r}: expected a finite number")
+        return float(checks.finite_number(where, value, "a finite number", error=ConfigError))
     if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where} = {value!r}: expected a string")
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r}: expected a string")
+        return value
     if typing.get_origin(hint) is typing.Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{where} = {value!r}: expected one of {', '.join(map(repr, args))}")
+        return checks.one_of(where, value, typing.get_args(hint), error=ConfigError)
     return value
-
-
-def _finite_number(value: Any) -> bool:
-    """An int or float that converts to a finite float (10**400 does not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
 
 
 def _describe(hint: Any) -> str:

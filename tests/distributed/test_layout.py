@@ -81,6 +81,10 @@ def test_parallel_layout_fills_and_checks_the_world():
         ParallelConfig(dp_shard=3, tp=2, pp=2).resolve(8)
     with pytest.raises(ConfigError, match="parallel.tp = 0"):
         ParallelConfig(tp=0).resolve(8)
+    with pytest.raises(ConfigError, match="parallel.pp = 2: one process runs the 1 x 1 x 1 x 1 mesh: launch with torchrun"):
+        ParallelConfig(pp=2).resolve(1)
+    with pytest.raises(ConfigError, match=r"c.toml: field 'parallel.dp_shard' = 0: expected an integer >= 1, or -1"):
+        ParallelConfig(dp_shard=0).resolve(2, "c.toml")
 
 
 def test_schedule_names_are_checked_and_zero_bubble_is_refused():

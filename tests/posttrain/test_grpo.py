@@ -247,3 +247,14 @@ def test_prompts_per_step_must_split_evenly_over_processes():
     config = GRPOConfig(family="", output="", member=0, prompts_per_step=4, device="cpu")
     with pytest.raises(ConfigError, match="prompts_per_step = 4 is not a multiple of the 3 processes"):
         GRPOTrainer(model, char_tokenizer(), arithmetic_reward, sum_problems(4), config, parallel)
+
+
+@pytest.mark.parametrize("task, message", [
+    ('kind = "lines"', r"field 'task.kind' = 'lines': expected 'sums' or 'jsonl'"),
+    ('kind = "jsonl"', r"field 'task.path' = None: task.kind = 'jsonl' needs task.path"),
+    ("held_out = 1.0", r"field 'task.held_out' = 1.0: expected a number in \[0, 1\)"),
+    ("max_operand = -1", r"field 'task.max_operand' = -1: expected 0 or more")])
+def test_a_bad_task_table_is_named_before_anything_runs(tmp_path, task, message):
+    (tmp_path / "grpo.toml").write_text(f'family = "f"\noutput = "o"\nmember = 0\n[task]\n{task}\n')
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "grpo.toml")

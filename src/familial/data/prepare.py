@@ -130,22 +130,40 @@ def prepare(args: argparse.Namespace) -> int:
     eos = token_id(tokenizer, eos_name, args.tokenizer) if eos_name else None
     files = expand_inputs(args.inputs, args.glob)
     inputs = readers.plan(files, args.format)
-    formats = {item.format for item in inputs}
+    spec = _encode_spec(args, {item.format for item in inputs}, tokenizer, tokenizer_json, eos)
+    total = sum(item.size for item in inputs)
+    lo, hi = shard_range(shard, total)
+    out = SplitWriter(Path(args.out), args.held_out, vocab_size=vocab_size(tokenizer),
+                      tokenizer=str(Path(args.tokenizer).resolve()), eos_token_id=eos,
+                      sources=[str(file) for file in files], overwrite=args.overwrite,
+                      tokenizer_sha256=hashlib.sha256(tokenizer_json).hexdigest(), shard=shard)
+    written, blank = _write_all(args, spec, inputs, out, shard, (lo, hi), total)
+    for name, shards in written:
+        report(name, shards)
+    if blank:
+        print(f"left out {blank:,} blank documents")
+    return 0
+
+
+def _encode_spec(args: argparse.Namespace, formats: set[str], tokenizer: Any, tokenizer_json: bytes,
+                 eos: int | None) -> EncodeSpec:
+    """What each worker needs to encode a chunk, once the options that depend on the inputs'
+    formats (a text separator, a chat template) are checked."""
     if args.separator is not None and (not args.separator or "text" not in formats):
         raise ValueError(f"--separator {args.separator!r} splits text files, and "
                          f"{'it is empty' if not args.separator else 'no input is text'}")
     template, special = _chat_template(args) if "chat" in formats else (None, {})
     if "chat" in formats:
         token_id(tokenizer, args.end_of_turn if template else chat.END_OF_TURN, args.tokenizer)
-    vocab = vocab_size(tokenizer)
-    spec = EncodeSpec(tokenizer_json, eos, args.text_field, dtype_for_vocab(vocab), template,
+    return EncodeSpec(tokenizer_json, eos, args.text_field, dtype_for_vocab(vocab_size(tokenizer)), template,
                       args.end_of_turn, special)
-    total = sum(item.size for item in inputs)
-    lo, hi = shard_range(shard, total)
-    out = SplitWriter(Path(args.out), args.held_out, vocab_size=vocab,
-                      tokenizer=str(Path(args.tokenizer).resolve()), eos_token_id=eos,
-                      sources=[str(file) for file in files], overwrite=args.overwrite,
-                      tokenizer_sha256=hashlib.sha256(tokenizer_json).hexdigest(), shard=shard)
+
+
+def _write_all(args: argparse.Namespace, spec: EncodeSpec, inputs: list, out: SplitWriter,
+               shard: tuple[int, int] | None, span: tuple[int, float], total: int) -> tuple[list, int]:
+    """Encode the positions `span` of the inputs into `out` and commit it: (what was written,
+    blank documents left out). On any failure nothing is left behind."""
+    lo, hi = span
     blank = 0
     progress = Progress(int(min(hi, total) - lo), enabled=args.progress)
     try:
@@ -156,22 +174,21 @@ def prepare(args: argparse.Namespace) -> int:
             blank += encoded.blank
             progress.update(chunk.end - lo, encoded.tokens.size)
         if out.count == 0:
-            part = f" in shard {shard[0]}/{shard[1]}" if shard else ""
-            named = " ".join(args.inputs[:3]) + (f" (+{len(args.inputs) - 3} more)"
-                                                 if len(args.inputs) > 3 else "")
-            raise ValueError(f"{named}: no documents{part} (the inputs are empty or blank"
-                             f"{'; use fewer shards' if shard else ''})")
+            raise ValueError(_no_documents(args.inputs, shard))
         written = out.commit()
     except BaseException:
         out.discard()
         raise
     finally:
         progress.close()
-    for name, shards in written:
-        report(name, shards)
-    if blank:
-        print(f"left out {blank:,} blank documents")
-    return 0
+    return written, blank
+
+
+def _no_documents(inputs: list[str], shard: tuple[int, int] | None) -> str:
+    part = f" in shard {shard[0]}/{shard[1]}" if shard else ""
+    named = " ".join(inputs[:3]) + (f" (+{len(inputs) - 3} more)" if len(inputs) > 3 else "")
+    return (f"{named}: no documents{part} (the inputs are empty or blank"
+            f"{'; use fewer shards' if shard else ''})")
 
 
 def report(name: str, shards: TokenShards) -> None:

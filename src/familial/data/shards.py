@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from familial import checks
 from familial.staging import naming, remove_stale, staging_path
 
 FORMAT = "familial-tokens-v1"
@@ -71,9 +72,7 @@ class ShardWriter:
                  overwrite: bool = False, tokenizer_sha256: str | None = None,
                  shard: tuple[int, int] | None = None) -> None:
         self.target = Path(path)
-        if not isinstance(vocab_size, int) or vocab_size <= 0:
-            raise ShardError(f"{self.target}: vocab_size must be a positive integer, got "
-                             f"{vocab_size!r}")
+        checks.positive_int(f"{self.target}: vocab_size", vocab_size, error=ShardError)
         _check_target(self.target, overwrite)
         self.vocab_size, self.tokenizer, self.eos_token_id = vocab_size, tokenizer, eos_token_id
         self.sources, self.shard = list(sources or []), shard
@@ -351,7 +350,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise ShardError(f"{file}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     for key in ("vocab_size", "num_tokens", "num_documents"):
         value = manifest.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not checks.is_integer(value) or value < 0:
             raise ShardError(f"{file}: '{key}' must be a non-negative integer, got {value!r}")
     if manifest["vocab_size"] == 0:
         raise ShardError(f"{file}: 'vocab_size' must be positive")
@@ -364,7 +363,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest.get("has_loss_mask"), bool):
         raise ShardError(f"{file}: 'has_loss_mask' must be true or false")
     eos = manifest.get("eos_token_id")
-    if eos is not None and (not isinstance(eos, int) or not 0 <= eos < manifest["vocab_size"]):
+    if eos is not None and (not checks.is_integer(eos) or not 0 <= eos < manifest["vocab_size"]):
         raise ShardError(f"{file}: 'eos_token_id' must be null or an id below vocab_size, "
                          f"got {eos!r}")
     if manifest["num_tokens"] == 0 or manifest["num_documents"] == 0:

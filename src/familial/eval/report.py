@@ -162,47 +162,55 @@ def pareto_figure(rows: list[dict], baselines: list[dict]):
     gaps = [r for r in rows[:-1] if r.get("loss_gap_to_full_ci")]
     panels = 3 if gaps else 2
     figure, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 4.4), squeeze=False)
-    for axis, key, label in ((axes[0][0], "parameters", "parameters (log scale)"),
-                             (axes[0][1], "flops_per_token", "FLOPs per token (log scale)")):
-        family = [(r[key], r["loss"], r["name"]) for r in rows]
-        axis.plot([p[0] for p in family], [p[1] for p in family], "o-", label="family members")
-        for x, y, name in family:
-            axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        others = [(b[key], b["loss"], b["name"]) for b in baselines if key in b]
-        if others:
-            axis.plot([p[0] for p in others], [p[1] for p in others], "s", label="separately trained")
-            for x, y, name in others:
-                axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
-        points = family + others
-        front = [points[i] for i in pareto_front([(p[0], p[1]) for p in points])]
-        axis.step([p[0] for p in front], [p[1] for p in front], "--", where="post", color="gray",
-                  alpha=0.7, label="Pareto front")
-        axis.set_xscale("log")
-        _count_ticks(axis, [p[0] for p in family], [p[0] for p in others])
-        axis.margins(x=0.15, y=0.1)
-        axis.set_xlabel(label)
-        axis.set_ylabel("held-out loss (nats/token)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+    _cost_panel(axes[0][0], rows, baselines, "parameters", "parameters (log scale)")
+    _cost_panel(axes[0][1], rows, baselines, "flops_per_token", "FLOPs per token (log scale)")
     if gaps:
-        axis, full = axes[0][2], rows[-1]["name"]
-        values = [r["loss_gap_to_full"] for r in gaps]
-        low = [v - r["loss_gap_to_full_ci"][0] for v, r in zip(values, gaps)]
-        high = [r["loss_gap_to_full_ci"][1] - v for v, r in zip(values, gaps)]
-        places = list(range(len(gaps)))
-        axis.errorbar(values, places, xerr=[low, high], fmt="o", capsize=4)
-        for value, place in zip(values, places):
-            axis.annotate(f"{value:+.3f}", (value, place), textcoords="offset points",
-                          xytext=(0, 7), ha="center", fontsize=8)
-        axis.axvline(0, color="gray", linewidth=1)
-        axis.set_yticks(places, [r["name"] for r in gaps])
-        axis.set_ylim(len(gaps) - 0.5, -0.5)  # shallowest on top
-        axis.set_xlabel(f"loss - {full}'s loss (nats/token)")
-        axis.set_title(f"paired difference to {full}, 95% CI", fontsize=10)
-        axis.grid(alpha=0.3, axis="x")
+        _gap_panel(axes[0][2], gaps, rows[-1]["name"])
     figure.suptitle("quality vs cost (lower-left is better)")
     figure.tight_layout()
     return figure
+
+
+def _cost_panel(axis, rows: list[dict], baselines: list[dict], key: str, label: str) -> None:
+    """Loss against one cost: the members, the baselines that give that cost, and the Pareto front."""
+    family = [(r[key], r["loss"], r["name"]) for r in rows]
+    axis.plot([p[0] for p in family], [p[1] for p in family], "o-", label="family members")
+    for x, y, name in family:
+        axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    others = [(b[key], b["loss"], b["name"]) for b in baselines if key in b]
+    if others:
+        axis.plot([p[0] for p in others], [p[1] for p in others], "s", label="separately trained")
+        for x, y, name in others:
+            axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    points = family + others
+    front = [points[i] for i in pareto_front([(p[0], p[1]) for p in points])]
+    axis.step([p[0] for p in front], [p[1] for p in front], "--", where="post", color="gray",
+              alpha=0.7, label="Pareto front")
+    axis.set_xscale("log")
+    _count_ticks(axis, [p[0] for p in family], [p[0] for p in others])
+    axis.margins(x=0.15, y=0.1)
+    axis.set_xlabel(label)
+    axis.set_ylabel("held-out loss (nats/token)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+
+
+def _gap_panel(axis, gaps: list[dict], full: str) -> None:
+    """Each member's paired loss difference to the full member, with its 95% interval."""
+    values = [r["loss_gap_to_full"] for r in gaps]
+    low = [v - r["loss_gap_to_full_ci"][0] for v, r in zip(values, gaps)]
+    high = [r["loss_gap_to_full_ci"][1] - v for v, r in zip(values, gaps)]
+    places = list(range(len(gaps)))
+    axis.errorbar(values, places, xerr=[low, high], fmt="o", capsize=4)
+    for value, place in zip(values, places):
+        axis.annotate(f"{value:+.3f}", (value, place), textcoords="offset points",
+                      xytext=(0, 7), ha="center", fontsize=8)
+    axis.axvline(0, color="gray", linewidth=1)
+    axis.set_yticks(places, [r["name"] for r in gaps])
+    axis.set_ylim(len(gaps) - 0.5, -0.5)  # shallowest on top
+    axis.set_xlabel(f"loss - {full}'s loss (nats/token)")
+    axis.set_title(f"paired difference to {full}, 95% CI", fontsize=10)
+    axis.grid(alpha=0.3, axis="x")
 
 
 def plot_training(records: list[dict], title: str, file: Path) -> bool:

@@ -95,7 +95,7 @@ class ParallelLayout:
         self.checkpointer = dcp.DistributedCheckpointer(Path(train.run_dir), config, train.checkpoint.async_save)
         self._schedule, self._schedule_key = None, None
         if self.is_main:
-            print(f"parallel layout pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} on "
+            print(f"parallel config pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} on "
                   f"{p.world_size} ranks; stages {self.boundaries}; {self.device.type}, {str(dtype)[6:]} compute",
                   flush=True)
 
@@ -153,8 +153,10 @@ class ParallelLayout:
                 optimizer.state[parameter] = state
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        layout = self.parallel.dims()
-        return self.checkpointer.save(self.parts, self.optimizers, step, dict(state, step=step, layout=layout),
+        # The checkpoint's "layout" key holds the mesh's ranks per dimension (read by the trainer
+        # to keep the global batch on resume); older checkpoints have it under that name.
+        return self.checkpointer.save(self.parts, self.optimizers, step,
+                                      dict(state, step=step, layout=self.parallel.dims()),
                                       self.train.checkpoint.keep)
 
     def poll(self) -> None:
@@ -320,11 +322,11 @@ def check_shared_run_dir(run_dir: Path) -> None:
                           f"all ranks)")
 
 
-def check_distillation(train: TrainConfig, config: FamilyConfig, layout: ParallelConfig) -> None:
+def check_distillation(train: TrainConfig, config: FamilyConfig, parallel: ParallelConfig) -> None:
     """A distilled exit needs the deepest exit's logits: with a pipeline, only the last stage has them."""
-    if layout.pp == 1:
+    if parallel.pp == 1:
         return
-    bounds = layout.stage_boundaries or split_layers(config, layout.pp * stages_per_rank(layout.pp_schedule))
+    bounds = parallel.stage_boundaries or split_layers(config, parallel.pp * stages_per_rank(parallel.pp_schedule))
     for stage in train.resolved_stages():
         for key in stage.loss.distill:
             exit_layer = config.resolve_member(key)

@@ -1,4 +1,4 @@
-"""Memory per GPU of a layout, as the code allocates it: model states and activations.
+"""Memory per GPU of a parallel config, as the code allocates it: model states and activations.
 
 The arithmetic in docs/parallel.md comes from these functions; tests check them against
 what the trainer actually holds at small scale (states: every local parameter, gradient
@@ -58,17 +58,17 @@ def stage_parameters(config: FamilyConfig, start: int, stop: int) -> tuple[int, 
     return total_matrices, total_norms
 
 
-def state_bytes(config: FamilyConfig, layout: ParallelConfig, boundaries: list[int] | None = None) -> list[int]:
+def state_bytes(config: FamilyConfig, parallel: ParallelConfig, boundaries: list[int] | None = None) -> list[int]:
     """Model-state bytes per rank of each pipeline stage (weights, gradients, AdamW moments)."""
-    bounds = boundaries or ([0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp))
+    bounds = boundaries or ([0, config.num_hidden_layers] if parallel.pp == 1 else split_layers(config, parallel.pp))
     out = []
     for start, stop in pairwise(bounds):
         matrices, norms = stage_parameters(config, start, stop)
-        total = STATE_BYTES * (matrices / layout.tp + norms) / layout.dp_shard
-        if start == 0 and layout.tp > 1 and layout.dp_shard == 1:
+        total = STATE_BYTES * (matrices / parallel.tp + norms) / parallel.dp_shard
+        if start == 0 and parallel.tp > 1 and parallel.dp_shard == 1:
             # DTensor's embedding backward returns the gradient replicated: each tp rank holds
             # the whole float32 embedding gradient, not its vocabulary slice (FSDP re-shards it).
-            total += 4 * config.vocab_size * config.hidden_size * (1 - 1 / layout.tp)
+            total += 4 * config.vocab_size * config.hidden_size * (1 - 1 / parallel.tp)
         out.append(total)
     return out
 
@@ -103,7 +103,7 @@ def _stage_blocks(config: FamilyConfig, start: int, stop: int) -> tuple[int, int
     return blocks, heads, int(start == 0)
 
 
-def rank_peak(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpointing: str, grad_accum: int = 1,
+def rank_peak(config: FamilyConfig, parallel: ParallelConfig, tokens: int, checkpointing: str, grad_accum: int = 1,
               compute_bytes: int = 2, device: str = "cuda", chunk: int = 1024,
               boundaries: list[int] | None = None) -> list[dict[str, float]]:
     """Every term one rank of each pipeline stage holds at its peak, in bytes, and their total.
@@ -134,45 +134,64 @@ def rank_peak(config: FamilyConfig, layout: ParallelConfig, tokens: int, checkpo
     Gradient accumulation adds nothing: every micro-batch is reduce-scattered into the float32
     shard. Without FSDP, heads' gradients are the grads term itself.
     """
-    bounds = boundaries or ([0, config.num_hidden_layers] if layout.pp == 1 else split_layers(config, layout.pp))
-    t, d, c = layout.tp, layout.dp_shard, compute_bytes
-    sharded = layout.dp > 1
+    bounds = boundaries or ([0, config.num_hidden_layers] if parallel.pp == 1 else split_layers(config, parallel.pp))
+    t, d, c = parallel.tp, parallel.dp_shard, compute_bytes
     layer_matrices, layer_norms = layer_parameters(config)
     layer = layer_matrices / t + layer_norms
-    head = config.vocab_size * config.hidden_size / t
-    per_pipeline_micro = tokens / (layout.microbatches or layout.pp) if layout.pp > 1 else tokens
-    micro_batches = (layout.microbatches or layout.pp) * grad_accum if layout.pp > 1 else 1
-    per_token = activation_elements(config, checkpointing, t, layout.sequence_parallel) * c
-    if checkpointing == "none" and c < 4:
-        per_token = activation_bytes_bf16(config, checkpointing, t, layout.sequence_parallel)
-    keeps_stage = layout.pp > 1 and not layout.pp_reshard
+    per_pipeline_micro = tokens / (parallel.microbatches or parallel.pp) if parallel.pp > 1 else tokens
+    micro_batches = (parallel.microbatches or parallel.pp) * grad_accum if parallel.pp > 1 else 1
+    per_token = _activation_bytes(config, parallel, checkpointing, c)
+    keeps_stage = parallel.pp > 1 and not parallel.pp_reshard
     out = []
     for index, (start, stop) in enumerate(pairwise(bounds)):
         matrices, norms = stage_parameters(config, start, stop)
         local = matrices / t + norms
         blocks, heads, _ = _stage_blocks(config, start, stop)
-        root = local - blocks * layer
         terms = {"params": 4 * local / d, "optimizer": 8 * local / d, "grads": 4 * local / d}
-        if start == 0 and t > 1 and not sharded:
+        if start == 0 and t > 1 and parallel.dp == 1:
             terms["grads"] += 4 * config.vocab_size * config.hidden_size * (1 - 1 / t)
-        terms["gathered_root"] = c * root if sharded else 0.0
-        terms["gathered_layers"] = c * layer * (blocks if keeps_stage else min(2, blocks)) if sharded else 0.0
-        terms["head_grads"] = c * heads * head if sharded else 0.0
-        terms["root_reduce"] = (c + 4) * root if sharded else 0.0
-        terms["retained"] = 4 * (root if layout.pp > 1 else layer) if sharded else 0.0
-        in_flight = min(layout.pp - index, micro_batches)
+        terms.update(_fsdp_terms(config, parallel, c, root=local - blocks * layer, layer=layer, blocks=blocks,
+                                 heads=heads))
         terms["activations"] = per_pipeline_micro * blocks * per_token
-        terms["in_flight"] = in_flight
+        terms["in_flight"] = min(parallel.pp - index, micro_batches)
         terms["optimizer_temp"] = 4 * local / d if device == "cuda" else 0.0
-        others = (in_flight - 1) * terms["activations"]
-        backward = terms["grads"] + terms["gathered_root"] + terms["gathered_layers"] + terms["head_grads"] + \
-            terms["retained"] + in_flight * terms["activations"]
-        kept = terms["gathered_root"] + terms["gathered_layers"] if keeps_stage else 0.0
-        reduce = terms["grads"] + terms["root_reduce"] + kept + others
-        update = terms["grads"] + terms["optimizer_temp"]
-        terms["total"] = terms["params"] + terms["optimizer"] + max(backward, reduce, update)
+        terms["total"] = terms["params"] + terms["optimizer"] + _busiest_moment(terms, keeps_stage)
         out.append(terms)
     return out
+
+
+def _activation_bytes(config: FamilyConfig, parallel: ParallelConfig, checkpointing: str, compute_bytes: int) -> float:
+    """Bytes autograd keeps per token per block (bf16 without checkpointing keeps float32 norm inputs)."""
+    if checkpointing == "none" and compute_bytes < 4:
+        return activation_bytes_bf16(config, checkpointing, parallel.tp, parallel.sequence_parallel)
+    return activation_elements(config, checkpointing, parallel.tp, parallel.sequence_parallel) * compute_bytes
+
+
+def _fsdp_terms(config: FamilyConfig, parallel: ParallelConfig, c: int, root: float, layer: float, blocks: int,
+                heads: int) -> dict[str, float]:
+    """The terms only FSDP adds (`rank_peak`'s docstring), all 0 without data parallelism."""
+    names = ("gathered_root", "gathered_layers", "head_grads", "root_reduce", "retained")
+    if parallel.dp == 1:
+        return dict.fromkeys(names, 0.0)
+    keeps_stage = parallel.pp > 1 and not parallel.pp_reshard
+    head = config.vocab_size * config.hidden_size / parallel.tp
+    return {"gathered_root": c * root,
+            "gathered_layers": c * layer * (blocks if keeps_stage else min(2, blocks)),
+            "head_grads": c * heads * head,
+            "root_reduce": (c + 4) * root,
+            "retained": 4 * (root if parallel.pp > 1 else layer)}
+
+
+def _busiest_moment(terms: dict[str, float], keeps_stage: bool) -> float:
+    """The largest of backward, the root's reduce-scatter and the optimizer update, beyond the
+    parameters and optimizer states (`rank_peak`'s docstring)."""
+    in_flight = terms["in_flight"]
+    backward = terms["grads"] + terms["gathered_root"] + terms["gathered_layers"] + terms["head_grads"] + \
+        terms["retained"] + in_flight * terms["activations"]
+    kept = terms["gathered_root"] + terms["gathered_layers"] if keeps_stage else 0.0
+    reduce = terms["grads"] + terms["root_reduce"] + kept + (in_flight - 1) * terms["activations"]
+    update = terms["grads"] + terms["optimizer_temp"]
+    return max(backward, reduce, update)
 
 
 H100_GB = 80.0
@@ -184,7 +203,7 @@ def family_14b() -> FamilyConfig:
                         num_attention_heads=40, num_key_value_heads=8, head_dim=128, exits=[2, 21, 39])
 
 
-def layouts_14b() -> list[tuple[str, ParallelConfig]]:
+def parallel_configs_14b() -> list[tuple[str, ParallelConfig]]:
     return [("dp_shard 8", ParallelConfig(dp_shard=8)),
             ("tp 2 x dp_shard 4", ParallelConfig(tp=2, dp_shard=4)),
             ("tp 2 (sp) x dp_shard 4", ParallelConfig(tp=2, dp_shard=4, sequence_parallel=True)),
@@ -202,16 +221,16 @@ def main() -> None:
     """The 14B family per H100 (docs/parallel.md's table): one 4096-token sequence per
     micro-batch (per pipeline micro-batch under pp, microbatches = pp), bf16 over float32."""
     config, seq = family_14b(), 4096
-    print("layout | GPUs | AC | busiest stage | params+optimizer+grads | gathered root / layers | head grads | "
+    print("mesh | GPUs | AC | busiest stage | params+optimizer+grads | gathered root / layers | head grads | "
           "root reduce | activations (x in flight) | total GB | fits 80 GB")
-    for name, layout in layouts_14b():
+    for name, parallel in parallel_configs_14b():
         for mode in ("selective", "full"):
-            tokens = seq * (layout.microbatches or layout.pp) if layout.pp > 1 else seq
-            stages = rank_peak(config, layout, tokens, mode, compute_bytes=2, device="cuda")
+            tokens = seq * (parallel.microbatches or parallel.pp) if parallel.pp > 1 else seq
+            stages = rank_peak(config, parallel, tokens, mode, compute_bytes=2, device="cuda")
             index = max(range(len(stages)), key=lambda i: stages[i]["total"])
             t = {k: v / 1e9 for k, v in stages[index].items() if k != "in_flight"}
             fits = "yes" if t["total"] <= FITS_GB else "no"
-            print(f"{name} | {layout.world_size} | {mode} | {index} | "
+            print(f"{name} | {parallel.world_size} | {mode} | {index} | "
                   f"{t['params'] + t['optimizer'] + t['grads']:.1f} | {t['gathered_root']:.1f} / "
                   f"{t['gathered_layers']:.1f} | {t['head_grads']:.1f} | {t['root_reduce']:.1f} | "
                   f"{t['activations']:.1f} (x{stages[index]['in_flight']}) | {t['total']:.1f} | {fits}")

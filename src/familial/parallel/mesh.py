@@ -1,7 +1,7 @@
-"""The DeviceMesh of a parallel layout, and joining the process group torchrun describes.
+"""The DeviceMesh of a parallel config, and joining the process group torchrun describes.
 
 Mesh dimensions, outermost first: pipeline, data-parallel replicate, data-parallel shard,
-tensor (the layout is `familial.train.config.ParallelConfig`, the one parallel-config
+tensor (ranks per dimension: `familial.train.config.ParallelConfig`, the one parallel-config
 type). Tensor-parallel ranks are innermost so their frequent collectives stay on one node
 (consecutive ranks); pipeline stages are outermost because they exchange the least.
 """
@@ -31,22 +31,22 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-def build_mesh(layout: ParallelConfig, device_type: str = "cpu") -> DeviceMesh:
-    """The mesh of `layout.dims()`, by name; size-1 dims are kept so names always resolve."""
+def build_mesh(parallel: ParallelConfig, device_type: str = "cpu") -> DeviceMesh:
+    """The mesh of `parallel.dims()`, by name; size-1 dims are kept so names always resolve."""
     if not dist.is_initialized():
         raise RuntimeError("build_mesh needs torch.distributed initialised (launch with torchrun)")
-    if layout.world_size != dist.get_world_size():
-        raise ConfigError(f"parallel layout {layout.dims()} needs {layout.world_size} ranks,"
+    if parallel.world_size != dist.get_world_size():
+        raise ConfigError(f"parallel config {parallel.dims()} needs {parallel.world_size} ranks,"
                           f" but the world size is {dist.get_world_size()}")
-    dims = layout.dims()
+    dims = parallel.dims()
     return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
 
 
-def dp_mesh(mesh: DeviceMesh, layout: ParallelConfig) -> DeviceMesh:
+def dp_mesh(mesh: DeviceMesh, parallel: ParallelConfig) -> DeviceMesh:
     """The data-parallel mesh FSDP shards over: 1-D (shard), or 2-D (replicate, shard) for HSDP."""
-    return mesh["dp_replicate", "dp_shard"] if layout.dp_replicate_enabled else mesh["dp_shard"]
+    return mesh["dp_replicate", "dp_shard"] if parallel.dp_replicate_enabled else mesh["dp_shard"]
 
 
-def dp_rank(mesh: DeviceMesh, layout: ParallelConfig) -> int:
+def dp_rank(mesh: DeviceMesh, parallel: ParallelConfig) -> int:
     """This rank's index among the data-parallel ranks (which slice of the global batch it reads)."""
-    return mesh["dp_replicate"].get_local_rank() * layout.dp_shard + mesh["dp_shard"].get_local_rank()
+    return mesh["dp_replicate"].get_local_rank() * parallel.dp_shard + mesh["dp_shard"].get_local_rank()

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
+from familial import checks
 from familial.config import ConfigError, FamilyConfig, from_dict
 from familial.model import FamilyModel, embed_inputs
 from familial.posttrain.expand import freeze_except, trainable_parameter_patterns
@@ -64,6 +65,16 @@ class TaskConfig:
     template: str = "{a}+{b}="
     # fraction of problems kept out of training, for the accuracy figures.
     held_out: float = 0.2
+
+    def __post_init__(self) -> None:
+        def name(key: str) -> str:
+            return checks.field("grpo config", f"task.{key}")
+
+        checks.one_of(name("kind"), self.kind, ("sums", "jsonl"), "'sums' or 'jsonl'", error=ConfigError)
+        checks.require(self.kind != "jsonl" or self.path is not None, name("path"), self.path,
+                       "task.kind = 'jsonl' needs task.path", error=ConfigError)
+        checks.non_negative_int(name("max_operand"), self.max_operand, error=ConfigError)
+        checks.in_range(name("held_out"), self.held_out, 0, 1, open_high=True, error=ConfigError)
 
 
 @dataclass
@@ -107,18 +118,25 @@ class GRPOConfig:
     chunk_size: int = DEFAULT_CHUNK
 
     def __post_init__(self) -> None:
-        checks = {"steps": self.steps >= 1, "prompts_per_step": self.prompts_per_step >= 1,
-                  "group_size": self.group_size >= 2, "max_new_tokens": self.max_new_tokens >= 1,
-                  "temperature": self.temperature > 0, "learning_rate": self.learning_rate > 0,
-                  "epsilon": 0 < self.epsilon < 1, "beta": self.beta >= 0,
-                  "updates_per_batch": self.updates_per_batch >= 1,
-                  "eval_every": self.eval_every >= 0, "chunk_size": self.chunk_size >= 1,
-                  "precision": self.precision in ("auto", "bf16", "fp32")}
-        for name, ok in checks.items():
+        count, number = checks.is_integer, checks.is_number
+        rules = {
+            "steps": (count(self.steps) and self.steps >= 1, "an integer >= 1"),
+            "prompts_per_step": (count(self.prompts_per_step) and self.prompts_per_step >= 1, "an integer >= 1"),
+            "group_size": (count(self.group_size) and self.group_size >= 2,
+                           "an integer >= 2, so that advantages have a spread"),
+            "max_new_tokens": (count(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1"),
+            "temperature": (number(self.temperature) and self.temperature > 0, "a number > 0, since GRPO samples"),
+            "learning_rate": (number(self.learning_rate) and self.learning_rate > 0, "a number > 0"),
+            "epsilon": (number(self.epsilon) and 0 < self.epsilon < 1, "a number in (0, 1)"),
+            "beta": (number(self.beta) and self.beta >= 0, "a number >= 0"),
+            "updates_per_batch": (count(self.updates_per_batch) and self.updates_per_batch >= 1, "an integer >= 1"),
+            "eval_every": (count(self.eval_every) and self.eval_every >= 0, "an integer >= 0"),
+            "chunk_size": (count(self.chunk_size) and self.chunk_size >= 1, "an integer >= 1"),
+            "precision": (self.precision in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")}
+        for name, (ok, expected) in rules.items():
             if not ok:
-                raise ConfigError(f"grpo config: field '{name}' = {getattr(self, name)!r} is out of "
-                                  f"range (group_size >= 2 so advantages have a spread; "
-                                  f"temperature > 0 since GRPO samples; precision auto, bf16 or fp32)")
+                raise ConfigError(f"grpo config: field '{name}' = {getattr(self, name)!r} is out of range: "
+                                  f"expected {expected}")
 
 
 def load_config(path: str | Path) -> GRPOConfig:
@@ -424,10 +442,6 @@ def _as_list(value) -> list[int]:
 def load_problems(task: TaskConfig) -> list[Problem]:
     if task.kind == "sums":
         return sum_problems(task.max_operand, task.template)
-    if task.kind != "jsonl":
-        raise ConfigError(f"grpo config: task.kind = {task.kind!r}: expected 'sums' or 'jsonl'")
-    if task.path is None:
-        raise ConfigError("grpo config: task.kind = 'jsonl' needs task.path")
     problems = []
     path = Path(task.path)
     if not path.is_file():

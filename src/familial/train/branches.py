@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from familial import checks
 from familial.config import ConfigError
 from familial.model import FamilyModel
 from familial.train.exit_cache import ExitCache
@@ -61,19 +62,18 @@ class BranchTrainConfig:
     seed: int = 0
 
     def validate(self, where: str = "exits train") -> None:
-        def bad(name: str, message: str) -> ConfigError:
-            return ConfigError(f"{where}: field '{name}' = {getattr(self, name)!r}: {message}")
+        def name(key: str) -> str:
+            return checks.field(where, key)
 
-        if not self.epochs > 0:
-            raise bad("epochs", "expected a positive number")
-        if self.batch_size < 1:
-            raise bad("batch_size", "expected a positive integer")
-        if not 0 <= self.min_lr <= self.lr:
-            raise bad("min_lr", f"expected between 0 and lr ({self.lr})")
-        if self.warmup_steps < 0:
-            raise bad("warmup_steps", "expected 0 or more")
-        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
-            raise bad("ce_weight", f"kl_weight ({self.kl_weight}) and ce_weight must be >= 0, not both 0")
+        checks.positive_number(name("epochs"), self.epochs, error=ConfigError)
+        checks.positive_int(name("batch_size"), self.batch_size, error=ConfigError)
+        checks.finite_number(name("min_lr"), self.min_lr, f"between 0 and lr ({self.lr})", minimum=0,
+                             maximum=self.lr, error=ConfigError)
+        checks.non_negative_int(name("warmup_steps"), self.warmup_steps, error=ConfigError)
+        for key in ("kl_weight", "ce_weight"):
+            checks.finite_number(name(key), getattr(self, key), "a number >= 0", minimum=0, error=ConfigError)
+        checks.require(self.kl_weight + self.ce_weight > 0, name("ce_weight"), self.ce_weight,
+                       f"kl_weight ({self.kl_weight}) and ce_weight must not both be 0", error=ConfigError)
 
 
 def topk_kl(log_q: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor) -> torch.Tensor:

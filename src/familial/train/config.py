@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import tomllib
 
+from familial import checks
 from familial.config import ConfigError, FamilyConfig, from_dict
 
 
@@ -45,6 +46,9 @@ class LossConfig:
     # tokens per head chunk: bounds the (chunk, vocab) logits held at any time.
     chunk_size: int = 1024
 
+    def validate(self, where: str, prefix: str = "") -> None:
+        checks.positive_int(checks.field(where, f"{prefix}loss.chunk_size"), self.chunk_size, error=ConfigError)
+
 
 @dataclass
 class LRConfig:
@@ -56,6 +60,15 @@ class LRConfig:
     # wsd: share of the stage's steps spent decaying, and the decay's shape.
     decay_fraction: float = 0.2
     decay_shape: Literal["cosine", "linear"] = "linear"
+
+    def validate(self, where: str, prefix: str = "") -> None:
+        def name(key: str) -> str:
+            return checks.field(where, f"{prefix}lr.{key}")
+
+        checks.finite_number(name("min_lr"), self.min_lr, f"between 0 and lr ({self.lr})", minimum=0,
+                             maximum=self.lr, error=ConfigError)
+        checks.non_negative_int(name("warmup_steps"), self.warmup_steps, error=ConfigError)
+        checks.probability(name("decay_fraction"), self.decay_fraction, error=ConfigError)
 
 
 @dataclass
@@ -88,6 +101,17 @@ class DataConfig:
     batch_size: int = 8
     grad_accum: int = 1
 
+    def validate(self, where: str, prefix: str = "") -> None:
+        def name(key: str) -> str:
+            return checks.field(where, f"{prefix}data.{key}")
+
+        checks.require(bool(self.sources), name("sources"), self.sources,
+                       "expected at least one token shards directory", error=ConfigError)
+        for j, source in enumerate(self.sources):
+            checks.positive_number(name(f"sources[{j}].weight"), source.weight, error=ConfigError)
+        for key in ("seq_len", "batch_size", "grad_accum"):
+            checks.positive_int(name(key), getattr(self, key), error=ConfigError)
+
 
 @dataclass
 class StageConfig:
@@ -99,6 +123,16 @@ class StageConfig:
     loss: LossConfig | None = None
     # parameter-name patterns (fnmatch, or "re:" + regex) kept frozen in this stage.
     freeze: list[str] | None = None
+
+    def validate(self, where: str, prefix: str = "") -> None:
+        """A resolved stage (`TrainConfig.resolved_stages`): every inherited table is filled in."""
+        checks.positive_int(checks.field(where, f"{prefix}steps"), self.steps, "a positive number of steps",
+                            error=ConfigError)
+        checks.require(self.data is not None, checks.field(where, f"{prefix}data"), None,
+                       "no data: give a [data] table", error=ConfigError)
+        self.data.validate(where, prefix)
+        self.lr.validate(where, prefix)
+        self.loss.validate(where, prefix)
 
 
 @dataclass
@@ -115,6 +149,13 @@ class InitConfig:
     # tokenizer files copied into every saved family checkpoint (so exports are usable).
     tokenizer: str | None = None
 
+    def validate(self, where: str) -> None:
+        sources = [n for n in ("family", "hf", "model") if getattr(self, n) is not None]
+        checks.require(len(sources) == 1, checks.field(where, "init"), sources,
+                       "set exactly one of init.family, init.hf, init.model", error=ConfigError)
+        checks.require(self.hf is None or bool(self.exits), checks.field(where, "init.exits"), self.exits,
+                       "importing a dense checkpoint needs exits", error=ConfigError)
+
 
 @dataclass
 class CheckpointConfig:
@@ -126,12 +167,19 @@ class CheckpointConfig:
     # (a save is published only once complete; one process always saves synchronously).
     async_save: bool = False
 
+    def validate(self, where: str) -> None:
+        checks.non_negative_int(checks.field(where, "checkpoint.every"), self.every, error=ConfigError)
+        checks.positive_int(checks.field(where, "checkpoint.keep"), self.keep, error=ConfigError)
+
 
 @dataclass
 class LogConfig:
     every: int = 1
     tensorboard: bool = True
     progress: bool = True
+
+    def validate(self, where: str) -> None:
+        checks.positive_int(checks.field(where, "log.every"), self.every, error=ConfigError)
 
 
 # Mesh dimensions, outermost first: pipeline stages exchange least, tensor-parallel ranks most.
@@ -140,9 +188,9 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 @dataclass
 class ParallelConfig:
-    """The layout: ranks per mesh dimension, outermost first; their product is the world size.
+    """Ranks per mesh dimension, outermost first; their product is the world size.
 
-    One process is the 1 x 1 x 1 x 1 layout. `dp_shard = -1` takes the ranks the other
+    One process is the 1 x 1 x 1 x 1 mesh. `dp_shard = -1` takes the ranks the other
     dimensions leave, so a plain `torchrun --nproc-per-node N` run is FSDP over N ranks.
     """
 
@@ -162,22 +210,38 @@ class ParallelConfig:
     # keeping the stage gathered for the whole step (one all-gather per layer per step).
     pp_reshard: bool = False
 
-    def resolve(self, world_size: int) -> ParallelConfig:
+    def validate(self, where: str | None = None) -> None:
+        """Each field on its own; `where` (a file, "train config") prefixes the field's name."""
+        def name(key: str) -> str:
+            return _parallel_name(where, key)
+
+        for key in ("dp_replicate", "tp", "pp"):
+            checks.integer(name(key), getattr(self, key), "an integer >= 1", minimum=1, error=ConfigError)
+        checks.require(checks.is_integer(self.dp_shard) and (self.dp_shard >= 1 or self.dp_shard == -1),
+                       name("dp_shard"), self.dp_shard, "expected an integer >= 1, or -1 for the ranks left over",
+                       error=ConfigError)
+        if self.microbatches is not None:
+            checks.positive_int(name("microbatches"), self.microbatches, error=ConfigError)
+        checks.require(not self.sequence_parallel or self.tp > 1, name("sequence_parallel"),
+                       self.sequence_parallel, "needs tp > 1", error=ConfigError)
+
+    def resolve(self, world_size: int, where: str | None = None) -> ParallelConfig:
         """A copy with dp_shard filled in, checked against the world size."""
-        for name in ("dp_replicate", "tp", "pp"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"parallel.{name} = {value!r}: expected an integer >= 1")
+        self.validate(where)
+        if world_size == 1:
+            for key, ranks in self.dims().items():
+                checks.require(ranks in (1, -1), _parallel_name(where, key), ranks,
+                               "one process runs the 1 x 1 x 1 x 1 mesh: launch with torchrun "
+                               "--nproc-per-node N (N = pp x dp_replicate x dp_shard x tp) for more",
+                               error=ConfigError)
         fixed = self.dp_replicate * self.tp * self.pp
         dp_shard = self.dp_shard
         if dp_shard == -1:
             if world_size % fixed:
                 raise ConfigError(f"world size {world_size} is not divisible by dp_replicate*tp*pp = {fixed}")
             dp_shard = world_size // fixed
-        if isinstance(dp_shard, bool) or not isinstance(dp_shard, int) or dp_shard < 1:
-            raise ConfigError(f"parallel.dp_shard = {self.dp_shard!r}: expected an integer >= 1 or -1")
         if dp_shard * fixed != world_size:
-            raise ConfigError(f"parallel layout pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard="
+            raise ConfigError(f"parallel config pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard="
                               f"{dp_shard} x tp={self.tp} needs {dp_shard * fixed} ranks, but the world size "
                               f"is {world_size}")
         return dataclasses.replace(self, dp_shard=dp_shard)
@@ -214,6 +278,11 @@ class ParallelConfig:
     def fsdp_enabled(self) -> bool:
         """Parameters sharded or replicated by FSDP2 (any data-parallel dimension)."""
         return self.dp > 1
+
+
+def _parallel_name(where: str | None, key: str) -> str:
+    """A parallel field's name: within a file or config where one is given, else on its own."""
+    return checks.field(where, f"parallel.{key}") if where else f"parallel.{key}"
 
 
 @dataclass
@@ -257,69 +326,20 @@ class TrainConfig:
                 freeze=self.freeze if stage.freeze is None else stage.freeze))
         return out
 
-    def validate(self) -> None:
-        def bad(name: str, value: Any, message: str) -> ConfigError:
-            return ConfigError(f"train config: field '{name}' = {value!r}: {message}")
-
-        sources = [n for n in ("family", "hf", "model") if getattr(self.init, n) is not None]
-        if len(sources) != 1:
-            raise bad("init", sources, "set exactly one of init.family, init.hf, init.model")
-        if self.init.hf is not None and not self.init.exits:
-            raise bad("init.exits", self.init.exits, "importing a dense checkpoint needs exits")
-        if self.stages and self.steps:
-            raise bad("steps", self.steps, "with [[stages]], give steps per stage instead")
-        for name, value in (("max_bad_steps", self.max_bad_steps),
-                            ("log.every", self.log.every), ("checkpoint.keep", self.checkpoint.keep)):
-            if value < 1:
-                raise bad(name, value, "expected a positive integer")
-        if self.checkpoint.every < 0:
-            raise bad("checkpoint.every", self.checkpoint.every, "expected 0 or more")
-        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
-            raise bad("device", self.device, "expected auto, cpu, cuda or cuda:N")
-        p = self.parallel
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        for name in ("dp_replicate", "tp", "pp"):
-            if getattr(p, name) < 1:
-                raise bad(f"parallel.{name}", getattr(p, name), "expected an integer >= 1")
-        if p.dp_shard < 1 and p.dp_shard != -1:
-            raise bad("parallel.dp_shard", p.dp_shard, "expected an integer >= 1, or -1 for the ranks left over")
-        if p.microbatches is not None and p.microbatches < 1:
-            raise bad("parallel.microbatches", p.microbatches, "expected a positive integer")
-        if world == 1:
-            for name in ("pp", "dp_replicate", "dp_shard", "tp"):
-                if getattr(p, name) > 1:
-                    raise bad(f"parallel.{name}", getattr(p, name),
-                              "one process runs the 1 x 1 x 1 x 1 layout: launch with torchrun --nproc-per-node N"
-                              " (N = pp x dp_replicate x dp_shard x tp) for more")
-        else:
-            p.resolve(world)
-        if p.sequence_parallel and p.tp == 1:
-            raise bad("parallel.sequence_parallel", True, "needs tp > 1")
+    def validate(self, where: str = "train config") -> None:
+        """Each table validates its own fields; the stages are checked as they resolve."""
+        self.init.validate(where)
+        checks.require(not (self.stages and self.steps), checks.field(where, "steps"), self.steps,
+                       "with [[stages]], give steps per stage instead", error=ConfigError)
+        checks.positive_int(checks.field(where, "max_bad_steps"), self.max_bad_steps, error=ConfigError)
+        self.log.validate(where)
+        self.checkpoint.validate(where)
+        checks.require(self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+                       checks.field(where, "device"), self.device, "expected auto, cpu, cuda or cuda:N",
+                       error=ConfigError)
+        self.parallel.resolve(int(os.environ.get("WORLD_SIZE", "1")), where)
         for i, stage in enumerate(self.resolved_stages()):
-            where = f"stages[{i}]" if self.stages else ""
-            prefix = f"{where}." if where else ""
-            if stage.steps < 1:
-                raise bad(f"{prefix}steps", stage.steps, "expected a positive number of steps")
-            if stage.data is None:
-                raise bad(f"{prefix}data", None, "no data: give a [data] table")
-            data = stage.data
-            if not data.sources:
-                raise bad(f"{prefix}data.sources", [], "expected at least one token shards directory")
-            for j, source in enumerate(data.sources):
-                if not source.weight > 0:
-                    raise bad(f"{prefix}data.sources[{j}].weight", source.weight, "expected > 0")
-            for name in ("seq_len", "batch_size", "grad_accum"):
-                if getattr(data, name) < 1:
-                    raise bad(f"{prefix}data.{name}", getattr(data, name), "expected a positive integer")
-            lr = stage.lr
-            if not 0 <= lr.min_lr <= lr.lr:
-                raise bad(f"{prefix}lr.min_lr", lr.min_lr, f"expected between 0 and lr ({lr.lr})")
-            if lr.warmup_steps < 0:
-                raise bad(f"{prefix}lr.warmup_steps", lr.warmup_steps, "expected 0 or more")
-            if not 0 < lr.decay_fraction <= 1:
-                raise bad(f"{prefix}lr.decay_fraction", lr.decay_fraction, "expected in (0, 1]")
-            if stage.loss.chunk_size < 1:
-                raise bad(f"{prefix}loss.chunk_size", stage.loss.chunk_size, "expected a positive integer")
+            stage.validate(where, f"stages[{i}]." if self.stages else "")
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none(dataclasses.asdict(self))
@@ -344,7 +364,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in parse_overrides(overrides or []):
         set_dotted(data, key, value)
     config = from_dict(TrainConfig, data, where)
-    config.validate()
+    config.validate(where)
     return config
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from familial import checks
 from familial.train.losses import ExitSums
 
 METRICS_NAME = "metrics.jsonl"
@@ -76,7 +77,7 @@ class MetricsWriter:
         if self.board is not None:
             step = record["step"]
             for key, value in clean.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key != "step" and checks.is_number(value):
                     self.board.add_scalar(key.replace(".", "/"), value, step)
 
     def close(self) -> None:

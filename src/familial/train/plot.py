@@ -54,39 +54,12 @@ def draw_training(records: list[dict], file: Path, title: str) -> bool:
     axes = [row[0] for row in axes]
     colours = dict(zip(losses, plt.get_cmap("viridis_r")(
         [0.15 + 0.7 * i / max(1, len(losses) - 1) for i in range(len(losses))])))
-    settled = []
-    for name, points in losses.items():
-        steps, values = [p[0] for p in points], [p[1] for p in points]
-        smoothed = smooth(values)
-        axes[0].plot(steps, values, color=colours[name], alpha=0.2, linewidth=0.8)
-        axes[0].plot(steps, smoothed, color=colours[name], linewidth=1.8, label=name)
-        settled += smoothed[len(smoothed) // 10:]
-    low, high = min(settled), max(settled)
-    axes[0].set_ylim(low - 0.1 * (high - low or 1), high + 0.15 * (high - low or 1))
-    axes[0].set_ylabel("cross-entropy (nats/token)")
-    note = ("; loss weights constant: " + ", ".join(f"{n} {v:g}" for n, v in constant.items())
-            if constant and not changing else "")
-    axes[0].set_title(f"training loss per exit, smoothed: {title}{note}", fontsize=10)
-    axes[0].legend(title="exit (shallow to deep)", fontsize=8, title_fontsize=8)
+    note = ("; loss weights constant: " + _named_values(constant) if constant and not changing else "")
+    _draw_losses(axes[0], losses, colours, f"training loss per exit, smoothed: {title}{note}")
     if len(losses) > 1:
-        deepest = list(losses)[-1]
-        full = dict(losses[deepest])
-        for name, points in list(losses.items())[:-1]:
-            pairs = [(step, value - full[step]) for step, value in points if step in full]
-            axes[1].plot([p[0] for p in pairs], smooth([p[1] for p in pairs]), color=colours[name],
-                         linewidth=1.5, label=name)
-        axes[1].axhline(0, color=colours[deepest], linewidth=1)
-        axes[1].set_ylabel(f"loss - {deepest}'s")
-        axes[1].set_title(f"gap to the deepest exit ({deepest}), smoothed", fontsize=9, loc="left")
+        _draw_gaps(axes[1], losses, colours)
     if changing:
-        for name in losses:
-            if name in changing:
-                axes[-1].plot(*zip(*changing[name]), color=colours[name], linewidth=1.5, label=name)
-        axes[-1].set_ylabel("loss weight")
-        if constant:
-            axes[-1].set_title("constant: " + ", ".join(f"{n} {v:g}" for n, v in constant.items()),
-                               fontsize=8, loc="right")
-        axes[-1].legend(fontsize=8)
+        _draw_weights(axes[-1], losses, changing, constant, colours)
     for axis in axes:
         axis.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
@@ -94,6 +67,51 @@ def draw_training(records: list[dict], file: Path, title: str) -> bool:
     figure.savefig(file, dpi=110)
     plt.close(figure)
     return True
+
+
+def _named_values(values: dict[str, float]) -> str:
+    return ", ".join(f"{n} {v:g}" for n, v in values.items())
+
+
+def _draw_losses(axis, losses: dict[str, list[tuple[int, float]]], colours: dict, title: str) -> None:
+    """Raw losses faint behind smoothed ones, the y axis spanning the curves after their first tenth."""
+    settled = []
+    for name, points in losses.items():
+        steps, values = [p[0] for p in points], [p[1] for p in points]
+        smoothed = smooth(values)
+        axis.plot(steps, values, color=colours[name], alpha=0.2, linewidth=0.8)
+        axis.plot(steps, smoothed, color=colours[name], linewidth=1.8, label=name)
+        settled += smoothed[len(smoothed) // 10:]
+    low, high = min(settled), max(settled)
+    axis.set_ylim(low - 0.1 * (high - low or 1), high + 0.15 * (high - low or 1))
+    axis.set_ylabel("cross-entropy (nats/token)")
+    axis.set_title(title, fontsize=10)
+    axis.legend(title="exit (shallow to deep)", fontsize=8, title_fontsize=8)
+
+
+def _draw_gaps(axis, losses: dict[str, list[tuple[int, float]]], colours: dict) -> None:
+    """Each shallower exit's smoothed loss minus the deepest exit's, at the steps both logged."""
+    deepest = list(losses)[-1]
+    full = dict(losses[deepest])
+    for name, points in list(losses.items())[:-1]:
+        pairs = [(step, value - full[step]) for step, value in points if step in full]
+        axis.plot([p[0] for p in pairs], smooth([p[1] for p in pairs]), color=colours[name],
+                  linewidth=1.5, label=name)
+    axis.axhline(0, color=colours[deepest], linewidth=1)
+    axis.set_ylabel(f"loss - {deepest}'s")
+    axis.set_title(f"gap to the deepest exit ({deepest}), smoothed", fontsize=9, loc="left")
+
+
+def _draw_weights(axis, losses: dict, changing: dict[str, list[tuple[int, float]]], constant: dict[str, float],
+                  colours: dict) -> None:
+    """The loss weights that change, in the exits' order; the constant ones named in the title."""
+    for name in losses:
+        if name in changing:
+            axis.plot(*zip(*changing[name]), color=colours[name], linewidth=1.5, label=name)
+    axis.set_ylabel("loss weight")
+    if constant:
+        axis.set_title("constant: " + _named_values(constant), fontsize=8, loc="right")
+    axis.legend(fontsize=8)
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
