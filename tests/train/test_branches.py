@@ -16,6 +16,7 @@ from familial.data.shards import open_shards
 from familial.model import FamilyModel
 from familial.train.branches import (BranchTrainConfig, BranchTrainer, evaluate_exits, exit_pass, topk_kl,
                                      train_branches)
+from familial.train import exit_cache
 from familial.train.exit_cache import CacheError, ExitCache, trunk_parameters, write_exit_cache
 
 SEQ, TOP_K = 12, 8
@@ -39,7 +40,9 @@ def tiny_family(seed: int = 0, llama: bool = False) -> FamilyModel:
 
 
 @pytest.fixture(params=["qwen3", "llama"])
-def cached(request, tmp_path, shards):
+def cached(request, tmp_path, shards, monkeypatch):
+    # 20-token head chunks: a batch of 3 windows of 12 runs the head in two uneven chunks.
+    monkeypatch.setattr(exit_cache, "HEAD_CHUNK_BYTES", 20 * 4 * VOCAB)
     model = tiny_family(llama=request.param == "llama")
     shards = open_shards(shards)
     write_exit_cache(model, shards, tmp_path / "cache", seq_len=SEQ, top_k=TOP_K, hidden_dtype="float32",
@@ -253,3 +256,27 @@ lr = 3e-3
                  "--output", str(tmp_path / "t2")]) == 2
     assert "made from another trunk" in capsys.readouterr().err
     assert not (tmp_path / "t2").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--cache.top_k", "0"], "[cache]: field 'top_k' = 0: expected a positive integer"),
+    (["--cache.tokens", "5"], "[cache]: field 'tokens' = 5: expected at least seq_len (12), or omitted"),
+    (["--threads", "0"], "field 'threads' = 0: expected a positive integer"),
+    (["--train.batch_size", "0"], "[train]: field 'batch_size' = 0: expected a positive integer"),
+])
+def test_a_bad_exits_config_is_refused_naming_file_and_field(tmp_path, capsys, override, message):
+    from familial.cli import main
+
+    config = tmp_path / "exits.toml"
+    config.write_text(f"""
+family = "{tmp_path / 'family'}"
+output = "{tmp_path / 'trained'}"
+[cache]
+data = "{tmp_path / 'shards'}"
+path = "{tmp_path / 'cache'}"
+seq_len = {SEQ}
+""")
+    assert main(["exits", "cache", str(config), *override]) == 2
+    error = capsys.readouterr().err
+    assert f"{config}: " in error and message in error
+    assert not (tmp_path / "cache").exists()

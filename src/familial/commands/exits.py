@@ -42,6 +42,8 @@ def _load(args: argparse.Namespace):
 
     config = load_exits_config(args.config, args.options)
     _set_threads(config)
+    from familial.allocator import retain_freed_memory
+    retain_freed_memory()
     return config, load_family(config.family, dtype=torch.float32)
 
 

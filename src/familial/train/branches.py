@@ -28,10 +28,8 @@ from torch import nn
 from familial import checks
 from familial.config import ConfigError
 from familial.model import FamilyModel
-from familial.train.exit_cache import ExitCache
+from familial.train.exit_cache import ExitCache, head_chunk_rows
 
-# Tokens per head chunk: bounds the (chunk, vocab) logits held at once.
-CHUNK = 512
 # Lowest log-probability the member's tail mass counts with in the KL (e^-69 ~ 1e-30).
 TAIL_FLOOR = -69.0
 
@@ -126,8 +124,9 @@ def exit_pass(model: FamilyModel, exit_layer: int, batch: dict[str, torch.Tensor
     head = model.exit_head(exit_layer)
     totals = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "loss": 0.0}
     count = normed.shape[0]
-    for start in range(0, count, CHUNK):
-        part = slice(start, start + CHUNK)
+    chunk = head_chunk_rows(model.config.vocab_size)
+    for start in range(0, count, chunk):
+        part = slice(start, start + chunk)
         with torch.set_grad_enabled(backward):
             losses = exit_losses(detached[part], head, {k: v[part] for k, v in flat.items()}, bf16_head)
             objective = (kl_weight * losses["kl"] + ce_weight * losses["ce"]).sum()

@@ -41,6 +41,8 @@ from familial.staging import atomic_directory
 CACHE_JSON = "cache.json"
 CACHE_VERSION = 1
 HIDDEN_DTYPES = {"float16": np.float16, "float32": np.float32}
+# Bytes of one (tokens, vocab) float32 buffer of a head chunk (`head_chunk_rows`).
+HEAD_CHUNK_BYTES = 24 * 1024 * 1024
 # Fields of the family config that shape the trunk's computation (exits and branches do not).
 TRUNK_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rms_norm_eps",
@@ -84,18 +86,44 @@ class CacheSpec:
     version: int = CACHE_VERSION
 
 
+def head_chunk_rows(vocab_size: int) -> int:
+    """Tokens per head chunk: bounds the (chunk, vocab) logits held at once, and keeps each
+    float32 buffer below glibc's mmap ceiling, so with `allocator.retain_freed_memory` a chunk's
+    buffers are reused rather than faulted in anew."""
+    return max(16, HEAD_CHUNK_BYTES // (4 * vocab_size))
+
+
 @torch.no_grad()
 def trunk_outputs(model: FamilyModel, input_ids: torch.Tensor, exits: list[int]
                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """({exit: state entering its branch (B, T, H)}, the full member's logits (B, T, V)),
-    running each trunk layer once and no branch."""
+    """({exit: state entering its branch (B, T, H)}, the full member's normed final state
+    (B, T, H)), running each trunk layer once and no branch."""
     hidden, rotary, mask = embed_inputs(model.model.embed_tokens, model.model.rotary_emb, input_ids, None, None)
     states = {}
     for i in range(model.config.num_hidden_layers):
         if i in exits:
             states[i] = hidden
         hidden = model.model.layers[str(i)](hidden, rotary, mask)
-    return states, model.lm_head(model.model.norm(hidden))
+    return states, model.model.norm(hidden)
+
+
+@torch.no_grad()
+def teacher_top_k(model: FamilyModel, normed: torch.Tensor, targets: torch.Tensor, top_k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The full member's top-k log-probabilities and their ids (B, T, k), and its loss on
+    `targets` (B, T), from its normed final state, the head run a chunk of tokens at a time."""
+    flat, flat_targets = normed.flatten(0, 1), targets.flatten()
+    values, indices, nll = [], [], []
+    chunk = head_chunk_rows(model.config.vocab_size)
+    for start in range(0, flat.shape[0], chunk):
+        log_probs = torch.log_softmax(model.lm_head(flat[start:start + chunk]).float(), dim=-1)
+        top = log_probs.topk(top_k, dim=-1)
+        values.append(top.values)
+        indices.append(top.indices)
+        nll.append(-log_probs.gather(-1, flat_targets[start:start + chunk, None])[:, 0])
+    shape = targets.shape
+    return (torch.cat(values).view(*shape, top_k), torch.cat(indices).view(*shape, top_k),
+            torch.cat(nll).view(shape))
 
 
 def write_exit_cache(model: FamilyModel, shards: TokenShards, output: str | Path, *, exits: list[int] | None = None,
@@ -144,9 +172,8 @@ def write_exit_cache(model: FamilyModel, shards: TokenShards, output: str | Path
             window = np.stack([np.asarray(shards.tokens[b:b + seq_len + 1], dtype=np.int32)
                                for b in starts[start:stop]])
             ids = torch.from_numpy(window).long()
-            states, logits = trunk_outputs(model, ids[:, :-1], exits)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            values, indices = log_probs.topk(top_k, dim=-1)
+            states, normed = trunk_outputs(model, ids[:, :-1], exits)
+            values, indices, nll = teacher_top_k(model, normed, ids[:, 1:], top_k)
             tokens[start:stop] = window
             for e in exits:
                 state = states[e].float()
@@ -155,7 +182,7 @@ def write_exit_cache(model: FamilyModel, shards: TokenShards, output: str | Path
                 hidden[e][start:stop] = state.numpy()
             top_ids[start:stop] = indices.numpy()
             top_logprobs[start:stop] = values.numpy()
-            teacher_nll[start:stop] = -log_probs.gather(-1, ids[:, 1:, None])[..., 0].numpy()
+            teacher_nll[start:stop] = nll.numpy()
             if progress is not None:
                 progress(stop, rows)
         for memmap in (tokens, top_ids, top_logprobs, teacher_nll, *hidden.values()):

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from familial.config import from_dict
+from familial import checks
+from familial.config import ConfigError, from_dict
 from familial.train.branches import BranchTrainConfig
 from familial.train.config import parse_overrides, read_toml, set_dotted
 
@@ -30,6 +31,17 @@ class CacheConfig:
     hidden_dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = 4
 
+    def validate(self, where: str) -> None:
+        def name(key: str) -> str:
+            return checks.field(where, key)
+
+        for key in ("seq_len", "top_k", "batch_size"):
+            checks.positive_int(name(key), getattr(self, key), error=ConfigError)
+        for key in ("tokens", "held_out_tokens"):
+            if getattr(self, key) is not None:
+                checks.integer(name(key), getattr(self, key), f"at least seq_len ({self.seq_len}), or omitted",
+                               minimum=self.seq_len, error=ConfigError)
+
 
 @dataclass
 class ExitsConfig:
@@ -46,6 +58,12 @@ class ExitsConfig:
     threads: int | None = None
     overwrite: bool = False
 
+    def validate(self, where: str) -> None:
+        if self.threads is not None:
+            checks.positive_int(checks.field(where, "threads"), self.threads, error=ConfigError)
+        self.cache.validate(f"{where}: [cache]")
+        self.train.validate(f"{where}: [train]")
+
     @property
     def held_out_path(self) -> Path:
         path = Path(self.cache.path)
@@ -58,5 +76,5 @@ def load_exits_config(path: str, overrides: list[str]) -> ExitsConfig:
     for key, value in parse_overrides(overrides):
         set_dotted(data, key, value, root=ExitsConfig)
     config = from_dict(ExitsConfig, data, str(file))
-    config.train.validate(f"{file}: [train]")
+    config.validate(str(file))
     return config
