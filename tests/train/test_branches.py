@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,25 +215,27 @@ def test_the_cache_is_written_atomically(tmp_path, shards):
         ExitCache(tmp_path / "shards")
 
 
-def test_cli_caches_trains_and_writes_a_family_whose_trunk_is_unchanged(tmp_path, shards, capsys):
-    from familial.cli import main
-
-    model = tiny_family()
-    save_family(model, tmp_path / "family")
+def exits_toml(tmp_path, shards, more: str = "") -> Path:
+    """An exits config in tmp_path: family, output and cache there, `more` appended to [cache]."""
     config = tmp_path / "exits.toml"
     config.write_text(f"""
 family = "{tmp_path / 'family'}"
 output = "{tmp_path / 'trained'}"
 [cache]
 data = "{shards}"
-held_out = "{shards}"
 path = "{tmp_path / 'cache'}"
 seq_len = {SEQ}
-top_k = {TOP_K}
-[train]
-epochs = 2
-lr = 3e-3
+{more}
 """)
+    return config
+
+
+def test_cli_caches_trains_and_writes_a_family_whose_trunk_is_unchanged(tmp_path, shards, capsys):
+    from familial.cli import main
+
+    model = tiny_family()
+    save_family(model, tmp_path / "family")
+    config = exits_toml(tmp_path, shards, f'held_out = "{shards}"\ntop_k = {TOP_K}\n[train]\nepochs = 2\nlr = 3e-3')
     assert main(["exits", "cache", str(config)]) == 0
     assert main(["exits", "train", str(config), "--train.epochs", "1"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -267,15 +270,7 @@ lr = 3e-3
 def test_a_bad_exits_config_is_refused_naming_file_and_field(tmp_path, capsys, override, message):
     from familial.cli import main
 
-    config = tmp_path / "exits.toml"
-    config.write_text(f"""
-family = "{tmp_path / 'family'}"
-output = "{tmp_path / 'trained'}"
-[cache]
-data = "{tmp_path / 'shards'}"
-path = "{tmp_path / 'cache'}"
-seq_len = {SEQ}
-""")
+    config = exits_toml(tmp_path, tmp_path / "shards")
     assert main(["exits", "cache", str(config), *override]) == 2
     error = capsys.readouterr().err
     assert f"{config}: " in error and message in error
