@@ -26,15 +26,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # Exactly the steps below in one fused kernel: per-op overhead is much of a small
-            # model's decode step, and training's float32 path saves the same memory traffic.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in float32 like Qwen3, then scale in the input dtype.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x over its root mean square (last dimension), times `weight` (None: unscaled; any shape
+    that broadcasts, such as several layers' norms stacked)."""
+    if x.dtype == torch.float32 and (weight is None or (weight.dtype == torch.float32
+                                                        and weight.shape == x.shape[-1:])):
+        # Exactly the steps below in one fused kernel: per-op overhead is much of a small
+        # model's decode step, and training's float32 path saves the same memory traffic.
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    # Normalise in float32 like Qwen3, then scale in the input dtype.
+    dtype = x.dtype
+    x = x.float()
+    x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return x if weight is None else weight * x
 
 
 class LowRankLinear(nn.Module):

@@ -83,7 +83,9 @@ def test_bfloat16_weights_run_packed_where_the_cpu_has_bf16_instructions(family_
     runners = {mode: Runner(family, SlotCache(family.config, 3, 32, dtype=torch.bfloat16), mode)
                for mode in ("eager", "packed")}
     assert runners["packed"].kernels.mode == "packed"
-    outputs = {mode: mixed_call(runner) for mode, runner in runners.items()}
+    # Then one decoding row alone, which runs packed in bf16 (in float32 it runs the modules).
+    outputs = {mode: mixed_call(runner) + runner.forward([Row(0, 9, 5)], tokens=[7])
+               for mode, runner in runners.items()}
     for eager, packed in zip(outputs["eager"], outputs["packed"]):
         # bf16 rounds at different points (the fused products round once, at their end).
         assert packed.logits.dtype == torch.bfloat16

@@ -40,8 +40,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="weights and KV cache precision (default: the checkpoint's)")
     parser.add_argument("--threads", type=int,
-                        help="torch intra-op threads of the engine process (default: 1 for small families, "
-                             "else torch's); the HTTP side runs in a process of its own beside it")
+                        help="torch intra-op threads of the engine process (default: one per core from hidden "
+                             "512 up, else 1); the HTTP side runs in a process of its own beside it")
     parser.add_argument("--api-key", default=os.environ.get("FAMILIAL_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every /v1 route (default: "
                              "$FAMILIAL_API_KEY; /health and the playground page stay open)")

@@ -115,17 +115,21 @@ def exit_features(model: FamilyModel, windows: torch.Tensor, batch_size: int = 8
     for begin in range(0, len(windows), batch_size):
         ids = windows[begin:begin + batch_size]
         x, rotary, _ = embed_inputs(model.model.embed_tokens, model.model.rotary_emb, ids, None, None)
+        # The state entering the previous early exit (the embeddings before the first).
         previous = x
-        for i in range(config.num_hidden_layers):
-            if i in early:
-                logits = model.exit_head(i)(model.exit_norm(i)(model.run_branch(i, x, rotary)))
-                states[i].append(x.flatten(0, 1).float())
-                scores["saturation"][i].append(saturation(x.flatten(0, 1), previous.flatten(0, 1)))
-                for measure in SOFTMAX:
-                    scores[measure][i].append(softmax_score(logits, measure).flatten())
-                tops[i].append(logits.argmax(-1).flatten())
-                previous = x
-            x = model.model.layers[str(i)](x, rotary)
+
+        def at_exit(i: int, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            nonlocal previous
+            logits = model.exit_head(i)(model.exit_norm(i)(branch))
+            states[i].append(x.flatten(0, 1).float())
+            scores["saturation"][i].append(saturation(x.flatten(0, 1), previous.flatten(0, 1)))
+            for measure in SOFTMAX:
+                scores[measure][i].append(softmax_score(logits, measure).flatten())
+            tops[i].append(logits.argmax(-1).flatten())
+            previous = x
+            return x
+
+        x = model.walk(x, rotary, 0, config.num_hidden_layers, early, at_exit)
         tops[config.exits[-1]].append(model.lm_head(model.model.norm(x)).argmax(-1).flatten())
     tokens = {e: torch.cat(t) for e, t in tops.items()}
     return Features({e: torch.cat(s) for e, s in states.items()},

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from familial.infer.adaptive import SOFTMAX, ExitClassifier, ExitRule, log_odds, saturation, softmax_score
 from familial.infer.cache import CacheBatch, SlotCache
 from familial.infer.kernels import Kernels, Packs
-from familial.model import FamilyModel, LowRankLinear, rotate_half
+from familial.model import FamilyModel, LowRankLinear, apply_rotary, rms_norm
 
 
 @dataclass
@@ -497,19 +497,17 @@ class Runner:
             rows_ = leaving.select(js)
             weight, bias, k_norm, layers = self._projection(exit_layer, stop)
             _, length, _ = rows_.x.shape
-            eps, dtype = self.config.rms_norm_eps, rows_.x.dtype
-            x = rows_.x.float()
-            x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+            eps = self.config.rms_norm_eps
             # (1, N, layers, k|v, kv_heads, head_dim)
-            kv = F.linear(x, weight, bias).view(1, length, len(layers), 2, -1, self.config.head_dim)
+            kv = F.linear(rms_norm(rows_.x, None, eps), weight, bias).view(
+                1, length, len(layers), 2, -1, self.config.head_dim)
             k, v = kv[:, :, :, 0], kv[:, :, :, 1]
             if k_norm is not None:  # Qwen3's per-head key norm (Llama has none)
-                kf = k.float()
-                k = k_norm * (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-            cos, sin = (t[:, :, None, None, :] for t in rows_.rotary)
-            k = k * cos + rotate_half(k) * sin
+                k = rms_norm(k, k_norm, eps)
+            # Every layer's heads as the heads of one attention: (1, layers * kv_heads, N, D).
+            k = apply_rotary(k.flatten(2, 3).transpose(1, 2), *rows_.rotary).unflatten(1, (len(layers), -1))
             for i, layer in enumerate(layers):
-                rows_.batch.write(layer.cache_name, k[:, :, i].transpose(1, 2), v[:, :, i].transpose(1, 2))
+                rows_.batch.write(layer.cache_name, k[:, i], v[:, :, i].transpose(1, 2))
             for deeper in sorted(self.early):
                 if exit_layer < deeper <= stop:
                     self._store_states(deeper, rows_, list(range(len(rows_.index))))
