@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from familial import checks
 from familial.config import ConfigError, FamilyConfig
 
 MEASURES = ("top1", "margin", "saturation", "classifier")
@@ -184,7 +185,7 @@ def _numbers(raw, config: FamilyConfig, where: str) -> dict[int, float]:
     for key, value in raw.items():
         if not str(key).isdigit() or int(key) not in early:
             raise ConfigError(f"{where}: key {key!r} is not an early exit {early}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if not checks.is_number(value):
             raise ConfigError(f"{where}[{key}] = {value!r}: expected a number")
         out[int(key)] = float(value)
     return out
@@ -314,8 +315,7 @@ class AdaptiveState:
 
     def __init__(self, config: FamilyConfig, rule: ExitRule, member: int, budget: float | None = None,
                  recompute: bool = True) -> None:
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                   or not 0 < budget <= 1):
+        if budget is not None and (not checks.is_number(budget) or not 0 < budget <= 1):
             raise ValueError(f"budget = {budget!r}: expected a fraction of the layers in (0, 1]")
         self.config, self.rule, self.member, self.budget = config, rule, member, budget
         self.depth_sum = 0

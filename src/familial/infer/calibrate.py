@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from familial import checks
 from familial.config import FAMILY_CONFIG_NAME, ConfigError, FamilyConfig
 from familial.infer.adaptive import (
     CHECK_COST,
@@ -374,7 +375,7 @@ def calibrate(model: FamilyModel, token_ids: np.ndarray, target: float = 0.95, m
     the operating point of `metric` for `target` (see the module docstring)."""
     if metric not in MEASURES:
         raise ValueError(f"metric {metric!r}: expected one of {', '.join(MEASURES)}")
-    if isinstance(target, bool) or not 0 < target <= 1:
+    if not checks.is_number(target) or not 0 < target <= 1:
         raise ValueError(f"target {target!r}: expected an agreement rate in (0, 1]")
     if not 0 < delta < 1:
         raise ValueError(f"delta {delta!r}: expected a probability in (0, 1)")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from familial import checks
 from familial.config import ConfigError
 from familial.infer.adaptive import AdaptiveState, EarlyExit
 from familial.infer.cache import SlotCache
@@ -265,7 +266,7 @@ class Engine:
             raise InvalidRequest("prompt_ids: expected a non-empty list of token ids (the prompt is empty after "
                                  "tokenization)", "prompt")
         for t in prompt_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size:
+            if not checks.is_integer(t) or not 0 <= t < config.vocab_size:
                 raise InvalidRequest(f"prompt_ids: token {t!r} is not an id in [0, {config.vocab_size}) (outside "
                                      f"the vocabulary)", "prompt")
         if len(prompt_ids) >= self.max_seq_len:
@@ -280,8 +281,7 @@ class Engine:
             raise ValueError(str(error)) from None
 
     def _exit_rule(self, target: float | None):
-        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
-                                   or not 0 < target <= 1):
+        if target is not None and (not checks.is_number(target) or not 0 < target <= 1):
             raise ValueError(f"target = {target!r}: expected an agreement rate with the full member in (0, 1]")
         if self.early_exit is None:
             # Settings edited in memory since the engine started count (no classifier then).

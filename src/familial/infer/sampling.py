@@ -66,7 +66,7 @@ class SamplingParams:
         if self.seed is not None:
             checks.integer(label("seed"), self.seed, "an integer or None")
         if not isinstance(self.stop_token_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+                checks.is_integer(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"{label('stop_token_ids')} = {self.stop_token_ids!r}: expected a list of token ids")
 
     @property
