@@ -4,11 +4,14 @@ the same losses as an uninterrupted run."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from faults import launch, train_config_dict, write_toml
+from familial.parallel.mesh import store_of_this_start
 from familial.train.config import load_config
 from familial.train.loop import Trainer
 from familial.train.metrics import read_metrics
@@ -69,3 +72,19 @@ def test_torchrun_restarts_a_run_whose_rank_died_and_it_finishes_on_the_uninterr
     assert code == 0, output[-3000:]
     assert "no checkpoint yet; --resume starts from step 0" in output
     assert_resumed_on_the_uninterrupted_curve(tmp_path, output)
+
+
+def test_a_restarted_rank_does_not_read_what_the_start_before_published(monkeypatch):
+    # torchrun's agent keeps one store across restarts: the address a rank published in the
+    # first start (it died since) must not be what a rank of the second start connects to.
+    agent_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in {"TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(agent_store.port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    store_of_this_start(timedelta(seconds=10)).set("rank_1", "address of the first start")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = store_of_this_start(timedelta(seconds=10))
+    assert not restarted.check(["rank_1"])
+    restarted.set("rank_1", "address of the second start")
+    assert restarted.get("rank_1") == b"address of the second start"

@@ -9,6 +9,7 @@ type). Tensor-parallel ranks are innermost so their frequent collectives stay on
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -28,7 +29,37 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         backend = "cuda:nccl,cpu:gloo"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    store = store_of_this_start(timeout)
+    if store is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, store=store,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def store_of_this_start(timeout: timedelta) -> dist.Store | None:
+    """The key-value store for this torchrun start's process group, or None for torch's default.
+
+    torchrun keeps one TCPStore across the restarts of its workers (`--max-restarts`) and torch
+    does not give each start its own keys, so a restarted rank can read the address a dead rank
+    published in the start before and time out connecting to it (pytorch#135712, #167288). With
+    one torchrun agent every rank sees the same restart count, which then names a fresh
+    namespace. Agents on several nodes count restarts each on their own, so there the shared
+    store stays as it is and rank 0 says how to turn the sharing off.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if os.environ.get("RANK") == "0" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            print("warning: torchrun shares one store across restarts on several nodes, where a restarted"
+                  " rank can read a dead rank's address and time out; launch torchrun with"
+                  " TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 to give every restart a fresh store",
+                  file=sys.stderr, flush=True)
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"familial/start-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
 
 
 def build_mesh(parallel: ParallelConfig, device_type: str = "cpu") -> DeviceMesh:
