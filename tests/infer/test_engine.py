@@ -240,3 +240,17 @@ def test_new_prompts_prefill_together_and_never_stall_running_sequences(family):
     # An 80-token prompt in chunks of 8: the running sequences gain a token every step meanwhile.
     assert progress == [(n, 0) for n in range(2, 11)] + [(11, 1)]
     assert calls[1:] == [4] * 10
+
+
+def test_the_warm_up_before_serving_leaves_nothing_behind(family, greedy_reference):
+    # `familial serve` warms its engine before the first request: that request then gets what
+    # a fresh engine gives it, from free slots and an empty queue.
+    engine = Engine(family, max_batch_size=2, max_seq_len=32)
+    engine.warm_up()
+    stats = engine.stats()
+    assert (stats["queued"], stats["running"], stats["free_slots"]) == (0, 0, 2)
+    params = SamplingParams(max_new_tokens=6, temperature=0.9, repetition_penalty=1.3, seed=5)
+    after = engine.generate([[4, 8, 15]], member=3, params=params)[0].token_ids
+    assert after == Engine(family, max_batch_size=2).generate([[4, 8, 15]], member=3, params=params)[0].token_ids
+    greedy = SamplingParams(max_new_tokens=6, greedy=True)
+    assert engine.generate([[16, 23]], member=5, params=greedy)[0].token_ids == greedy_reference(family, [16, 23], 5, 6)

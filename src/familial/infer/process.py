@@ -268,6 +268,7 @@ def _child(connection) -> None:
     threads = threads or suggested_threads(engine.config)
     if threads:
         torch.set_num_threads(threads)
+    engine.warm_up()
     outbox = _Outbox(connection)
     engine.after_step = outbox.flush
     connection.send(("ready", {"config": engine.config, "tokenizer": engine.tokenizer,
