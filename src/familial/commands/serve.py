@@ -157,7 +157,7 @@ def _run_server(args: argparse.Namespace, family: Path, sock: socket.socket, pol
     try:
         print(f"serving {family} ({', '.join(m['id'] for m in engine.members())}) on "
               f"http://{host}:{args.port}/ (playground), OpenAI API at /v1; the engine runs in its own "
-              f"process with {engine.threads} threads", flush=True)
+              f"process with {engine.threads} threads (warmed up in {engine.warm_up_s:.1f} s)", flush=True)
         server.run(sockets=[sock])
     except (KeyboardInterrupt, _Terminated):
         pass

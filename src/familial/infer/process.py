@@ -89,7 +89,7 @@ class EngineProcess:
         self.config, self.tokenizer = info["config"], info["tokenizer"]
         self.max_seq_len, self.max_batch_size, self.max_queue = (
             info["max_seq_len"], info["max_batch_size"], info["max_queue"])
-        self.threads, self._members = info["threads"], info["members"]
+        self.threads, self.warm_up_s, self._members = info["threads"], info["warm_up_s"], info["members"]
         self._outgoing: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._handles: dict[str, _Handle] = {}
@@ -268,13 +268,13 @@ def _child(connection) -> None:
     threads = threads or suggested_threads(engine.config)
     if threads:
         torch.set_num_threads(threads)
-    engine.warm_up()
+    warm_up_s = engine.warm_up()
     outbox = _Outbox(connection)
     engine.after_step = outbox.flush
     connection.send(("ready", {"config": engine.config, "tokenizer": engine.tokenizer,
                                "max_seq_len": engine.max_seq_len, "max_batch_size": engine.max_batch_size,
                                "max_queue": engine.max_queue, "members": engine.members(),
-                               "threads": torch.get_num_threads()}))
+                               "threads": torch.get_num_threads(), "warm_up_s": warm_up_s}))
     engine.start()
     try:
         _serve_calls(connection, engine, outbox)
