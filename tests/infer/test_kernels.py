@@ -26,7 +26,10 @@ def mixed_call(runner: Runner):
                          ids=["qwen3", "qwen3-bias", "llama-tied", "llama-mlp-bias"])
 def test_packed_layers_and_heads_give_the_modules_outputs(family_factory, architecture):
     family = family_factory(**architecture)
-    outputs = {mode: mixed_call(Runner(family, SlotCache(family.config, 3, 32), mode)) for mode in ("eager", "packed")}
+    runners = {mode: Runner(family, SlotCache(family.config, 3, 32), mode) for mode in ("eager", "packed")}
+    # Then one decoding row alone: a one-row call runs on the packs laid out for one row.
+    outputs = {mode: mixed_call(runner) + runner.forward([Row(0, 9, 5)], tokens=[7])
+               for mode, runner in runners.items()}
     for eager, packed in zip(outputs["eager"], outputs["packed"]):
         torch.testing.assert_close(packed.logits, eager.logits, atol=1e-4, rtol=1e-4)
         assert packed.exit == eager.exit
@@ -59,7 +62,8 @@ def test_refresh_packs_every_layer_and_head_at_once(family):
     config = family.config
     layers = config.num_hidden_layers + sum(config.branch_depth(e) for e in config.exits[:-1])
     heads = len({id(family.exit_head(e)) for e in config.exits})
-    assert kernels.packs == layers + heads
+    # Each laid out twice: for one-row calls and for calls of more rows.
+    assert kernels.packs == 2 * (layers + heads)
 
 
 def test_greedy_tokens_equal_the_eager_engines(family):
@@ -83,7 +87,7 @@ def test_bfloat16_weights_run_packed_where_the_cpu_has_bf16_instructions(family_
     runners = {mode: Runner(family, SlotCache(family.config, 3, 32, dtype=torch.bfloat16), mode)
                for mode in ("eager", "packed")}
     assert runners["packed"].kernels.mode == "packed"
-    # Then one decoding row alone, which runs packed in bf16 (in float32 it runs the modules).
+    # Then one decoding row alone.
     outputs = {mode: mixed_call(runner) + runner.forward([Row(0, 9, 5)], tokens=[7])
                for mode, runner in runners.items()}
     for eager, packed in zip(outputs["eager"], outputs["packed"]):

@@ -10,10 +10,13 @@ So a `packed` layer runs:
 - gate with SiLU fused, up with the product by the gate fused (SiLU(gate) x up in two calls,
   no element-wise pass of its own);
 and each exit's head from a packed copy too. Norms, rotary and attention stay the model's own
-code. A call of one token in float32 runs the model's own modules: a one-row product only
-streams the weights, which MKL's GEMV does at least as fast from the layout as stored. In
-bfloat16 one row runs packed too: torch's own bf16 product of one row is 2-3x slower than
-oneDNN's. Results match the model's to float rounding (1e-5 relative in float32).
+code. oneDNN picks the blocked layout by the number of rows it expects, and the layout for
+one row (a matrix-vector product) is not the one for many: one row runs 1.1-1.4x faster on
+weights packed for one row than for 32 (and than MKL's GEMV on the weights as stored, which
+also leaves a second thread idle), 16 rows 1.6x slower. So every weight is packed twice, for
+one row and for 32 (vLLM's CPU backend packs for 32), and a call takes the pack of its row
+count: the runner holds the weights three times (the model's and two packs). Results match
+the model's to float rounding (1e-5 relative in float32).
 
 Packed copies would go stale when the weights change under a running runner (a GRPO update
 between rollouts, `load_state_dict`, `model.to`): each pack remembers its source tensors by
@@ -33,9 +36,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from familial.model import DecoderLayer, FamilyModel, apply_rotary
+from familial.model import DecoderLayer, FamilyModel
 
 # "auto": packed where the device and dtype allow, else eager.
 MODES = ("auto", "packed", "eager")
@@ -50,8 +54,12 @@ def packable(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+# The row counts packs are laid out for: one row, and every call of more (vLLM packs for 32).
+ONE_ROW, MANY_ROWS = 1, 32
+
+
+def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: str = "none") -> torch.Tensor:
@@ -100,7 +108,10 @@ class Packs:
 class _LayerPack:
     qkv: torch.Tensor
     qkv_bias: torch.Tensor | None
-    split: tuple[int, int, int]
+    # query heads, then key heads (the value heads follow).
+    heads: tuple[int, int]
+    # Qwen3's q_norm and k_norm weights, one row per query head then per key head (None: Llama).
+    qk_norm: torch.Tensor | None
     o: torch.Tensor
     o_bias: torch.Tensor | None
     gate: torch.Tensor
@@ -115,19 +126,28 @@ def _layer_sources(layer: DecoderLayer) -> list[torch.Tensor] | None:
     # The fused MLP products take no bias (Llama's rare mlp_bias runs on the module path).
     if any(type(m) is not nn.Linear for m in linears) or mlp.gate_proj.bias is not None:
         return None
-    return [t for m in linears for t in (m.weight, m.bias) if t is not None]
+    norms = [] if attn.q_norm is None else [attn.q_norm.weight, attn.k_norm.weight]
+    if norms and attn.q_norm.eps != attn.k_norm.eps:
+        return None
+    return [t for m in linears for t in (m.weight, m.bias) if t is not None] + norms
 
 
-def _build_layer(layer: DecoderLayer) -> _LayerPack:
+def _build_layer(layer: DecoderLayer, rows: int) -> _LayerPack:
     attn, mlp = layer.self_attn, layer.mlp
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     biases = None
     if attn.q_proj.bias is not None:
         biases = torch.cat([p.bias.detach() for p in projections])
-    return _LayerPack(_pack(torch.cat([p.weight.detach() for p in projections])), biases,
-                      tuple(p.out_features for p in projections),
-                      _pack(attn.o_proj.weight), None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
-                      _pack(mlp.gate_proj.weight), _pack(mlp.up_proj.weight), _pack(mlp.down_proj.weight))
+    dim = attn.head_dim
+    heads = (attn.q_proj.out_features // dim, attn.k_proj.out_features // dim)
+    qk_norm = None
+    if attn.q_norm is not None:
+        qk_norm = torch.cat([attn.q_norm.weight.detach().expand(heads[0], dim),
+                             attn.k_norm.weight.detach().expand(heads[1], dim)])
+    return _LayerPack(_pack(torch.cat([p.weight.detach() for p in projections]), rows), biases, heads, qk_norm,
+                      _pack(attn.o_proj.weight, rows), None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+                      _pack(mlp.gate_proj.weight, rows), _pack(mlp.up_proj.weight, rows),
+                      _pack(mlp.down_proj.weight, rows))
 
 
 class Kernels:
@@ -143,9 +163,9 @@ class Kernels:
                              f"where the CPU has bf16 instructions), not {parameter.dtype} on {parameter.device}")
         self.model = model
         self.mode = "packed" if mode == "auto" and available else mode if mode != "auto" else "eager"
-        # The fewest rows a call needs to run packed (see the module docstring).
-        self.min_rows = 2 if parameter.dtype == torch.float32 else 1
         self._packs = Packs()
+        self._sin: torch.Tensor | None = None
+        self._signed_sin: torch.Tensor | None = None
 
     @property
     def packs(self) -> int:
@@ -160,48 +180,62 @@ class Kernels:
         layers = [*self.model.model.layers.values()]
         for exit_layer in self.model.config.exits[:-1]:
             layers += self.model.branch_layers(exit_layer)
-        for layer in layers:
-            self._layer_pack(layer)
-        for exit_layer in self.model.config.exits:
-            self._head_pack(self.model.exit_head(exit_layer))
+        for rows in (ONE_ROW, MANY_ROWS):
+            for layer in layers:
+                self._layer_pack(layer, rows)
+            for exit_layer in self.model.config.exits:
+                self._head_pack(self.model.exit_head(exit_layer), rows)
 
-    def _layer_pack(self, layer: DecoderLayer) -> _LayerPack | None:
+    def _layer_pack(self, layer: DecoderLayer, rows: int) -> _LayerPack | None:
         sources = _layer_sources(layer)
         if sources is None:
             return None
-        return self._packs.get(id(layer), sources, lambda: _build_layer(layer))
+        layout = ONE_ROW if rows == 1 else MANY_ROWS
+        return self._packs.get((id(layer), layout), sources, lambda: _build_layer(layer, layout))
 
-    def _head_pack(self, head: nn.Module) -> torch.Tensor | None:
+    def _head_pack(self, head: nn.Module, rows: int) -> torch.Tensor | None:
         if type(head) is not nn.Linear or head.bias is not None:
             return None
-        return self._packs.get(id(head), [head.weight], lambda: _pack(head.weight))
+        layout = ONE_ROW if rows == 1 else MANY_ROWS
+        return self._packs.get((id(head), layout), [head.weight], lambda: _pack(head.weight, layout))
 
     def layer(self, layer: DecoderLayer, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
               cache) -> torch.Tensor:
         """`layer(x, rotary, None, cache)`, on packed kernels where it has them."""
-        pack = self._layer_pack(layer) if self.mode == "packed" and x.shape[1] >= self.min_rows else None
+        pack = self._layer_pack(layer, x.shape[1]) if self.mode == "packed" else None
         if pack is None:
             return layer(x, rotary, None, cache)
-        attn = layer.self_attn
         batch, length, _ = x.shape
-        dim = attn.head_dim
-        # (B, T, heads*D) -> (B, heads, T, D), as Attention.forward.
-        q, k, v = _linear(layer.input_layernorm(x), pack.qkv, pack.qkv_bias).split(pack.split, -1)
-        q, k = q.view(batch, length, -1, dim), k.view(batch, length, -1, dim)
-        if attn.q_norm is not None:  # Qwen3's per-head q/k norms (Llama has none)
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(batch, length, -1, dim).transpose(1, 2)
-        cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dim = layer.self_attn.head_dim
+        heads = _linear(layer.input_layernorm(x), pack.qkv, pack.qkv_bias).view(batch, length, -1, dim)
+        # Queries and keys side by side (B, T, heads, D): their norms and rotary in one pass each.
+        q_heads, k_heads = pack.heads
+        qk = heads[:, :, :q_heads + k_heads]
+        if pack.qk_norm is not None:
+            qk = F.rms_norm(qk, (dim,), None, layer.self_attn.q_norm.eps).mul_(pack.qk_norm)
+        qk = self._rotate(qk, *rotary)
+        # (B, T, heads, D) -> (B, heads, T, D), as Attention.forward.
+        q, k = qk.transpose(1, 2).split(pack.heads, 1)
+        v = heads[:, :, q_heads + k_heads:].transpose(1, 2)
         out = cache.attend(layer.cache_name, q, k, v, None).transpose(1, 2).reshape(batch, length, -1)
         x = _linear_with(out, x, pack.o, pack.o_bias, "add")
         h = layer.post_attention_layernorm(x)
         gate = _linear(h, pack.gate, None, "swish")
         return _linear_with(_linear_with(h, gate, pack.up, None, "mul"), x, pack.down, None, "add")
 
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`apply_rotary` on (B, T, heads, D), bit for bit: rotate_half(x) * sin is x with its
+        halves swapped (one copy) times sin with its first half negated, which every layer of a
+        call shares (built once per call's `sin`)."""
+        if self._sin is not sin:
+            half = sin.shape[-1] // 2
+            self._sin, self._signed_sin = sin, torch.cat((-sin[..., :half], sin[..., half:]), -1)
+        half = x.shape[-1] // 2
+        swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+        return (x * cos[:, :, None]).add_(swapped * self._signed_sin[:, :, None])
+
     def head(self, exit_layer: int, h: torch.Tensor) -> torch.Tensor:
         """Exit `exit_layer`'s norm and head on (N, hidden) states -> (N, vocab) logits."""
         head, h = self.model.exit_head(exit_layer), self.model.exit_norm(exit_layer)(h)
-        pack = self._head_pack(head) if self.mode == "packed" and h.shape[0] >= self.min_rows else None
+        pack = self._head_pack(head, h.shape[0]) if self.mode == "packed" else None
         return head(h) if pack is None else _linear(h, pack, None)
