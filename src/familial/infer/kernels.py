@@ -7,16 +7,18 @@ GEMM's output (what that is worth per shape: `bench/packed_layers.py`, figures i
 So a `packed` layer runs:
 - q, k and v as one product (the normed input read once);
 - o and down with the residual add fused into the product;
-- gate with SiLU fused, up with the product by the gate fused (SiLU(gate) x up in two calls,
-  no element-wise pass of its own);
-and each exit's head from a packed copy too. Norms, rotary and attention stay the model's own
-code. oneDNN picks the blocked layout by the number of rows it expects, and the layout for
-one row (a matrix-vector product) is not the one for many: one row runs 1.1-1.4x faster on
-weights packed for one row than for 32 (and than MKL's GEMV on the weights as stored, which
-also leaves a second thread idle), 16 rows 1.6x slower. So every weight is packed twice, for
-one row and for 32 (vLLM's CPU backend packs for 32), and a call takes the pack of its row
-count: the runner holds the weights three times (the model's and two packs). Results match
-the model's to float rounding (1e-5 relative in float32).
+- gate and up as one product (oneDNN's fused SiLU and multiply on two products instead ran
+  no faster, and one call fewer counts at a decoding step of a small model);
+and each exit's head from a packed copy too. Queries and keys are normed (Qwen3) and rotated
+together, in one pass each; attention stays the cache's own code.
+
+oneDNN picks the blocked layout by the number of rows it expects, and the layout for one row
+(a matrix-vector product) is not the one for many: one row runs 1.1-1.4x faster on weights
+packed for one row than for 32 (and than MKL's GEMV on the weights as stored, which also
+leaves a second thread idle), 16 rows 1.6x slower. So every weight is packed twice, for one
+row and for 32 (vLLM's CPU backend packs for 32), and a call takes the pack of its row count:
+the runner holds the weights three times (the model's and two packs). Results match the
+model's to float rounding (1e-5 relative in float32).
 
 Packed copies would go stale when the weights change under a running runner (a GRPO update
 between rollouts, `load_state_dict`, `model.to`): each pack remembers its source tensors by
@@ -114,8 +116,7 @@ class _LayerPack:
     qk_norm: torch.Tensor | None
     o: torch.Tensor
     o_bias: torch.Tensor | None
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate_up: torch.Tensor
     down: torch.Tensor
 
 
@@ -146,7 +147,7 @@ def _build_layer(layer: DecoderLayer, rows: int) -> _LayerPack:
                              attn.k_norm.weight.detach().expand(heads[1], dim)])
     return _LayerPack(_pack(torch.cat([p.weight.detach() for p in projections]), rows), biases, heads, qk_norm,
                       _pack(attn.o_proj.weight, rows), None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
-                      _pack(mlp.gate_proj.weight, rows), _pack(mlp.up_proj.weight, rows),
+                      _pack(torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]), rows),
                       _pack(mlp.down_proj.weight, rows))
 
 
@@ -220,8 +221,8 @@ class Kernels:
         out = cache.attend(layer.cache_name, q, k, v, None).transpose(1, 2).reshape(batch, length, -1)
         x = _linear_with(out, x, pack.o, pack.o_bias, "add")
         h = layer.post_attention_layernorm(x)
-        gate = _linear(h, pack.gate, None, "swish")
-        return _linear_with(_linear_with(h, gate, pack.up, None, "mul"), x, pack.down, None, "add")
+        gate, up = _linear(h, pack.gate_up, None).chunk(2, -1)
+        return _linear_with(F.silu(gate).mul_(up), x, pack.down, None, "add")
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """`apply_rotary` on (B, T, heads, D), bit for bit: rotate_half(x) * sin is x with its
