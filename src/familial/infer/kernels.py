@@ -120,17 +120,26 @@ class _LayerPack:
     down: torch.Tensor
 
 
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
 def _layer_sources(layer: DecoderLayer) -> list[torch.Tensor] | None:
-    """The tensors a layer's pack is built from; None when a projection is not a plain Linear."""
-    attn, mlp = layer.self_attn, layer.mlp
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    """The tensors a layer's pack is built from; None when a projection is not a plain Linear.
+    Read through the modules' own dicts: it runs before every packed call, and nn.Module's
+    attribute lookup made it a visible share of a small model's decoding step."""
+    attn, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules
+    linears = [attn[name] for name in _ATTENTION] + [mlp[name] for name in _MLP]
     # The fused MLP products take no bias (Llama's rare mlp_bias runs on the module path).
-    if any(type(m) is not nn.Linear for m in linears) or mlp.gate_proj.bias is not None:
+    if any(type(m) is not nn.Linear for m in linears) or linears[4]._parameters["bias"] is not None:
         return None
-    norms = [] if attn.q_norm is None else [attn.q_norm.weight, attn.k_norm.weight]
-    if norms and attn.q_norm.eps != attn.k_norm.eps:
+    sources = [t for m in linears for t in (m._parameters["weight"], m._parameters["bias"]) if t is not None]
+    if attn.get("q_norm") is None:
+        return sources
+    q_norm, k_norm = attn["q_norm"], attn["k_norm"]
+    if q_norm.eps != k_norm.eps:
         return None
-    return [t for m in linears for t in (m.weight, m.bias) if t is not None] + norms
+    return sources + [q_norm._parameters["weight"], k_norm._parameters["weight"]]
 
 
 def _build_layer(layer: DecoderLayer, rows: int) -> _LayerPack:
