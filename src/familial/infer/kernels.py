@@ -60,6 +60,11 @@ def packable(device: torch.device, dtype: torch.dtype) -> bool:
 ONE_ROW, MANY_ROWS = 1, 32
 
 
+def _layout(rows: int) -> int:
+    """The layout a call of `rows` rows runs on."""
+    return ONE_ROW if rows == 1 else MANY_ROWS
+
+
 def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
@@ -200,13 +205,13 @@ class Kernels:
         sources = _layer_sources(layer)
         if sources is None:
             return None
-        layout = ONE_ROW if rows == 1 else MANY_ROWS
+        layout = _layout(rows)
         return self._packs.get((id(layer), layout), sources, lambda: _build_layer(layer, layout))
 
     def _head_pack(self, head: nn.Module, rows: int) -> torch.Tensor | None:
         if type(head) is not nn.Linear or head.bias is not None:
             return None
-        layout = ONE_ROW if rows == 1 else MANY_ROWS
+        layout = _layout(rows)
         return self._packs.get((id(head), layout), [head.weight], lambda: _pack(head.weight, layout))
 
     def layer(self, layer: DecoderLayer, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
