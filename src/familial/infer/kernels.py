@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from familial.infer import native
 from familial.model import DecoderLayer, FamilyModel
 
 # "auto": packed where the device and dtype allow, else eager.
@@ -179,6 +180,9 @@ class Kernels:
         self.model = model
         self.mode = "packed" if mode == "auto" and available else mode if mode != "auto" else "eager"
         self._packs = Packs()
+        # A decoding step's attention (with its query/key norms, rotary and cache writes) on
+        # familial.infer.native's kernel, where it built.
+        self.native = self.mode == "packed" and parameter.dtype == torch.float32 and native.load() is not None
         self._sin: torch.Tensor | None = None
         self._signed_sin: torch.Tensor | None = None
 
@@ -222,21 +226,57 @@ class Kernels:
             return layer(x, rotary, None, cache)
         batch, length, _ = x.shape
         dim = layer.self_attn.head_dim
-        heads = _linear(layer.input_layernorm(x), pack.qkv, pack.qkv_bias).view(batch, length, -1, dim)
+        heads = _linear(self._norm(layer.input_layernorm, x), pack.qkv, pack.qkv_bias)
+        decoding = cache.decode_apart if self.native and batch == 1 else 0
+        if decoding:
+            out = self._decode_attention(layer, pack, heads.view(length, -1)[:decoding], rotary, cache, decoding)
+        if decoding < length:
+            rest = self._attention(layer, pack, heads[:, decoding:].view(batch, length - decoding, -1, dim),
+                                   tuple(t[:, decoding:] for t in rotary), cache.span_batch if decoding else cache)
+            out = torch.cat((out[None], rest), 1) if decoding else rest
+        else:
+            out = out[None]
+        x = _linear_with(out, x, pack.o, pack.o_bias, "add")
+        gate_up = _linear(self._norm(layer.post_attention_layernorm, x), pack.gate_up, None)
+        if self.native:
+            inner = native.silu_mul(gate_up.view(batch * length, -1)).view(batch, length, -1)
+        else:
+            gate, up = gate_up.chunk(2, -1)
+            inner = F.silu(gate).mul_(up)
+        return _linear_with(inner, x, pack.down, None, "add")
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return native.rms_norm(x, norm._parameters["weight"], norm.eps)
+        return norm(x)
+
+    def _decode_attention(self, layer: DecoderLayer, pack: _LayerPack, heads: torch.Tensor,
+                          rotary: tuple[torch.Tensor, torch.Tensor], cache, rows: int) -> torch.Tensor:
+        """The call's first `rows` rows, one token each, on the native kernel -> (rows, heads * D)."""
+        keys, values = cache.cache.buffers(layer.cache_name)
+        eps = layer.self_attn.q_norm.eps if pack.qk_norm is not None else 0.0
+        cos, sin = (t[:, :rows] for t in rotary)
+        return native.decode_attention(heads, pack.qk_norm, eps, cos, sin, keys, values, cache.slot_tensor[:rows],
+                                       cache.positions[:rows], pack.heads[0])
+
+    def _attention(self, layer: DecoderLayer, pack: _LayerPack, heads: torch.Tensor,
+                   rotary: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
+        """Attention of (B, T, heads, D) projected heads on torch's kernels -> (B, T, heads * D)."""
+        batch, length, _, dim = heads.shape
         # Queries and keys side by side (B, T, heads, D): their norms and rotary in one pass each.
         q_heads, k_heads = pack.heads
         qk = heads[:, :, :q_heads + k_heads]
-        if pack.qk_norm is not None:
-            qk = F.rms_norm(qk, (dim,), None, layer.self_attn.q_norm.eps).mul_(pack.qk_norm)
-        qk = self._rotate(qk, *rotary)
+        eps = layer.self_attn.q_norm.eps if pack.qk_norm is not None else 0.0
+        if self.native and batch == 1:
+            native.norm_rotate_(heads[0], pack.qk_norm, eps, *rotary, q_heads + k_heads)
+        else:
+            if pack.qk_norm is not None:
+                qk = F.rms_norm(qk, (dim,), None, eps).mul_(pack.qk_norm)
+            qk = self._rotate(qk, *rotary)
         # (B, T, heads, D) -> (B, heads, T, D), as Attention.forward.
         q, k = qk.transpose(1, 2).split(pack.heads, 1)
         v = heads[:, :, q_heads + k_heads:].transpose(1, 2)
-        out = cache.attend(layer.cache_name, q, k, v, None).transpose(1, 2).reshape(batch, length, -1)
-        x = _linear_with(out, x, pack.o, pack.o_bias, "add")
-        h = layer.post_attention_layernorm(x)
-        gate, up = _linear(h, pack.gate_up, None).chunk(2, -1)
-        return _linear_with(F.silu(gate).mul_(up), x, pack.down, None, "add")
+        return cache.attend(layer.cache_name, q, k, v, None).transpose(1, 2).reshape(batch, length, -1)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """`apply_rotary` on (B, T, heads, D), bit for bit: rotate_half(x) * sin is x with its
@@ -251,6 +291,6 @@ class Kernels:
 
     def head(self, exit_layer: int, h: torch.Tensor) -> torch.Tensor:
         """Exit `exit_layer`'s norm and head on (N, hidden) states -> (N, vocab) logits."""
-        head, h = self.model.exit_head(exit_layer), self.model.exit_norm(exit_layer)(h)
+        head, h = self.model.exit_head(exit_layer), self._norm(self.model.exit_norm(exit_layer), h)
         pack = self._head_pack(head, h.shape[0]) if self.mode == "packed" else None
         return head(h) if pack is None else _linear(h, pack, None)

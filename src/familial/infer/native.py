@@ -1,0 +1,87 @@
+"""The serving runner's own CPU kernel: decoding attention (csrc/decode_attention.cpp).
+
+torch's fused attention (SDPA) serves a decoding step badly: it wants one query length and
+one key length for every row of a call, so rows of different lengths read padding (or pay a
+call each: familial.infer.cache's `decode_runs`), it runs a flash kernel blocked for long
+queries on 2-row queries, and the query/key norms, rotary and cache writes before it are a
+dozen more element-wise calls per layer. `decode_attention` does all of that per (row, KV
+head) in one pass: norm and rotate the key, write key and value into the cache, norm and rotate
+the group's queries, and attend over the row's own positions only, reading each cached key and
+value once for the group (vLLM ships a CPU kernel of its own for the same reason).
+
+It is compiled from source with torch's C++ extension builder the first time a process needs
+it (about 10-25 s; cached under torch's extension directory, so later processes load it in
+milliseconds), for the CPU it runs on. Without a compiler, or when the build fails, `load()`
+says why once and the runner keeps its torch path: same outputs, slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+
+
+def _cpu_tag() -> str:
+    """The build is for this CPU's instruction set (-march=native): a cached build made on
+    another CPU (a home directory shared between machines) must not be loaded here."""
+    flags = ""
+    if Path("/proc/cpuinfo").exists():
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+@functools.cache
+def load() -> float | None:
+    """Build (or load the cached build of) the kernel; the seconds it took, None when unavailable."""
+    if not sys.platform.startswith("linux") or not torch.backends.mkldnn.is_available():
+        return None
+    from torch.utils import cpp_extension
+
+    start = time.perf_counter()
+    try:
+        cpp_extension.load(f"familial_native_{_cpu_tag()}", [str(SOURCE)], is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # noqa: BLE001 - any build failure leaves the torch path running
+        warnings.warn(f"familial: the decoding attention kernel did not build ({type(error).__name__}: "
+                      f"{str(error).strip().splitlines()[-1] if str(error).strip() else error}); "
+                      "decoding runs on torch's attention instead", RuntimeWarning, stacklevel=2)
+        return None
+    return time.perf_counter() - start
+
+
+def decode_attention(qkv: torch.Tensor, qk_norm: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                     sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor, q_heads: int) -> torch.Tensor:
+    """Rows of one token each: qkv (rows, (q_heads + 2 kv_heads) * head_dim) as the fused
+    projection gives it; cos/sin (1, rows, head_dim); keys/values the layer's cache buffers
+    (slots, kv_heads, max_len, head_dim), written at (slots[i], positions[i]); qk_norm the
+    stacked q_norm/k_norm weights (one row per query head, then per key head) or None.
+    Returns the attention output (rows, q_heads * head_dim)."""
+    return torch.ops.familial.decode_attention(qkv, qk_norm, eps, cos, sin, keys, values, slots, positions,
+                                               q_heads, keys.shape[-1] ** -0.5)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """familial.model.rms_norm for float32 x (..., hidden), in one pass."""
+    return torch.ops.familial.rms_norm(x.contiguous(), weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(rows, 2F) gate and up side by side -> (rows, F) silu(gate) * up, in one pass."""
+    return torch.ops.familial.silu_mul(gate_up)
+
+
+def norm_rotate_(heads: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                 count: int) -> None:
+    """In place on contiguous heads (tokens, heads, head_dim): the first `count` heads of each
+    token normed by `weight` (count, head_dim) (None: not normed) and rotated by cos/sin (1, tokens, head_dim)."""
+    torch.ops.familial.norm_rotate_(heads, weight, eps, cos, sin, count)
