@@ -9,9 +9,9 @@ head) in one pass: norm and rotate the key, write key and value into the cache, 
 the group's queries, and attend over the row's own positions only, reading each cached key and
 value once for the group (vLLM ships a CPU kernel of its own for the same reason).
 
-It is compiled from source with torch's C++ extension builder the first time a process needs
-it (about 10-25 s; cached under torch's extension directory, so later processes load it in
-milliseconds), for the CPU it runs on. Without a compiler, or when the build fails, `load()`
+It is compiled from source with torch's C++ extension builder (g++ and ninja, which the
+package depends on) the first time a process needs it (about 10-25 s; cached under torch's
+extension directory, so later processes load it in milliseconds), for the CPU it runs on. Without a compiler, or when the build fails, `load()`
 says why once and the runner keeps its torch path: same outputs, slower.
 """
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -46,6 +48,15 @@ def load() -> float | None:
         return None
     from torch.utils import cpp_extension
 
+    if shutil.which("ninja") is None:
+        # torch's builder runs `ninja` from PATH; the pip package's copy is not on it unless the
+        # environment is activated.
+        try:
+            import ninja
+        except ImportError:
+            pass
+        else:
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     start = time.perf_counter()
     try:
         cpp_extension.load(f"familial_native_{_cpu_tag()}", [str(SOURCE)], is_python_module=False,
