@@ -33,9 +33,11 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for a slot before new ones get 429")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="prompt plus answer tokens per request (default: the model's, at most 4096)")
-    parser.add_argument("--max-prefill-tokens", type=int, default=512,
+    parser.add_argument("--max-prefill-tokens", type=int, default=2048,
                         help="prompt tokens prefilled per engine step beside the decoding sequences (as "
-                             "vLLM's --max-num-batched-tokens): smaller stalls running streams less")
+                             "vLLM's --max-num-batched-tokens, 2048 on CPU): smaller stalls running streams "
+                             "less and answers the shortest prompts of a burst sooner, larger clears a burst "
+                             "sooner")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="weights and KV cache precision (default: the checkpoint's)")
@@ -157,7 +159,8 @@ def _run_server(args: argparse.Namespace, family: Path, sock: socket.socket, pol
     try:
         print(f"serving {family} ({', '.join(m['id'] for m in engine.members())}) on "
               f"http://{host}:{args.port}/ (playground), OpenAI API at /v1; the engine runs in its own "
-              f"process with {engine.threads} threads (warmed up in {engine.warm_up_s:.1f} s)", flush=True)
+              f"process with {engine.threads} threads on {engine.kernels} (warmed up in {engine.warm_up_s:.1f} s)",
+              flush=True)
         server.run(sockets=[sock])
     except (KeyboardInterrupt, _Terminated):
         pass

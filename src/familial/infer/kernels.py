@@ -182,9 +182,18 @@ class Kernels:
         self._packs = Packs()
         # A decoding step's attention (with its query/key norms, rotary and cache writes) on
         # familial.infer.native's kernel, where it built.
-        self.native = self.mode == "packed" and parameter.dtype == torch.float32 and native.load() is not None
+        self.native_seconds = native.load() if self.mode == "packed" and parameter.dtype == torch.float32 else None
+        self.native = self.native_seconds is not None
         self._sin: torch.Tensor | None = None
         self._signed_sin: torch.Tensor | None = None
+
+    def describe(self) -> str:
+        """What runs the layers, for a server's start-up line."""
+        if self.mode == "eager":
+            return "the model's own modules (kernels = eager)"
+        if self.native:
+            return f"packed oneDNN products and native kernels (ready in {self.native_seconds:.1f} s)"
+        return "packed oneDNN products and torch's attention"
 
     @property
     def packs(self) -> int:

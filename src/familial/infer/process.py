@@ -90,6 +90,7 @@ class EngineProcess:
         self.max_seq_len, self.max_batch_size, self.max_queue = (
             info["max_seq_len"], info["max_batch_size"], info["max_queue"])
         self.threads, self.warm_up_s, self._members = info["threads"], info["warm_up_s"], info["members"]
+        self.kernels = info["kernels"]
         self._outgoing: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._handles: dict[str, _Handle] = {}
@@ -274,7 +275,8 @@ def _child(connection) -> None:
     connection.send(("ready", {"config": engine.config, "tokenizer": engine.tokenizer,
                                "max_seq_len": engine.max_seq_len, "max_batch_size": engine.max_batch_size,
                                "max_queue": engine.max_queue, "members": engine.members(),
-                               "threads": torch.get_num_threads(), "warm_up_s": warm_up_s}))
+                               "threads": torch.get_num_threads(), "warm_up_s": warm_up_s,
+                               "kernels": engine.runner.kernels.describe()}))
     engine.start()
     try:
         _serve_calls(connection, engine, outbox)
