@@ -33,11 +33,10 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for a slot before new ones get 429")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="prompt plus answer tokens per request (default: the model's, at most 4096)")
-    parser.add_argument("--max-prefill-tokens", type=int, default=2048,
+    parser.add_argument("--max-prefill-tokens", type=int, default=512,
                         help="prompt tokens prefilled per engine step beside the decoding sequences (as "
                              "vLLM's --max-num-batched-tokens, 2048 on CPU): smaller stalls running streams "
-                             "less and answers the shortest prompts of a burst sooner, larger clears a burst "
-                             "sooner")
+                             "less and answers the shortest prompts of a burst sooner")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="weights and KV cache precision (default: the checkpoint's)")

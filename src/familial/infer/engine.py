@@ -114,7 +114,7 @@ def suggested_threads(config) -> int:
 
 class Engine:
     def __init__(self, model: FamilyModel, tokenizer=None, max_batch_size: int = 8, max_queue: int = 64,
-                 device: str = "cpu", max_seq_len: int | None = None, max_prefill_tokens: int = 2048,
+                 device: str = "cpu", max_seq_len: int | None = None, max_prefill_tokens: int = 512,
                  early_exit: EarlyExit | None = None, exit_kv: str = "recompute", kernels: str = "auto") -> None:
         if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}), max_queue ({max_queue}) and "

@@ -9,8 +9,11 @@ So a `packed` layer runs:
 - o and down with the residual add fused into the product;
 - gate and up as one product (oneDNN's fused SiLU and multiply on two products instead ran
   no faster, and one call fewer counts at a decoding step of a small model);
-and each exit's head from a packed copy too. Queries and keys are normed (Qwen3) and rotated
-together, in one pass each; attention stays the cache's own code.
+and each exit's head from a packed copy too. In float32, the steps between the products run on
+familial.infer.native's kernels where they built: RMSNorm and SiLU x up in one pass each, and
+the decoding rows leading a call (one token each, in slots of their own) attend in one call per
+layer that also norms, rotates and caches their keys; prompt chunks norm and rotate their
+queries and keys in place, then attend with the cache's own code (torch's SDPA).
 
 oneDNN picks the blocked layout by the number of rows it expects, and the layout for one row
 (a matrix-vector product) is not the one for many: one row runs 1.1-1.4x faster on weights
@@ -234,17 +237,8 @@ class Kernels:
         if pack is None:
             return layer(x, rotary, None, cache)
         batch, length, _ = x.shape
-        dim = layer.self_attn.head_dim
         heads = _linear(self._norm(layer.input_layernorm, x), pack.qkv, pack.qkv_bias)
-        decoding = cache.decode_apart if self.native and batch == 1 else 0
-        if decoding:
-            out = self._decode_attention(layer, pack, heads.view(length, -1)[:decoding], rotary, cache, decoding)
-        if decoding < length:
-            rest = self._attention(layer, pack, heads[:, decoding:].view(batch, length - decoding, -1, dim),
-                                   tuple(t[:, decoding:] for t in rotary), cache.span_batch if decoding else cache)
-            out = torch.cat((out[None], rest), 1) if decoding else rest
-        else:
-            out = out[None]
+        out = self._attend(layer, pack, heads, rotary, cache)
         x = _linear_with(out, x, pack.o, pack.o_bias, "add")
         gate_up = _linear(self._norm(layer.post_attention_layernorm, x), pack.gate_up, None)
         if self.native:
@@ -259,19 +253,30 @@ class Kernels:
             return native.rms_norm(x, norm._parameters["weight"], norm.eps)
         return norm(x)
 
-    def _decode_attention(self, layer: DecoderLayer, pack: _LayerPack, heads: torch.Tensor,
-                          rotary: tuple[torch.Tensor, torch.Tensor], cache, rows: int) -> torch.Tensor:
-        """The call's first `rows` rows, one token each, on the native kernel -> (rows, heads * D)."""
+    def _attend(self, layer: DecoderLayer, pack: _LayerPack, heads: torch.Tensor,
+                rotary: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
+        """Attention of (B, T, q/k/v features) projected heads -> (B, T, heads * D): the
+        decoding rows leading the call on the native kernel where they can attend apart, the
+        rest on torch's kernels."""
+        rows = cache.decode_apart if self.native and heads.shape[0] == 1 else 0
+        if not rows:
+            return self._attention(layer, pack, heads, rotary, cache)
         keys, values = cache.cache.buffers(layer.cache_name)
         eps = layer.self_attn.q_norm.eps if pack.qk_norm is not None else 0.0
         cos, sin = (t[:, :rows] for t in rotary)
-        return native.decode_attention(heads, pack.qk_norm, eps, cos, sin, keys, values, cache.slot_tensor[:rows],
-                                       cache.positions[:rows], pack.heads[0])
+        out = native.decode_attention(heads[0, :rows], pack.qk_norm, eps, cos, sin, keys, values,
+                                      cache.slot_tensor[:rows], cache.positions[:rows], pack.heads[0])[None]
+        if rows == heads.shape[1]:
+            return out
+        rest = self._attention(layer, pack, heads[:, rows:], tuple(t[:, rows:] for t in rotary), cache.span_batch)
+        return torch.cat((out, rest), 1)
 
     def _attention(self, layer: DecoderLayer, pack: _LayerPack, heads: torch.Tensor,
                    rotary: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
-        """Attention of (B, T, heads, D) projected heads on torch's kernels -> (B, T, heads * D)."""
-        batch, length, _, dim = heads.shape
+        """`_attend` on torch's kernels (and the native in-place norm and rotary where built)."""
+        dim = layer.self_attn.head_dim
+        heads = heads.view(*heads.shape[:2], -1, dim)
+        batch, length = heads.shape[:2]
         # Queries and keys side by side (B, T, heads, D): their norms and rotary in one pass each.
         q_heads, k_heads = pack.heads
         qk = heads[:, :, :q_heads + k_heads]
