@@ -141,21 +141,23 @@ class CacheBatch:
         return tuple(t[:, positions:positions + 1].expand(1, self.tokens, t.shape[-1]) for t in table)
 
     def _plan_decode(self, rows: list[int]) -> None:
-        """Single-token rows attend in a few calls, each over a run of slots lo..hi-1 (see
-        `decode_groups`)."""
         self.decode_rows = rows
-        if not rows:
-            return
-        slots = [self.slots[i] for i in rows]
-        visible = [self.starts[i] + 1 for i in rows]
         # Row i's token sits at offset i when every single-token row comes first.
         tokens = [self.offsets[i] for i in rows]
         self.decode_prefix = tokens == list(range(len(rows)))
         self.decode_tokens = None if self.decode_prefix else torch.tensor(tokens, dtype=torch.long,
                                                                           device=self.cache.device)
+
+    @functools.cached_property
+    def decode_groups(self) -> list[DecodeGroup]:
+        """Single-token rows attend in a few calls, each over a run of slots lo..hi-1. Planned
+        on first use: a runner on the native kernel (familial.infer.native) never needs them."""
+        rows = self.decode_rows
+        slots = [self.slots[i] for i in rows]
+        visible = [self.starts[i] + 1 for i in rows]
         ordered = all(a < b for a, b in zip(slots, slots[1:]))
         runs = decode_runs(slots, visible) if ordered else [(0, len(rows))]
-        self.decode_groups = [self._decode_group(first, end, slots, visible) for first, end in runs]
+        return [self._decode_group(first, end, slots, visible) for first, end in runs]
 
     def _decode_group(self, first: int, end: int, slots: list[int], visible: list[int]) -> DecodeGroup:
         """Decode rows first..end-1 (in call order) as one attention call over the slots they span."""
