@@ -183,8 +183,7 @@ class Kernels:
         self.model = model
         self.mode = "packed" if mode == "auto" and available else mode if mode != "auto" else "eager"
         self._packs = Packs()
-        # A decoding step's attention (with its query/key norms, rotary and cache writes) on
-        # familial.infer.native's kernel, where it built.
+        # Float32 runs familial.infer.native's kernels between the products, where they built.
         self.native_seconds = native.load() if self.mode == "packed" and parameter.dtype == torch.float32 else None
         self.native = self.native_seconds is not None
         self._sin: torch.Tensor | None = None

@@ -1,4 +1,4 @@
-"""The serving runner's own CPU kernel: decoding attention (csrc/decode_attention.cpp).
+"""The serving runner's own CPU kernels (csrc/cpu_ops.cpp), float32.
 
 torch's fused attention (SDPA) serves a decoding step badly: it wants one query length and
 one key length for every row of a call, so rows of different lengths read padding (or pay a
@@ -7,12 +7,15 @@ queries on 2-row queries, and the query/key norms, rotary and cache writes befor
 dozen more element-wise calls per layer. `decode_attention` does all of that per (row, KV
 head) in one pass: norm and rotate the key, write key and value into the cache, norm and rotate
 the group's queries, and attend over the row's own positions only, reading each cached key and
-value once for the group (vLLM ships a CPU kernel of its own for the same reason).
+value once for the group (vLLM ships a CPU kernel of its own for the same reason). `rms_norm`,
+`silu_mul` and `norm_rotate_` are the element-wise steps around the products in one pass each
+(torch runs RMSNorm as five passes on CPU).
 
-It is compiled from source with torch's C++ extension builder (g++ and ninja, which the
-package depends on) the first time a process needs it (about 10-25 s; cached under torch's
-extension directory, so later processes load it in milliseconds), for the CPU it runs on. Without a compiler, or when the build fails, `load()`
-says why once and the runner keeps its torch path: same outputs, slower.
+They are compiled from source with torch's C++ extension builder (g++ and ninja, which the
+package depends on) the first time a process needs them (10-25 s; cached under torch's
+extension directory, so later processes load them in milliseconds), for the CPU they run on.
+Without a compiler, or when the build fails, `load()` says why once and the runner keeps its
+torch path: same outputs, slower.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _cpu_tag() -> str:
 
 @functools.cache
 def load() -> float | None:
-    """Build (or load the cached build of) the kernel; the seconds it took, None when unavailable."""
+    """Build (or load the cached build of) the kernels; the seconds it took, None when unavailable."""
     if not sys.platform.startswith("linux") or not torch.backends.mkldnn.is_available():
         return None
     from torch.utils import cpp_extension
@@ -62,9 +65,9 @@ def load() -> float | None:
         cpp_extension.load(f"familial_native_{_cpu_tag()}", [str(SOURCE)], is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # noqa: BLE001 - any build failure leaves the torch path running
-        warnings.warn(f"familial: the decoding attention kernel did not build ({type(error).__name__}: "
+        warnings.warn(f"familial: the native CPU kernels did not build ({type(error).__name__}: "
                       f"{str(error).strip().splitlines()[-1] if str(error).strip() else error}); "
-                      "decoding runs on torch's attention instead", RuntimeWarning, stacklevel=2)
+                      "the engine runs torch's kernels instead", RuntimeWarning, stacklevel=2)
         return None
     return time.perf_counter() - start
 
