@@ -121,8 +121,10 @@ class _LayerPack:
     qkv_bias: torch.Tensor | None
     # query heads, then key heads (the value heads follow).
     heads: tuple[int, int]
-    # Qwen3's q_norm and k_norm weights, one row per query head then per key head (None: Llama).
+    # Qwen3's q_norm and k_norm weights, one row per query head then per key head (None: Llama),
+    # and their epsilon.
     qk_norm: torch.Tensor | None
+    qk_eps: float
     o: torch.Tensor
     o_bias: torch.Tensor | None
     gate_up: torch.Tensor
@@ -159,11 +161,12 @@ def _build_layer(layer: DecoderLayer, rows: int) -> _LayerPack:
         biases = torch.cat([p.bias.detach() for p in projections])
     dim = attn.head_dim
     heads = (attn.q_proj.out_features // dim, attn.k_proj.out_features // dim)
-    qk_norm = None
+    qk_norm, qk_eps = None, 0.0
     if attn.q_norm is not None:
         qk_norm = torch.cat([attn.q_norm.weight.detach().expand(heads[0], dim),
                              attn.k_norm.weight.detach().expand(heads[1], dim)])
-    return _LayerPack(_pack(torch.cat([p.weight.detach() for p in projections]), rows), biases, heads, qk_norm,
+        qk_eps = attn.q_norm.eps
+    return _LayerPack(_pack(torch.cat([p.weight.detach() for p in projections]), rows), biases, heads, qk_norm, qk_eps,
                       _pack(attn.o_proj.weight, rows), None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
                       _pack(torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]), rows),
                       _pack(mlp.down_proj.weight, rows))
@@ -261,9 +264,8 @@ class Kernels:
         if not rows:
             return self._attention(layer, pack, heads, rotary, cache)
         keys, values = cache.cache.buffers(layer.cache_name)
-        eps = layer.self_attn.q_norm.eps if pack.qk_norm is not None else 0.0
         cos, sin = (t[:, :rows] for t in rotary)
-        out = native.decode_attention(heads[0, :rows], pack.qk_norm, eps, cos, sin, keys, values,
+        out = native.decode_attention(heads[0, :rows], pack.qk_norm, pack.qk_eps, cos, sin, keys, values,
                                       cache.slot_tensor[:rows], cache.positions[:rows], pack.heads[0])[None]
         if rows == heads.shape[1]:
             return out
@@ -279,12 +281,11 @@ class Kernels:
         # Queries and keys side by side (B, T, heads, D): their norms and rotary in one pass each.
         q_heads, k_heads = pack.heads
         qk = heads[:, :, :q_heads + k_heads]
-        eps = layer.self_attn.q_norm.eps if pack.qk_norm is not None else 0.0
         if self.native and batch == 1:
-            native.norm_rotate_(heads[0], pack.qk_norm, eps, *rotary, q_heads + k_heads)
+            native.norm_rotate_(heads[0], pack.qk_norm, pack.qk_eps, *rotary, q_heads + k_heads)
         else:
             if pack.qk_norm is not None:
-                qk = F.rms_norm(qk, (dim,), None, eps).mul_(pack.qk_norm)
+                qk = F.rms_norm(qk, (dim,), None, pack.qk_eps).mul_(pack.qk_norm)
             qk = self._rotate(qk, *rotary)
         # (B, T, heads, D) -> (B, heads, T, D), as Attention.forward.
         q, k = qk.transpose(1, 2).split(pack.heads, 1)

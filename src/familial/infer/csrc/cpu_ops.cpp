@@ -37,17 +37,26 @@ inline float exp_clamped(float x) {
   return p * scale;
 }
 
-// x * rsqrt(mean(x^2) + eps) * weight, then rotary: out[i] = x[i] cos[i] - x[i+h] sin[i] for the
-// first half, x[i] cos[i] + x[i-h] sin[i] for the second (the model's apply_rotary).
+// out = x * rsqrt(mean(x^2) + eps) * weight (the model's rms_norm).
+void rms_normalize(const float* __restrict x, const float* __restrict weight, double eps, int64_t dim,
+                   float* __restrict out) {
+  float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < dim; ++i) squares += x[i] * x[i];
+  const float inverse = 1.f / std::sqrt(squares / dim + static_cast<float>(eps));
+#pragma omp simd
+  for (int64_t i = 0; i < dim; ++i) out[i] = x[i] * inverse * weight[i];
+}
+
+// rms_normalize (no weight: not normed), then rotary: out[i] = x[i] cos[i] - x[i+h] sin[i] for
+// the first half, x[i] cos[i] + x[i-h] sin[i] for the second (the model's apply_rotary). `out`
+// may be `x`; `normed` is scratch of `dim` floats.
 void norm_and_rotate(const float* x, const float* weight, double eps, const float* cos, const float* sin,
                      int64_t dim, float* normed, float* out) {
-  std::copy(x, x + dim, normed);
   if (weight != nullptr) {
-    float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t i = 0; i < dim; ++i) squares += x[i] * x[i];
-    const float inverse = 1.f / std::sqrt(squares / dim + static_cast<float>(eps));
-    for (int64_t i = 0; i < dim; ++i) normed[i] = x[i] * inverse * weight[i];
+    rms_normalize(x, weight, eps, dim, normed);
+  } else {
+    std::copy(x, x + dim, normed);
   }
   const int64_t half = dim / 2;
   for (int64_t i = 0; i < half; ++i) out[i] = normed[i] * cos[i] - normed[i + half] * sin[i];
@@ -116,13 +125,11 @@ at::Tensor decode_attention_for(const at::Tensor& qkv, const std::optional<at::T
   // Rows write their slot's cache in parallel: two rows of one slot would race.
   std::vector<bool> taken(keys.size(0));
   for (int64_t row = 0; row < rows; ++row) {
-    TORCH_CHECK(slot_data[row] < 0 || slot_data[row] >= keys.size(0) || !taken[slot_data[row]],
-                "decode_attention: slot ", slot_data[row], " has two rows");
-    if (slot_data[row] >= 0 && slot_data[row] < keys.size(0)) taken[slot_data[row]] = true;
-    TORCH_CHECK(slot_data[row] >= 0 && slot_data[row] < keys.size(0) && position_data[row] >= 0 &&
-                    position_data[row] < max_len,
-                "decode_attention: row ", row, " at slot ", slot_data[row], " position ", position_data[row],
-                " is outside the cache");
+    const int64_t slot = slot_data[row], position = position_data[row];
+    TORCH_CHECK(slot >= 0 && slot < keys.size(0) && position >= 0 && position < max_len, "decode_attention: row ",
+                row, " at slot ", slot, " position ", position, " is outside the cache");
+    TORCH_CHECK(!taken[slot], "decode_attention: slot ", slot, " has two rows");
+    taken[slot] = true;
   }
   auto out = at::empty({rows, q_heads * dim}, qkv.options());
   const float* qkv_data = qkv.data_ptr<float>();
@@ -184,14 +191,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   float* out_data = out.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const float* __restrict in = x_data + row * hidden;
-      float* __restrict o = out_data + row * hidden;
-      float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t i = 0; i < hidden; ++i) squares += in[i] * in[i];
-      const float inverse = 1.f / std::sqrt(squares / hidden + static_cast<float>(eps));
-#pragma omp simd
-      for (int64_t i = 0; i < hidden; ++i) o[i] = in[i] * inverse * w[i];
+      rms_normalize(x_data + row * hidden, w, eps, hidden, out_data + row * hidden);
     }
   });
   return out;
