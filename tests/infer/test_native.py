@@ -27,38 +27,47 @@ def rotary_table(positions: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch
     return angles.cos(), angles.sin()
 
 
-def reference_decode(qkv, qk_norm, cos, sin, keys, values, slots, positions, q_heads):
-    """What the model does for each row alone: norm, rotate, write the cache, attend over its slot."""
+def reference_attention(qkv, qk_norm, cos, sin, keys, values, slots, starts, lengths, q_heads):
+    """What the model does for each row alone: norm, rotate, write the cache, attend causally
+    over its slot's prefix."""
     kv_heads, dim = keys.shape[1], keys.shape[3]
-    heads = qkv.view(len(slots), -1, dim)
+    heads = qkv.view(qkv.shape[0], -1, dim)
     qk = heads[:, :q_heads + kv_heads]
     if qk_norm is not None:
         qk = rms_norm(qk, None, 1e-6) * qk_norm
     qk = apply_rotary(qk.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)
-    outputs = []
-    for row, (slot, position) in enumerate(zip(slots.tolist(), positions.tolist())):
-        keys[slot, :, position] = qk[row, q_heads:]
-        values[slot, :, position] = heads[row, q_heads + kv_heads:]
-        query = qk[row, :q_heads][None, :, None]
-        out = F.scaled_dot_product_attention(query, keys[slot:slot + 1, :, :position + 1],
-                                             values[slot:slot + 1, :, :position + 1], enable_gqa=True)
-        outputs.append(out.reshape(-1))
-    return torch.stack(outputs)
+    outputs, offset = [], 0
+    for slot, start, length in zip(slots.tolist(), starts.tolist(), lengths.tolist()):
+        tokens = slice(offset, offset + length)
+        keys[slot, :, start:start + length] = qk[tokens, q_heads:].transpose(0, 1)
+        values[slot, :, start:start + length] = heads[tokens, q_heads + kv_heads:].transpose(0, 1)
+        query = qk[tokens, :q_heads].transpose(0, 1)[None]
+        mask = torch.ones(length, start + length, dtype=torch.bool).tril(start)
+        out = F.scaled_dot_product_attention(query, keys[slot:slot + 1, :, :start + length],
+                                             values[slot:slot + 1, :, :start + length], attn_mask=mask,
+                                             enable_gqa=True)
+        outputs.append(out[0].transpose(0, 1).reshape(length, -1))
+        offset += length
+    return torch.cat(outputs)
 
 
 @pytest.mark.reference
 @pytest.mark.parametrize("dim,q_heads,kv_heads,normed", [(64, 8, 4, True), (128, 4, 4, False), (16, 6, 2, True)],
                          ids=["d64-gqa-qwen3", "d128-mha-llama", "d16-generic"])
-def test_decode_attention_is_each_row_over_its_own_slot(built, dim, q_heads, kv_heads, normed):
+def test_attention_is_each_row_causally_over_its_own_slot(built, dim, q_heads, kv_heads, normed):
+    """Decoding rows, prompt chunks from position 0 and chunks after cached positions (longer
+    than one block of queries, and not a whole number of key blocks) in one call."""
     torch.manual_seed(0)
-    slots, positions = torch.tensor([5, 0, 3, 1]), torch.tensor([40, 0, 17, 63])
-    keys, values = torch.randn(6, kv_heads, 64, dim), torch.randn(6, kv_heads, 64, dim)
-    qkv = torch.randn(4, (q_heads + 2 * kv_heads) * dim)
+    slots, starts = torch.tensor([5, 0, 3, 1, 2, 4]), torch.tensor([40, 0, 17, 0, 9, 130])
+    lengths = torch.tensor([1, 1, 1, 70, 37, 5])
+    keys, values = torch.randn(6, kv_heads, 140, dim), torch.randn(6, kv_heads, 140, dim)
+    qkv = torch.randn(int(lengths.sum()), (q_heads + 2 * kv_heads) * dim)
     qk_norm = torch.rand(q_heads + kv_heads, dim) + 0.5 if normed else None
+    positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts.tolist(), lengths.tolist())])
     cos, sin = rotary_table(positions, dim)
     want_keys, want_values = keys.clone(), values.clone()
-    want = reference_decode(qkv, qk_norm, cos, sin, want_keys, want_values, slots, positions, q_heads)
-    got = native.decode_attention(qkv, qk_norm, 1e-6, cos, sin, keys, values, slots, positions, q_heads)
+    want = reference_attention(qkv, qk_norm, cos, sin, want_keys, want_values, slots, starts, lengths, q_heads)
+    got = native.attention(qkv, qk_norm, 1e-6, cos, sin, keys, values, slots, starts, lengths, q_heads)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(keys, want_keys, atol=1e-5, rtol=1e-5)
     assert torch.equal(values, want_values)
@@ -84,23 +93,26 @@ def test_element_wise_kernels_match_torch(built):
 @pytest.mark.reference
 def test_bad_rows_are_refused_before_the_cache_is_touched(built):
     keys, values = torch.zeros(2, 1, 8, 16), torch.zeros(2, 1, 8, 16)
-    qkv, cos, sin = torch.ones(2, 3 * 16), torch.ones(1, 2, 16), torch.zeros(1, 2, 16)
-    cases = {"position 8 is outside the cache": ([0, 1], [3, 8]), "slot 0 has two rows": ([0, 0], [1, 2]),
-             "slot 2 position 0 is outside the cache": ([1, 2], [0, 0])}
-    for message, (slots, positions) in cases.items():
+    qkv, cos, sin = torch.ones(3, 3 * 16), torch.ones(1, 3, 16), torch.zeros(1, 3, 16)
+    cases = {"row 1 at slot 1 positions 7..8 is outside the cache": ([0, 1], [3, 7], [1, 2]),
+             "slot 0 has two rows": ([0, 0], [1, 2], [1, 2]),
+             "row 1 at slot 2 positions 0..1 is outside the cache": ([1, 2], [0, 0], [1, 2]),
+             "the rows hold 4 tokens, qkv 3": ([0, 1], [0, 0], [2, 2])}
+    for message, (slots, starts, lengths) in cases.items():
         with pytest.raises(RuntimeError, match=message):
-            native.decode_attention(qkv, None, 1e-6, cos, sin, keys, values, torch.tensor(slots),
-                                    torch.tensor(positions), 1)
+            native.attention(qkv, None, 1e-6, cos, sin, keys, values, torch.tensor(slots), torch.tensor(starts),
+                             torch.tensor(lengths), 1)
         assert not keys.any() and not values.any()
     with pytest.raises(RuntimeError, match="qkv width 40"):
-        native.decode_attention(torch.ones(2, 40), None, 1e-6, cos, sin, keys, values, torch.tensor([0, 1]),
-                                torch.tensor([0, 0]), 1)
+        native.attention(torch.ones(3, 40), None, 1e-6, cos, sin, keys, values, torch.tensor([0, 1]),
+                         torch.tensor([0, 0]), torch.tensor([1, 2]), 1)
 
 
 @pytest.mark.reference
-def test_decoding_rows_ahead_of_prompt_chunks_attend_apart_and_match_eager(built, family):
-    """The engine's order: decoding rows first, then prompt chunks; a slot's second row (a
-    speculative catch-up beside its decoding row) keeps the whole call on torch's path."""
+def test_decoding_rows_and_prompt_chunks_in_one_call_match_eager(built, family):
+    """The engine's order: decoding rows first, then prompt chunks, on the native kernel; a
+    slot's second row (a speculative catch-up beside its decoding row) keeps the whole call on
+    torch's path."""
     runners = {mode: Runner(family, SlotCache(family.config, 4, 48), mode) for mode in ("eager", "packed")}
     assert runners["packed"].kernels.native
     calls = [([Row(0, 0, 5, length=6), Row(1, 0, 3, length=4), Row(2, 0, 5, length=2)], list(range(12))),

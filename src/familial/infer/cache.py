@@ -112,23 +112,14 @@ class CacheBatch:
                             dtype=torch.long, device=self.cache.device)
 
     @functools.cached_property
-    def decode_apart(self) -> int:
-        """How many single-token rows lead the call and can attend apart from the rest (rows
-        in no slot of theirs, so neither part reads keys the other writes); 0 when they cannot."""
-        if not self.decode_rows or not self.decode_prefix:
-            return 0
-        decoding = {self.slots[i] for i in self.decode_rows}
-        return 0 if any(self.slots[i] in decoding for i in self.spans) else len(self.decode_rows)
-
-    @functools.cached_property
-    def slot_tensor(self) -> torch.Tensor:
-        """(rows,) each row's slot."""
-        return torch.tensor(self.slots, dtype=torch.long, device=self.cache.device)
-
-    @functools.cached_property
-    def span_batch(self) -> CacheBatch:
-        """The call without its single-token rows."""
-        return self.rows(self.spans)
+    def row_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(slots, starts, lengths) as int64 tensors when every row has a slot of its own (rows
+        of one call can then attend in parallel: none reads keys another writes), else None."""
+        if len(set(self.slots)) < len(self.slots):
+            return None
+        device = self.cache.device
+        return tuple(torch.tensor(values, dtype=torch.long, device=device)
+                     for values in (self.slots, self.starts, self.lengths))
 
     def rotary(self, table: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """This call's (cos, sin), each (1, N, D), from `table`'s (1, max_len, D) over every

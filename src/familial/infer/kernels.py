@@ -257,20 +257,13 @@ class Kernels:
 
     def _attend(self, layer: DecoderLayer, pack: _LayerPack, heads: torch.Tensor,
                 rotary: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
-        """Attention of (B, T, q/k/v features) projected heads -> (B, T, heads * D): the
-        decoding rows leading the call on the native kernel where they can attend apart, the
-        rest on torch's kernels."""
-        rows = cache.decode_apart if self.native and heads.shape[0] == 1 else 0
-        if not rows:
+        """Attention of (B, T, q/k/v features) projected heads -> (B, T, heads * D): one native
+        call for the whole call where each row has a slot of its own, torch's kernels otherwise."""
+        rows = cache.row_tensors if self.native and heads.shape[0] == 1 else None
+        if rows is None:
             return self._attention(layer, pack, heads, rotary, cache)
         keys, values = cache.cache.buffers(layer.cache_name)
-        cos, sin = (t[:, :rows] for t in rotary)
-        out = native.decode_attention(heads[0, :rows], pack.qk_norm, pack.qk_eps, cos, sin, keys, values,
-                                      cache.slot_tensor[:rows], cache.positions[:rows], pack.heads[0])[None]
-        if rows == heads.shape[1]:
-            return out
-        rest = self._attention(layer, pack, heads[:, rows:], tuple(t[:, rows:] for t in rotary), cache.span_batch)
-        return torch.cat((out, rest), 1)
+        return native.attention(heads[0], pack.qk_norm, pack.qk_eps, *rotary, keys, values, *rows, pack.heads[0])[None]
 
     def _attention(self, layer: DecoderLayer, pack: _LayerPack, heads: torch.Tensor,
                    rotary: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:

@@ -72,16 +72,17 @@ def load() -> float | None:
     return time.perf_counter() - start
 
 
-def decode_attention(qkv: torch.Tensor, qk_norm: torch.Tensor | None, eps: float, cos: torch.Tensor,
-                     sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
-                     positions: torch.Tensor, q_heads: int) -> torch.Tensor:
-    """Rows of one token each: qkv (rows, (q_heads + 2 kv_heads) * head_dim) as the fused
-    projection gives it; cos/sin (1, rows, head_dim); keys/values the layer's cache buffers
-    (slots, kv_heads, max_len, head_dim), written at (slots[i], positions[i]); qk_norm the
-    stacked q_norm/k_norm weights (one row per query head, then per key head) or None.
-    Returns the attention output (rows, q_heads * head_dim)."""
-    return torch.ops.familial.decode_attention(qkv, qk_norm, eps, cos, sin, keys, values, slots, positions,
-                                               q_heads, keys.shape[-1] ** -0.5)
+def attention(qkv: torch.Tensor, qk_norm: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+              keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
+              lengths: torch.Tensor, q_heads: int) -> torch.Tensor:
+    """Rows of `lengths[i]` tokens laid end to end: qkv (tokens, (q_heads + 2 kv_heads) *
+    head_dim) as the fused projection gives it; cos/sin (1, tokens, head_dim); keys/values the
+    layer's cache buffers (slots, kv_heads, max_len, head_dim), row i written at positions
+    starts[i].. of slots[i] (one row per slot) and attending causally over that slot's prefix;
+    qk_norm the stacked q_norm/k_norm weights (one row per query head, then per key head) or
+    None. Returns the attention output (tokens, q_heads * head_dim)."""
+    return torch.ops.familial.attention(qkv, qk_norm, eps, cos, sin, keys, values, slots, starts, lengths, q_heads,
+                                        keys.shape[-1] ** -0.5)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
