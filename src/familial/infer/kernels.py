@@ -11,9 +11,10 @@ So a `packed` layer runs:
   no faster, and one call fewer counts at a decoding step of a small model);
 and each exit's head from a packed copy too. In float32, the steps between the products run on
 familial.infer.native's kernels where they built: RMSNorm and SiLU x up in one pass each, and
-the decoding rows leading a call (one token each, in slots of their own) attend in one call per
-layer that also norms, rotates and caches their keys; prompt chunks norm and rotate their
-queries and keys in place, then attend with the cache's own code (torch's SDPA).
+attention in one call per layer for every row of the call (decoding rows and prompt chunks, each
+in a slot of its own), which also norms, rotates and caches the keys; a call where two rows
+share a slot (a speculative catch-up beside its decoding row) attends with the cache's own code
+(torch's SDPA).
 
 oneDNN picks the blocked layout by the number of rows it expects, and the layout for one row
 (a matrix-vector product) is not the one for many: one row runs 1.1-1.4x faster on weights

@@ -1,15 +1,16 @@
 """The serving runner's own CPU kernels (csrc/cpu_ops.cpp), float32.
 
-torch's fused attention (SDPA) serves a decoding step badly: it wants one query length and
-one key length for every row of a call, so rows of different lengths read padding (or pay a
-call each: familial.infer.cache's `decode_runs`), it runs a flash kernel blocked for long
-queries on 2-row queries, and the query/key norms, rotary and cache writes before it are a
-dozen more element-wise calls per layer. `decode_attention` does all of that per (row, KV
-head) in one pass: norm and rotate the key, write key and value into the cache, norm and rotate
-the group's queries, and attend over the row's own positions only, reading each cached key and
-value once for the group (vLLM ships a CPU kernel of its own for the same reason). `rms_norm`,
-`silu_mul` and `norm_rotate_` are the element-wise steps around the products in one pass each
-(torch runs RMSNorm as five passes on CPU).
+torch's fused attention (SDPA) serves a packed call badly: it wants one query length and one
+key length for every row, so rows of different lengths read padding or pay a call each (a
+decoding step: familial.infer.cache's `decode_runs`; every prompt chunk: a call per layer), it
+runs a flash kernel blocked for long queries on 2-row queries, and the query/key norms, rotary
+and cache writes before it are a dozen more element-wise calls per layer. `attention` does all
+of that for every row of the call in one call per layer: norm and rotate each token's key and
+write key and value into the cache, norm and rotate its queries, then attend each row causally
+over its own slot's positions only, the query heads sharing a KV head reading each cached key
+and value together (vLLM ships a CPU attention kernel of its own for the same reason).
+`rms_norm`, `silu_mul` and `norm_rotate_` are the element-wise steps around the products in one
+pass each (torch runs RMSNorm as five passes on CPU).
 
 They are compiled from source with torch's C++ extension builder (g++ and ninja, which the
 package depends on) the first time a process needs them (10-25 s; cached under torch's
