@@ -16,6 +16,9 @@ per kind of row, reading the cache in place:
   attention the query heads of one KV head ride as extra query positions, so no key is repeated;
 - any other row (a prompt chunk, speculative verification, a slot's second row) attends over
   its own slot's prefix, with the kernel's causal fast path when it starts at position 0.
+On CPU in float32 the runner attends every row of a call in one native call per layer instead
+(familial.infer.native), where each row has a slot of its own; this code serves the rest
+(bfloat16, other devices, a slot's second row, a build without the native kernels).
 """
 
 from __future__ import annotations
@@ -101,9 +104,13 @@ class CacheBatch:
         self._plan_decode(decode)
         single = set(decode)
         self.spans = [i for i in range(len(slots)) if i not in single]
-        # Causal masks of rows that start after cached positions (built once, used by every layer).
-        self.span_masks = {i: causal_mask(lengths[i], starts[i] + lengths[i], device) if starts[i] else None
-                           for i in self.spans}
+
+    @functools.cached_property
+    def span_masks(self) -> dict[int, torch.Tensor | None]:
+        """Causal masks of rows that start after cached positions (built once, for every layer
+        of a call attending on torch's kernels)."""
+        return {i: causal_mask(self.lengths[i], self.starts[i] + self.lengths[i], self.cache.device)
+                if self.starts[i] else None for i in self.spans}
 
     @functools.cached_property
     def positions(self) -> torch.Tensor:
