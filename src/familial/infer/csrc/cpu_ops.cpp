@@ -218,7 +218,8 @@ at::Tensor attention_for(const at::Tensor& qkv, const std::optional<at::Tensor>&
               "attention: float32 tensors expected");
   for (const at::Tensor* index : {&slots, &starts, &lengths}) {
     TORCH_CHECK(index->scalar_type() == at::kLong && index->is_contiguous() && index->dim() == 1 &&
-                    index->numel() == slots.numel(), "attention: slots, starts and lengths must be contiguous int64, one per row");
+                    index->numel() == slots.numel(),
+                "attention: slots, starts and lengths must be contiguous int64, one per row");
   }
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous(), "attention: qkv must be contiguous (tokens, features)");
   TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && values.sizes() == keys.sizes(),
@@ -314,7 +315,9 @@ at::Tensor attention_for(const at::Tensor& qkv, const std::optional<at::Tensor>&
       const int64_t slot = slot_data[task.row], first_token = offsets[task.row] + task.first;
       const float* slot_keys = key_data + (slot * kv_heads + task.head) * max_len * dim;
       const float* slot_values = value_data + (slot * kv_heads + task.head) * max_len * dim;
-      auto at = [&](int64_t t, int64_t g) { return out_data + ((first_token + t) * q_heads + task.head * group + g) * dim; };
+      auto at = [&](int64_t t, int64_t g) {
+        return out_data + ((first_token + t) * q_heads + task.head * group + g) * dim;
+      };
       const int64_t first = start_data[task.row] + task.first;
       if constexpr (Dim > 0) {
         if (task.count > 1) {
