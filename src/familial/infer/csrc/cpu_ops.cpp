@@ -67,6 +67,18 @@ void norm_and_rotate(const float* x, const float* weight, double eps, const floa
   for (int64_t i = half; i < dim; ++i) out[i] = normed[i] * cos[i] + normed[i - half] * sin[i];
 }
 
+// Softmax weights of scores s[0..n) whose largest is `largest`: exp(s[j] - largest) in place;
+// returns 1 / their sum, the factor that normalises the weighed values.
+inline float exponentiate(float* __restrict s, int64_t n, float largest) {
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = exp_clamped(s[j] - largest);
+    total += s[j];
+  }
+  return 1.f / total;
+}
+
 // One query over `length` cached positions: softmax(q K^T) V into out. Dim > 0 fixes the head
 // size at compile time, so the query and the running sum stay in registers.
 template <int64_t Dim>
@@ -84,12 +96,7 @@ void attend(const float* __restrict q, const float* __restrict keys, const float
     s[j] = dot;
     largest = std::max(largest, dot);
   }
-  float total = 0.f;
-#pragma omp simd reduction(+ : total)
-  for (int64_t j = 0; j < length; ++j) {
-    s[j] = exp_clamped(s[j] - largest);
-    total += s[j];
-  }
+  const float inverse = exponentiate(s, length, largest);
   float sum[Dim > 0 ? Dim : 512] = {};
   for (int64_t j = 0; j < length; ++j) {
     const float* __restrict v = values + j * dim;
@@ -97,7 +104,6 @@ void attend(const float* __restrict q, const float* __restrict keys, const float
 #pragma omp simd
     for (int64_t i = 0; i < dim; ++i) sum[i] += p * v[i];
   }
-  const float inverse = 1.f / total;
   for (int64_t i = 0; i < dim; ++i) out[i] = sum[i] * inverse;
 }
 
@@ -192,13 +198,7 @@ void attend_tokens(Query query, Output output, int64_t count, int64_t group, int
       float* __restrict s = scratch.scores.data() + (t * group + g) * padded;
       float largest = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < visible; ++j) largest = std::max(largest, s[j]);
-      float total = 0.f;
-#pragma omp simd reduction(+ : total)
-      for (int64_t j = 0; j < visible; ++j) {
-        s[j] = exp_clamped(s[j] - largest);
-        total += s[j];
-      }
-      weigh_values<Dim>(s, values, visible, 1.f / total, output(t, g));
+      weigh_values<Dim>(s, values, visible, exponentiate(s, visible, largest), output(t, g));
     }
   }
 }
