@@ -9,8 +9,9 @@ of that for every row of the call in one call per layer: norm and rotate each to
 write key and value into the cache, norm and rotate its queries, then attend each row causally
 over its own slot's positions only, the query heads sharing a KV head reading each cached key
 and value together (vLLM ships a CPU attention kernel of its own for the same reason).
-`rms_norm`, `silu_mul` and `norm_rotate_` are the element-wise steps around the products in one
-pass each (torch runs RMSNorm as five passes on CPU).
+`rms_norm` and `silu_mul` are the element-wise steps around the products in one pass each
+(torch runs RMSNorm as five passes on CPU); `norm_rotate_` norms and rotates queries and keys in
+place for a call that attends on torch's kernels (two rows in one slot).
 
 They are compiled from source with torch's C++ extension builder (g++ and ninja, which the
 package depends on) the first time a process needs them (10-25 s; cached under torch's

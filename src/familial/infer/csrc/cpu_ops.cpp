@@ -6,8 +6,9 @@
 //   and the query heads sharing a KV head read each cached key and value together. A decoding
 //   row takes the one-query path (a dot product per key); a prompt chunk's block scores 16 keys
 //   at a time against all its queries.
-// - rms_norm, silu_mul, norm_rotate_: the element-wise steps around the products, one pass each
-//   (torch runs RMSNorm as five passes on CPU, SiLU x up as two).
+// - rms_norm, silu_mul: the element-wise steps around the products, one pass each (torch runs
+//   RMSNorm as five passes on CPU, SiLU x up as two); norm_rotate_: queries' and keys' norm and
+//   rotary in place, for a call attending on torch's kernels (two rows in one slot).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
