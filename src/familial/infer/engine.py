@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from familial import checks
+from familial.allocator import retain_freed_memory
 from familial.config import ConfigError
 from familial.infer.adaptive import AdaptiveState, EarlyExit
 from familial.infer.cache import SlotCache
@@ -125,6 +126,9 @@ class Engine:
         self.config = model.config
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            # Every step frees and reallocates its activations, a few MB each (familial.allocator).
+            retain_freed_memory()
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 4096)
