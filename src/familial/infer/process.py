@@ -38,6 +38,8 @@ START_TIMEOUT = 600.0
 CALL_TIMEOUT = 60.0
 # A health check waits this long: the child answers between the ops of a step, however long.
 STATS_TIMEOUT = 5.0
+# The child's interpreter switch interval (Python's default: 5 ms), see `_child`.
+SWITCH_INTERVAL = 0.0005
 
 
 class EngineProcessError(RuntimeError):
@@ -269,6 +271,11 @@ def _child(connection) -> None:
     threads = threads or suggested_threads(engine.config)
     if threads:
         torch.set_num_threads(threads)
+    # The thread taking calls and the engine's step thread share the interpreter lock; at the
+    # default interval each waited up to 5 ms for the other's Python, the step's other intra-op
+    # threads spinning meanwhile: while a burst of 32 requests arrived, 512-token steps at hidden
+    # 512 on two threads took 220-290 ms instead of 150 (and the burst took several steps to get in).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     warm_up_s = engine.warm_up()
     outbox = _Outbox(connection)
     engine.after_step = outbox.flush
