@@ -1,4 +1,4 @@
-"""The allocator setting the exit trainer relies on to reuse freed logits buffers."""
+"""The allocator setting the exit trainer and the serving engine rely on to reuse freed buffers."""
 
 import platform
 import subprocess
@@ -8,9 +8,11 @@ import pytest
 
 from familial.allocator import retain_freed_memory
 
+glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                                reason="mallopt thresholds are glibc's")
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="mallopt thresholds are glibc's")
+
+@glibc_only
 def test_glibc_accepts_the_thresholds():
     assert retain_freed_memory() is True
 
@@ -31,8 +33,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="mallopt thresholds are glibc's")
+@glibc_only
 def test_a_cpu_engine_reuses_freed_memory():
     """glibc's defaults map every buffer above the largest freed so far afresh and fault it in
     page by page; in a process with a CPU engine, the heap keeps what was freed."""
