@@ -3,9 +3,11 @@
 Both servers run in this one run, on loopback: `familial serve FAMILY` with every member
 loaded from one copy of the weights, and stock vLLM's OpenAI server on that member exported by
 `familial export`. Both are started first and each waits idle while the other is measured; the
-levels alternate between them, for a few rounds, and each server's best round per level counts
-(on a shared machine a busy spell then hits both alike instead of one server's whole turn); the
-worst round is reported too.
+levels alternate between them, for a few rounds. Tokens/s: each server's best round per level
+counts (on a shared machine a busy spell then hits both alike instead of one server's whole
+turn); the worst round is reported too. TTFT percentiles pool every round's requests per server
+(the same prompts on both): the 95th percentile of one round's 64 requests is its 4th slowest,
+which moves more from round to round than the servers differ.
 The same requests go to both: streamed completions of prompts given as token ids of mixed lengths, greedy, a fixed
 max_tokens that every request generates in full (the served family has no eos; vLLM gets
 `ignore_eos`), at concurrency 1, 16 and 32. Per level: output tokens/s over the level's wall
@@ -126,6 +128,10 @@ def stream(port: int, body: dict) -> dict:
             usage = chunk.get("usage") or usage
     finally:
         connection.close()
+    if first is None:
+        # No text at all (tokens that never complete a character; vLLM then streams none): the
+        # user waited for the whole answer.
+        first = time.perf_counter() - started
     return {"ttft": first, "tokens": usage["completion_tokens"], "text": "".join(text), "ids": ids}
 
 
@@ -155,11 +161,14 @@ def run_level(port: int, bodies: list[dict], concurrency: int) -> tuple[dict, li
     seconds = time.perf_counter() - started
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    ttfts = sorted(r["ttft"] for r in results)
     return {"tokens_per_s": round(sum(r["tokens"] for r in results) / seconds, 1),
-            "ttft_p50_s": round(statistics.median(ttfts), 4),
-            "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))], 4),
-            "requests": len(bodies), "seconds": round(seconds, 2)}, results
+            **percentiles([r["ttft"] for r in results]), "requests": len(bodies), "seconds": round(seconds, 2)}, results
+
+
+def percentiles(ttfts: list[float]) -> dict:
+    ttfts = sorted(ttfts)
+    return {"ttft_p50_s": round(statistics.median(ttfts), 4),
+            "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))], 4)}
 
 
 def workload(vocab: int, requests: dict[int, int], max_tokens: int, lengths: list[int],
@@ -175,11 +184,11 @@ def workload(vocab: int, requests: dict[int, int], max_tokens: int, lengths: lis
 
 def measure(servers: list[tuple[Server, dict]], model: str, rounds: list[dict[int, list[dict]]],
             warm_up: dict) -> list[dict]:
-    """Per server (with its extra request fields): its best and worst round's figures per level,
-    the first round's outputs, its start-up time. Each round sends prompts of its own: a prompt
-    sent again would be served from vLLM's prefix cache (on by default), which random prompts
-    never hit in use."""
-    results = [{"figures": {}, "worst": {}, "outputs": {}, "start_s": round(server.start_seconds, 1)}
+    """Per server (with its extra request fields) and level: its best and worst round's figures,
+    TTFT percentiles over every round's requests, the first round's outputs; its start-up time.
+    Each round sends prompts of its own: a prompt sent again would be served from vLLM's prefix
+    cache (on by default), which random prompts never hit in use."""
+    results = [{"figures": {}, "worst": {}, "ttfts": {}, "outputs": {}, "start_s": round(server.start_seconds, 1)}
                for server, _ in servers]
     for server, extra in servers:
         stream(server.port, {**warm_up, "model": model, **extra})
@@ -192,11 +201,15 @@ def measure(servers: list[tuple[Server, dict]], model: str, rounds: list[dict[in
                       f"TTFT p50 {figures['ttft_p50_s']:.3f} s p95 {figures['ttft_p95_s']:.3f} s "
                       f"({figures['requests']} requests, {figures['seconds']} s)", flush=True)
                 result["outputs"].setdefault(level, outputs)
+                result["ttfts"].setdefault(level, []).extend(r["ttft"] for r in outputs)
                 best, worst = result["figures"].get(level), result["worst"].get(level)
                 if best is None or figures["tokens_per_s"] > best["tokens_per_s"]:
                     result["figures"][level] = figures
                 if worst is None or figures["tokens_per_s"] < worst["tokens_per_s"]:
                     result["worst"][level] = figures
+    for result in results:
+        result["ttft"] = {level: {**percentiles(ttfts), "requests": len(ttfts)}
+                          for level, ttfts in result.pop("ttfts").items()}
     return results
 
 
@@ -306,17 +319,20 @@ def report(family: Path, label: str, member: str, threads: int, max_tokens: int,
     identical = total = 0
     tokenizer = Tokenizer.from_file(str(family / "tokenizer.json"))
     for level in LEVELS:
-        entry = {"familial": ours["figures"][level], "familial_worst": ours["worst"][level]}
+        entry = {"familial": ours["figures"][level], "familial_worst": ours["worst"][level],
+                 "familial_ttft": ours["ttft"][level]}
         for r in ours["outputs"][level]:
             assert r["tokens"] == max_tokens, f"familial generated {r['tokens']} tokens, not {max_tokens}"
         if theirs is not None:
-            entry["vllm"], entry["vllm_worst"] = theirs["figures"][level], theirs["worst"][level]
+            entry["vllm"], entry["vllm_worst"], entry["vllm_ttft"] = (theirs["figures"][level], theirs["worst"][level],
+                                                                      theirs["ttft"][level])
             entry["ratio_tokens_per_s"] = round(entry["familial"]["tokens_per_s"] / entry["vllm"]["tokens_per_s"], 3)
             # Each side's worst round against the other's: the spread a busy machine leaves.
             entry["ratio_tokens_per_s_worst"] = round(entry["familial_worst"]["tokens_per_s"]
                                                       / entry["vllm_worst"]["tokens_per_s"], 3)
-            entry["ratio_ttft_p50"] = round(entry["familial"]["ttft_p50_s"] / entry["vllm"]["ttft_p50_s"], 3)
-            entry["ratio_ttft_p95"] = round(entry["familial"]["ttft_p95_s"] / entry["vllm"]["ttft_p95_s"], 3)
+            for statistic in ("p50", "p95"):
+                entry[f"ratio_ttft_{statistic}"] = round(entry["familial_ttft"][f"ttft_{statistic}_s"]
+                                                         / entry["vllm_ttft"][f"ttft_{statistic}_s"], 3)
             for a, b in zip(ours["outputs"][level], theirs["outputs"][level]):
                 assert b["tokens"] == max_tokens, f"vLLM generated {b['tokens']} tokens, not {max_tokens}"
                 identical += a["text"] == tokenizer.decode(b["ids"], skip_special_tokens=True)
@@ -336,7 +352,7 @@ def summary(runs: list[dict]) -> None:
         for level, entry in run["levels"].items():
             if "ratio_tokens_per_s" in entry:
                 print(f"  concurrency {level:>2}: familial/vLLM tokens/s {entry['ratio_tokens_per_s']:.2f}x "
-                      f"(worst rounds {entry['ratio_tokens_per_s_worst']:.2f}x), TTFT p50 "
+                      f"(worst rounds {entry['ratio_tokens_per_s_worst']:.2f}x), TTFT (all rounds) p50 "
                       f"{entry['ratio_ttft_p50']:.2f}x, p95 {entry['ratio_ttft_p95']:.2f}x", flush=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from familial.checkpoint_io import export_member, save_family
 from familial.infer import Engine, QueueFull, SamplingParams
 from familial.infer.cache import SlotCache
+from familial.infer.requests import result_of
 from familial.infer.runner import Row, Runner
 from gates import HANG_S, ForwardGate
 
@@ -104,6 +106,27 @@ def test_stop_strings_and_eos_end_generation(family):
     eos = Engine(family).generate([[1, 2, 3]], member=5, params=GREEDY)[0]
     assert eos.token_ids == plain.token_ids[:plain.token_ids.index(plain.token_ids[5]) + 1]
     assert eos.finish_reason == "stop"
+
+
+def test_run_steps_on_the_calling_thread_until_another_thread_stops_it(family):
+    """As the engine process and `familial generate` use it: requests come from another thread."""
+    expected = Engine(family).generate([[1, 2, 3]], member=5, params=GREEDY)[0]
+    engine = Engine(family, max_batch_size=1)
+    seen = {}
+
+    def client() -> None:
+        try:
+            seen["result"] = result_of(engine.submit([1, 2, 3], member=5, params=GREEDY))
+            seen["alive"] = engine.stats()["alive"]
+        finally:
+            engine.stop()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    engine.run()
+    thread.join(HANG_S)
+    assert seen["result"].token_ids == expected.token_ids and seen["result"].finish_reason == "length"
+    assert seen["alive"] and not engine.stats()["alive"]
 
 
 def test_cancel_frees_the_slot_and_a_full_queue_refuses(family):

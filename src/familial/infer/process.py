@@ -284,15 +284,27 @@ def _child(connection) -> None:
                                "max_queue": engine.max_queue, "members": engine.members(),
                                "threads": torch.get_num_threads(), "warm_up_s": warm_up_s,
                                "kernels": engine.runner.kernels.describe()}))
-    engine.start()
+    # Steps run on this thread, which loaded the model and so already has the process's team of
+    # intra-op threads (a second team throttles both: Engine.run); calls are taken on another.
+    calls = threading.Thread(target=_serve_calls, args=(connection, engine, outbox), name="familial-calls",
+                             daemon=True)
+    calls.start()
     try:
-        _serve_calls(connection, engine, outbox)
+        engine.run()
     finally:
-        engine.stop()
         outbox.flush()
+    calls.join()
 
 
 def _serve_calls(connection, engine, outbox: _Outbox) -> None:
+    """Take the parent's calls until it says stop or goes; the engine's loop stops then."""
+    try:
+        _take_calls(connection, engine, outbox)
+    finally:
+        engine.stop()
+
+
+def _take_calls(connection, engine, outbox: _Outbox) -> None:
     handles: dict[str, RequestHandle] = {}
     while True:
         try:
