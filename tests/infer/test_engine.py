@@ -129,6 +129,17 @@ def test_run_steps_on_the_calling_thread_until_another_thread_stops_it(family):
     assert seen["alive"] and not engine.stats()["alive"]
 
 
+def test_run_with_returns_the_work_and_raises_its_error_on_the_calling_thread(family):
+    engine = Engine(family, max_batch_size=1)
+    expected = Engine(family).generate([[1, 2, 3]], member=5, params=GREEDY)[0].token_ids
+    for _ in range(2):  # a second run after the first one stopped
+        served = engine.run_with(lambda: result_of(engine.submit([1, 2, 3], member=5, params=GREEDY)))
+        assert served.token_ids == expected and served.finish_reason == "length"
+    with pytest.raises(ValueError, match="97"):
+        engine.run_with(lambda: engine.submit([1, 500]))
+    assert not engine.stats()["alive"]
+
+
 def test_cancel_frees_the_slot_and_a_full_queue_refuses(family):
     engine = Engine(family, max_batch_size=1, max_queue=2, max_seq_len=600)
     long = engine.submit([1, 2], params=SamplingParams(max_new_tokens=500, greedy=True))

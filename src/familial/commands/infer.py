@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 
 from familial.commands import arguments
@@ -73,28 +72,9 @@ def generate(args: argparse.Namespace) -> int:
     note = uncalibrated_note(engine.config)
     if args.member == "auto" and args.budget is None and args.target is None and note:
         print(f"[note: {note}]", file=sys.stderr, flush=True)
-    # The engine steps on this thread, which loaded the model (one team of intra-op threads:
-    # Engine.run), and the answer is written from another.
-    outcome = []
-
-    def write() -> None:
-        try:
-            outcome.append(_stream(engine, handle, args.show_exits))
-        except BaseException as error:  # noqa: BLE001 - raised again on the calling thread
-            outcome.append(error)
-        finally:
-            engine.stop()
-
-    writer = threading.Thread(target=write, name="familial-write", daemon=True)
-    writer.start()
-    try:
-        engine.run()
-    finally:
-        engine.stop()
-    writer.join()
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return outcome[0]
+    # The engine steps on this thread, which loaded the model (Engine.run), and the answer is
+    # written from another.
+    return engine.run_with(lambda: _stream(engine, handle, args.show_exits))
 
 
 def _prompt_ids(engine, args: argparse.Namespace) -> list[int]:

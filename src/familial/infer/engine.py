@@ -371,6 +371,32 @@ class Engine:
         finally:
             self._running = False
 
+    def run_with(self, work):
+        """Run `work()` on a new thread and the step loop (`run`) on this one until `work` ends;
+        return what it returned (raise what it raised). How the engine process and `familial
+        generate` step on the thread that loaded the model while another feeds and reads it."""
+        outcome = []
+
+        def beside() -> None:
+            try:
+                outcome.append(work())
+            except BaseException as error:  # noqa: BLE001 - raised again on this thread
+                outcome.append(error)
+            finally:
+                self.stop()
+
+        self._stopping = False
+        thread = threading.Thread(target=beside, name="familial-work", daemon=True)
+        thread.start()
+        try:
+            self.run()
+        finally:
+            self.stop()
+        thread.join()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
     def stop(self) -> None:
         """End the step loop (after its current step) and cancel what is left."""
         with self._wake:

@@ -286,25 +286,14 @@ def _child(connection) -> None:
                                "kernels": engine.runner.kernels.describe()}))
     # Steps run on this thread, which loaded the model and so already has the process's team of
     # intra-op threads (a second team throttles both: Engine.run); calls are taken on another.
-    calls = threading.Thread(target=_serve_calls, args=(connection, engine, outbox), name="familial-calls",
-                             daemon=True)
-    calls.start()
     try:
-        engine.run()
+        engine.run_with(lambda: _serve_calls(connection, engine, outbox))
     finally:
         outbox.flush()
-    calls.join()
 
 
 def _serve_calls(connection, engine, outbox: _Outbox) -> None:
-    """Take the parent's calls until it says stop or goes; the engine's loop stops then."""
-    try:
-        _take_calls(connection, engine, outbox)
-    finally:
-        engine.stop()
-
-
-def _take_calls(connection, engine, outbox: _Outbox) -> None:
+    """Take the parent's calls until it says stop or goes (the engine's loop then stops)."""
     handles: dict[str, RequestHandle] = {}
     while True:
         try:
